@@ -1,0 +1,1 @@
+"""mtneuro-jax: the MTNeuro benchmark in JAX/Flax."""
