@@ -194,33 +194,156 @@ class LocalSource(Source):
 
 
 class BossDBSource(Source):
-  """Real BossDB (or any Boss-API server) through intern's BossRemote.
+  """Real BossDB (or any Boss-API server) through intern's ``BossRemote``.
 
-  Host/protocol/token come from arguments, else ``INTERN_*``/``BOSS_*`` environment
-  or ``~/.intern/intern.cfg``, else the public read-only token on api.bossdb.io.
+  Spec strings (``--source``)::
+
+    bossdb                                     https://api.bossdb.io, public read-only token
+    bossdb:host=127.0.0.1:8123,protocol=http   a local server, e.g.
+                                               ``python -m mtneuro_jax.volumes.boss_server --source phantom``
+    bossdb:token_file=~/.bossdb/token          a private token read from a file
+
+  The MTNeuro channels are public, so the real BossDB needs no setup: plain
+  ``bossdb`` reads ``bossdb://prasad/...`` from https://api.bossdb.io with the
+  public token, with TLS verification always on.
+
+  Host / protocol / token, field by field, first found wins:
+    1. the spec options (``host=``, ``protocol=``, ``token=`` or ``token_file=``),
+    2. ``MTNEURO_BOSS_HOST`` / ``MTNEURO_BOSS_PROTOCOL`` / ``MTNEURO_BOSS_TOKEN``,
+    3. intern's own config: ``~/.intern/intern.cfg`` if it exists, else
+       ``INTERN_HOST`` / ``INTERN_PROTOCOL`` / ``INTERN_TOKEN``,
+    4. ``https`` + ``api.bossdb.io`` + the public token.
+  A token from 2 or 3 is only sent to the host configured next to it. Prefer
+  ``MTNEURO_BOSS_TOKEN`` or ``token_file=`` to ``token=``: a spec string ends up
+  in shell history. The token never appears in ``describe()``, logs or errors.
+
+  Transfer options (defaults in brackets): ``chunk`` ZYX voxels per request
+  [32x512x512; the Boss refuses cutouts over 500 MB uncompressed],
+  ``concurrency`` requests in flight [4], ``retries`` per request [5],
+  ``timeout`` read timeout s [60], ``connect_timeout`` s [10], ``backoff`` first
+  retry wait s [0.5], ``max_backoff`` s [30], ``expect_tissue`` image|none
+  [image: an all-zero image cutout inside the tissue z range is a fault],
+  ``max_request_mb`` [500]. Faults are retried with exponential backoff and
+  jitter; ``fetch_stats()`` counts requests, retries and faults by kind.
   """
 
   kind = "bossdb"
 
-  def __init__(self, host: str | None = None, protocol: str | None = None,
-               token: str | None = None, **options):
-    self.host = host or os.environ.get("MTNEURO_BOSS_HOST") or "api.bossdb.io"
-    self.protocol = protocol or os.environ.get("MTNEURO_BOSS_PROTOCOL") or "https"
-    self._token = token or os.environ.get("MTNEURO_BOSS_TOKEN") or "public"
-    self.options = options
+  def __init__(self, host: str | None = None, protocol: str | None = None, token: str | None = None,
+               token_file: str | None = None, chunk: str | None = None, concurrency: int = 4,
+               retries: int = 5, timeout: float = 60.0, connect_timeout: float = 10.0,
+               backoff: float = 0.5, max_backoff: float = 30.0, expect_tissue: str = "image",
+               max_request_mb: float = 500.0, seed: int | None = None,
+               intern_cfg: str = "~/.intern/intern.cfg"):
+    import threading
+
+    from mtneuro_jax.volumes import bossdb  # lazy: bossdb imports this module
+
+    config, self.config_origins = bossdb.resolve_boss_config(
+        None if host is None else str(host), protocol, None if token is None else str(token),
+        token_file=token_file, intern_cfg=intern_cfg)
+    self._config = config
+    self.host, self.protocol = config["host"], config["protocol"]
+    if expect_tissue not in bossdb.EXPECT_NONZERO:
+      raise SourceError(f"expect_tissue must be one of {', '.join(bossdb.EXPECT_NONZERO)}, got {expect_tissue!r}")
+    try:
+      self.retry = bossdb.RetryPolicy(int(retries) + 1, float(backoff), float(max_backoff))
+      self.timeouts = (float(connect_timeout), float(timeout))
+      self.concurrency = int(concurrency)
+      self.max_request_bytes = int(float(max_request_mb) * 2**20)
+    except ValueError as e:
+      raise SourceError(f"bad bossdb source option: {e}") from None
+    if min(self.timeouts) <= 0:
+      raise SourceError("timeout and connect_timeout must be > 0 seconds")
+    self.chunk_zyx = bossdb.parse_chunk(chunk)
+    self.expect_tissue = expect_tissue
+    self.seed = None if seed is None else int(seed)
     self._provider = None
+    self._shape = None
+    self._checked: set[str] = set()
+    self._lock = threading.Lock()
+
+  def __repr__(self) -> str:
+    return f"BossDBSource({self.protocol}://{self.host})"
+
+  def __getstate__(self):
+    # The provider holds threads and sessions; a copy builds its own.
+    state = dict(self.__dict__)
+    state.update(_provider=None, _lock=None)
+    return state
+
+  def __setstate__(self, state):
+    import threading
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def volume_provider(self):
-    if self._provider is None:
-      from intern.convenience.array import _BossDBVolumeProvider
-      from intern.remote.boss import BossRemote
-      self._provider = _BossDBVolumeProvider(BossRemote(
-          {"protocol": self.protocol, "host": self.host, "token": self._token}))
-    return self._provider
+    with self._lock:
+      if self._provider is None:
+        from mtneuro_jax.volumes import bossdb
+        self._provider = bossdb.make_boss_provider(
+            self._config, chunk_zyx=self.chunk_zyx, concurrency=self.concurrency, retry=self.retry,
+            timeout_s=self.timeouts[1], connect_timeout_s=self.timeouts[0],
+            expect_nonzero=bossdb.EXPECT_NONZERO[self.expect_tissue],
+            max_request_bytes=self.max_request_bytes, seed=self.seed)
+      return self._provider
 
   def describe(self):
+    # Data identity only (cache keys): no token, no transfer tuning.
     return {"kind": "bossdb", "host": self.host, "protocol": self.protocol,
             "uris": {k: c.uri for k, c in spec.CHANNELS.items()}}
+
+  def shape(self):
+    """ZYX extent of the coordinate frame the server reports (fetched once)."""
+    if self._shape is None:
+      self._shape = tuple(int(s) for s in self.volume_provider().get_shape(
+          _channel_resource(spec.CHANNELS["image"]), 0))
+    return self._shape
+
+  def _check_channel(self, channel: str) -> None:
+    """Once per channel: it exists on the server with the dtype the spec expects."""
+    if channel in self._checked or channel not in spec.CHANNELS:
+      return
+    c = spec.CHANNELS[channel]
+    remote = self.volume_provider().get_channel(c.channel, c.collection, c.experiment)
+    if remote.datatype != c.dtype:
+      raise SourceError(f"{self.protocol}://{self.host} serves {c.uri} as {remote.datatype}, "
+                        f"expected {c.dtype}: is this the MTNeuro volume?")
+    self._checked.add(channel)
+
+  def open(self, channel: str, resolution: int = 0):
+    self._check_channel(channel)
+    return super().open(channel, resolution)
+
+  def read(self, channel: str, box: spec.Box, resolution: int = 0):
+    # Fetch the frame first: Source.read turns errors inside its range check into
+    # a range error, and a refused token or a dead host must say so instead.
+    self.shape()
+    return super().read(channel, box, resolution)
+
+  def read_many(self, channel: str, boxes, resolution: int = 0) -> list:
+    """Several ZYX boxes of one channel with all their requests in flight at
+    once (bounded by ``concurrency``); all-or-nothing like ``read``."""
+    if channel not in spec.CHANNELS:
+      raise SourceError(f"unknown channel {channel!r}; known: {', '.join(spec.CHANNELS)}")
+    for box in boxes:
+      try:
+        box.check_inside(self.shape())
+      except ValueError as e:
+        raise SourceError(str(e)) from None
+    self._check_channel(channel)
+    return self.volume_provider().get_cutouts(_channel_resource(spec.CHANNELS[channel]), resolution, list(boxes))
+
+  def fetch_stats(self) -> dict[str, Any]:
+    """Requests, bytes, retries and faults by kind so far (JSON-able)."""
+    if self._provider is None:
+      from mtneuro_jax.volumes import bossdb
+      return bossdb.FetchStats().snapshot()
+    return self._provider.stats.snapshot()
+
+  def close(self) -> None:
+    if self._provider is not None:
+      self._provider.close()
 
 
 SOURCES: Mapping[str, type[Source]] = {
