@@ -363,6 +363,8 @@ def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_
             "chunk_z": chunk_z, "cache_dir": os.path.abspath(cache_dir) if cache_dir else None,
             "companion_channels": {k: list(v) for k, v in (companion_channels or {}).items()},
             "cache": cache.stats.as_dict(), "seconds": round(seconds, 3),
+            # Requests/retries/faults by kind of a network source (cumulative for this process).
+            "fetch": _jsonable(source.fetch_stats()) if hasattr(source, "fetch_stats") else None,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "versions": manifest_lib.package_versions(),
@@ -381,7 +383,9 @@ def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_
   sizes = ", ".join(f"{s} {st['num_examples']}" + (f" (-{st['excluded_unannotated']} unannotated)"
                                                  if st["excluded_unannotated"] else "")
                     for s, st in stats.items())
-  say(f"{task_name}: wrote {version_dir} [{sizes}] in {seconds:.1f}s; {cache.stats.line()}")
+  fetch = manifest["export"]["fetch"]
+  retries = f"; {fetch['retries']} retried requests" if fetch else ""
+  say(f"{task_name}: wrote {version_dir} [{sizes}] in {seconds:.1f}s; {cache.stats.line()}{retries}")
   return manifest, True
 
 
