@@ -1,0 +1,118 @@
+"""Optimizers and learning-rate schedules from ``config.optim``.
+
+Keys (all but ``name`` and ``learning_rate`` optional):
+  name:              'sgd' | 'adam' | 'adamw'
+  learning_rate:     peak LR (after warmup)
+  lr_base_batch_size: if > 0, LR is scaled by batch_size / lr_base_batch_size
+                     (the "LARS scaling rule" of the reference SSL trainer)
+  momentum:          SGD momentum (default 0.9); 0 = plain SGD
+  nesterov:          SGD Nesterov (default False)
+  b1, b2, eps:       Adam(W) moments (defaults 0.9, 0.999, 1e-8, PyTorch's)
+  weight_decay:      decay coefficient (default 0)
+  weight_decay_mode: 'coupled' (default for sgd and adam) adds wd * param to the
+                     gradient before momentum / Adam moments, exactly like
+                     ``torch.optim.SGD/Adam(weight_decay=...)`` (L2 regularisation);
+                     'decoupled' applies -lr * wd * param after the update
+                     (AdamW / SGDW). 'adamw' is always decoupled.
+  decay_bias_and_norm: also decay 1-D params (biases, BN scale/shift); default
+                     True, as the reference (``exclude_bias_and_bn=False``)
+  schedule:          'cosine' (to 0 at the last step) | 'constant'
+  warmup_epochs:     linear warmup from 0 (float epochs; default 0)
+  grad_clip_norm:    clip by global norm if > 0 (default 0 = off)
+  freeze:            regexes over '/'-joined param paths (e.g. '^encoder/'); matching
+                     params get exactly zero update (no decay, no momentum)
+
+Derived values (steps per epoch, warmup steps, total steps) are computed by the
+caller (the loop) from the dataset size and passed in here, never stored in
+the config.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+
+
+def _get(cfg, key, default):
+  return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def peak_learning_rate(cfg, batch_size: int) -> float:
+  lr = float(_get(cfg, "learning_rate", 0.1))
+  base = int(_get(cfg, "lr_base_batch_size", 0) or 0)
+  return lr * batch_size / base if base > 0 else lr
+
+
+def make_schedule(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: int) -> optax.Schedule:
+  """LR as a function of the update index (0-based)."""
+  peak = peak_learning_rate(cfg, batch_size)
+  warmup = int(round(float(_get(cfg, "warmup_epochs", 0.0)) * steps_per_epoch))
+  warmup = min(warmup, max(total_steps - 1, 0))
+  kind = _get(cfg, "schedule", "constant")
+  if kind == "cosine":
+    if warmup:
+      return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), 0.0)
+    return optax.cosine_decay_schedule(peak, max(total_steps, 1), alpha=0.0)
+  if kind == "constant":
+    if warmup:
+      return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
+                                  [warmup])
+    return optax.constant_schedule(peak)
+  raise ValueError(f"unknown schedule {kind!r}; known: 'cosine', 'constant'")
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def param_labels(params: Any, freeze: Sequence[str]) -> Any:
+  """'frozen' for params whose '/'-joined path matches a regex in ``freeze``, else 'train'."""
+  pats = [re.compile(p) for p in freeze]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if any(p.search(_path_str(path)) for p in pats) else "train", params)
+
+
+def make_optimizer(cfg, *, steps_per_epoch: int, total_steps: int,
+                   batch_size: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """Returns (optax optimizer, LR schedule). See the module docstring for keys."""
+  name = _get(cfg, "name", "sgd")
+  schedule = make_schedule(cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                           batch_size=batch_size)
+  wd = float(_get(cfg, "weight_decay", 0.0))
+  mode = _get(cfg, "weight_decay_mode", "decoupled" if name == "adamw" else "coupled")
+  if mode not in ("coupled", "decoupled"):
+    raise ValueError(f"weight_decay_mode must be 'coupled' or 'decoupled', got {mode!r}")
+  if name == "adamw" and mode != "decoupled":
+    raise ValueError("adamw is decoupled weight decay by definition; use 'adam' for coupled L2")
+  decay_all = bool(_get(cfg, "decay_bias_and_norm", True))
+  # Mask: True where weight decay applies (all params, or only >= 2-D kernels).
+  mask = None if decay_all else (lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+
+  chain = []
+  clip = float(_get(cfg, "grad_clip_norm", 0.0) or 0.0)
+  if clip > 0:
+    chain.append(optax.clip_by_global_norm(clip))
+  if wd and mode == "coupled":
+    chain.append(optax.add_decayed_weights(wd, mask))
+  if name == "sgd":
+    momentum = float(_get(cfg, "momentum", 0.9))
+    # optax.trace == torch SGD momentum with dampening 0 (buf = m * buf + g).
+    if momentum:
+      chain.append(optax.trace(decay=momentum, nesterov=bool(_get(cfg, "nesterov", False))))
+  elif name in ("adam", "adamw"):
+    chain.append(optax.scale_by_adam(b1=float(_get(cfg, "b1", 0.9)), b2=float(_get(cfg, "b2", 0.999)),
+                                     eps=float(_get(cfg, "eps", 1e-8))))
+  else:
+    raise ValueError(f"unknown optimizer {name!r}; known: 'sgd', 'adam', 'adamw'")
+  if wd and mode == "decoupled":
+    chain.append(optax.add_decayed_weights(wd, mask))
+  chain.append(optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(*chain)
+
+  freeze = list(_get(cfg, "freeze", ()) or ())
+  if freeze:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               lambda params: param_labels(params, freeze))
+  return tx, schedule

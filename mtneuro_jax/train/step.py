@@ -1,0 +1,79 @@
+"""The pure train step and its jit binding (shardings come from ``sharding.py``)."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from mtneuro_jax.train import sharding
+from mtneuro_jax.train.state import TrainState
+
+
+def global_norm(tree) -> jax.Array:
+  """sqrt(sum of squares) over all leaves (float32)."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)) if leaves else jnp.zeros(())
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, objective, optimizer,
+               config) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update.
+
+  Args:
+    state: the TrainState (step counts updates done so far).
+    batch: dict of [B, ...] arrays (see objectives/base.py).
+    model, objective, optimizer: bound with functools.partial (static).
+    config: the objective's ConfigDict (``config.objective``).
+
+  Returns:
+    (new state, metrics: dict of float32 scalars). Metrics are the objective's
+    plus 'train/grad_norm'; 'train/loss' is the scalar loss if the objective did
+    not name it (the loop's NaN guard reads both).
+  """
+  rng = state.step_rng()
+
+  def loss_fn(params):
+    return objective.loss(params, state.model_state, state.aux, batch, rng, model=model, config=config)
+
+  (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  aux = objective.update_aux(state.aux, params, state.step, config=config)
+  metrics = dict(metrics)
+  metrics.setdefault("train/loss", loss)
+  metrics["train/grad_norm"] = global_norm(grads)
+  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state, aux=aux)
+  return new_state, metrics
+
+
+def jit_train_step(mesh: Mesh, *, model, objective, optimizer, config,
+                   donate: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """``train_step`` bound to its statics and jitted for ``mesh``.
+
+  State in/out replicated, batch split on 'data' (P('data') on the leading axis),
+  metrics replicated. The state is donated: never reuse the state you pass in.
+  Under jit, BatchNorm statistics are over the global batch, so the result does
+  not depend on the number of devices.
+  """
+  fn = functools.partial(train_step, model=model, objective=objective, optimizer=optimizer, config=config)
+  rep, data = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh)
+  return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep),
+                 donate_argnums=(0,) if donate else ())
+
+
+def jit_predict(*, model, objective, config) -> Callable[[TrainState, dict], dict[str, Any]]:
+  """Jitted ``objective.predict`` taking (state, batch).
+
+  No explicit shardings: the state is already replicated and eval batches arrive
+  sharded on 'data' (also slices of them, e.g. the corners protocol), so the
+  outputs stay batch-sharded and evaluators gather what they need.
+  """
+  @jax.jit
+  def predict(state: TrainState, batch: dict[str, jax.Array]):
+    return objective.predict(state.params, state.model_state, state.aux, batch, model=model, config=config)
+  return predict
