@@ -1,37 +1,936 @@
-"""PLACEHOLDER phantom (to be replaced by the real generator; see issue #2).
+"""The embedded SYNTHETIC X-ray microCT volume ("phantom") with MTNeuro's three channels.
 
-API contract that the real generator keeps:
-  GENERATOR_VERSION: str
-  PhantomVolume(seed=0).cutout(channel_name: str, box: spec.Box) -> np.ndarray
-    ZYX array of box.shape; uint8 for "image", uint64 for "roi_labels"/"pixel_labels";
-    a pure function of (seed, voxel coordinates).
+A stand-in for ``bossdb://prasad/...`` that needs no network: same extent
+(``spec.VOLUME_SHAPE_ZYX``, ZYX, 1.17 um), same channels and dtypes, tissue only
+in ``spec.TISSUE_Z``, region labels only on ``spec.ROI_ANNOTATED_Z``, and every
+cube of ``spec.CUBE_SETS`` inside its region. Results on it are NOT comparable to
+the paper's: it is a calibrated imitation (see
+``experiments/results/phantom_fidelity/report.md`` for how close it is).
+
+API (other modules rely on it):
+  ``GENERATOR_VERSION: str`` -- bump whenever any voxel value changes.
+  ``PhantomVolume(seed=0).cutout(channel, box) -> np.ndarray``: ZYX array of
+  ``box.shape``; uint8 for "image", uint64 for "roi_labels" and "pixel_labels"
+  (BossDB ids, ``spec.ROI_IDS`` / ``spec.PIXEL_IDS``).
+
+How it is built
+---------------
+Every voxel is a pure function of (seed, global z, y, x), computed lazily for
+any requested box (plus a halo for the blur); the volume never exists whole:
+
+* anatomy: region boundaries are x (or y) positions that wobble smoothly with
+  the other coordinates (2D value noise), with margins that keep every cube of
+  sets A-D inside its region at all z (see ``_MARGIN_NOTES``);
+* microstructure, in 3D, as pixel classes (vessel > cell > axon > background).
+  Objects are seeded per fixed 32^3 object block from a hash of (seed, block,
+  slot) and have a bounded reach, so a box only looks at nearby blocks:
+  cell bodies are rotated ellipsoids; capillaries are short random-walk
+  polylines (with an occasional branch) thickened into tubes; large vessels
+  are sparse tilted capsules (round lumens in a slice). Myelinated axons are
+  thresholded, domain-warped anisotropic value noise: coarse separate
+  fascicles in STR, fine dense fibres in VP/ZI/TRN and the white-matter tracts;
+* imaging: grey tissue, bright axons, dark cells, very dark vessels; grain
+  (per-voxel hash) and mottle; Gaussian blur plus phase-contrast-like fringes;
+  per-voxel noise. Slow "drift" fields change contrast, shading and densities
+  between cube locations (cube sets B-D differ from A: ROI-C2's domain shift)
+  and are anchored at each set-A cube, where the calibration holds.
+
+Bitwise consistency: values are pointwise functions of global coordinates and
+only use exactly-rounded float ops (add, mul, div, sqrt, floor: no exp/sin,
+whose SIMD and scalar loops may differ), so a box rendered whole or in any
+split gives identical bytes; randomness is hashing, never a sequential RNG.
+Rendered boxes are kept in a small LRU cache because the exporter reads
+image, roi_labels and pixel_labels of the same box in sequence.
 """
+
 from __future__ import annotations
 
+import collections
+import dataclasses
+import itertools
+import threading
+import zlib
+
 import numpy as np
+import scipy.ndimage as ndi
 
 from mtneuro_jax.volumes import spec
 
-GENERATOR_VERSION = "placeholder-0"
+GENERATOR_VERSION = "phantom-1.0"
+
+_ROI = spec.ROI_IDS
+_PIX = spec.PIXEL_IDS
+_N_ROI = max(_ROI.values()) + 1
+
+# Render geometry. A request is rendered as it is (plus the blur halo), cut in z
+# on the absolute grid of _CHUNK_Z (the exporter's chunks) and in y/x into equal
+# parts no longer than _MAX_RENDER_XY (bounded memory). Thin requests are widened
+# to the aligned _MIN_RENDER_ZYX block around them, so that slice-by-slice readers
+# hit the cache. None of this changes a value (see "Bitwise consistency").
+_CHUNK_Z = 32
+_MAX_RENDER_XY = 320
+_MIN_RENDER_ZYX = (32, 64, 64)
+# Imaging: Gaussian blur (point spread), then phase-contrast-like edge enhancement
+# (bright fringes around dark objects, as in the real scans): out = g1 + k (g1 - g2).
+_BLUR = (0.85, 2.0)  # sigma, truncate (kernel radius int(truncate * sigma + 0.5) = 2)
+_FRINGE = (1.8, 1.7, 0.6)  # sigma, truncate (radius 3), gain k
+_HALO = 3  # >= the largest kernel radius: the core never sees the grid's edge
+_OUTSIDE_GREY = 3.0  # the scan's empty background (image "~0")
 
 
+# ---------------------------------------------------------------------------
+# Hashing (uint32 arithmetic wraps modulo 2**32 on arrays; never on scalars).
+_PRIMES = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C)
+
+
+def _u32(a) -> np.ndarray:
+  return (np.asarray(a, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32)
+
+
+def _mix32(h: np.ndarray) -> np.ndarray:
+  """murmur3's 32-bit finaliser (an avalanche bijection) on a uint32 array."""
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _key(*parts) -> int:
+  """A 32-bit key from ints/strings, stable across processes (unlike ``hash``)."""
+  return zlib.crc32(repr(parts).encode()) & 0xFFFFFFFF
+
+
+def _hash_nd(key: int, coords) -> np.ndarray:
+  """uint32 hash of broadcastable integer coordinate arrays under ``key``."""
+  h = _mix32(np.atleast_1d(_u32(key)) ^ _u32(0x5BD1E995))  # 1-d: array ops wrap silently
+  for k, c in enumerate(coords):
+    h = _mix32(h ^ (_u32(c) * np.uint32(_PRIMES[k % len(_PRIMES)])))
+  return h
+
+
+def _unit(h: np.ndarray) -> np.ndarray:
+  """uint32 hash -> float32 uniform in [0, 1) (24 bits, exactly representable)."""
+  return (h >> 8).astype(np.float32) * np.float32(1.0 / (1 << 24))
+
+
+def _smoothstep(f: np.ndarray) -> np.ndarray:
+  return f * f * (np.float32(3.0) - np.float32(2.0) * f)
+
+
+# ---------------------------------------------------------------------------
+# Noise fields.
+def _grid_noise(key: int, spacing, coords, grad: bool = False):
+  """Separable value noise in [-1, 1] on the outer grid of 1D integer ``coords``.
+
+  ``coords`` is one 1D array per axis (e.g. z, y, x), ``spacing`` the lattice
+  spacing per axis in voxels. Returns float32 of shape ``(len(c) for c in coords)``
+  and, with ``grad``, also the list of its partial derivatives (per voxel, same
+  axis order). Each output value depends only on its own coordinates (lattice
+  values are hashes of global lattice indices; the lerps run in a fixed order).
+  """
+  idx, ws, dws, lat = [], [], [], []
+  for c, s in zip(coords, spacing, strict=True):
+    t = np.asarray(c, np.float64) / float(s)
+    i = np.floor(t)
+    f = (t - i).astype(np.float32)
+    ws.append(_smoothstep(f))
+    dws.append(np.float32(6.0 / s) * f * (np.float32(1.0) - f))
+    i = i.astype(np.int64)
+    lo = int(i.min())
+    lat.append(np.arange(lo, int(i.max()) + 2))
+    idx.append(i - lo)
+  grids = np.meshgrid(*lat, indexing="ij", sparse=True)
+  arrays = {(): _unit(_hash_nd(key, grids)) * np.float32(2.0) - np.float32(1.0)}
+  for ax in reversed(range(len(coords))):
+    shape = [1] * len(coords)
+    shape[ax] = -1
+    w, dw = ws[ax].reshape(shape), dws[ax].reshape(shape)
+    new = {}
+    for k, v in arrays.items():
+      a = np.take(v, idx[ax], axis=ax)
+      d = np.take(v, idx[ax] + 1, axis=ax) - a
+      new[k] = a + d * w
+      if grad and k == ():
+        new[(ax,)] = d * dw
+    arrays = new
+  if grad:
+    return arrays[()], [arrays[(ax,)] for ax in range(len(coords))]
+  return arrays[()]
+
+
+def _point_noise(key: int, spacing, coords) -> np.ndarray:
+  """Value noise in [-1, 1] at arbitrary (broadcastable) points; for small point sets."""
+  coords = np.broadcast_arrays(*[np.asarray(c, np.float64) for c in coords])
+  idx, ws = [], []
+  for c, s in zip(coords, spacing, strict=True):
+    t = c / float(s)
+    i = np.floor(t)
+    ws.append(_smoothstep((t - i).astype(np.float32)))
+    idx.append(i.astype(np.int64))
+  out = np.zeros(coords[0].shape, np.float32)
+  for corner in itertools.product((0, 1), repeat=len(coords)):
+    v = _unit(_hash_nd(key, [i + c for i, c in zip(idx, corner, strict=True)])) * np.float32(2.0) - np.float32(1.0)
+    wt = np.ones_like(out)
+    for w, c in zip(ws, corner, strict=True):
+      wt = wt * (w if c else np.float32(1.0) - w)
+    out = out + wt * v
+  return out
+
+
+def _voxel_hash(key: int, z, y, x) -> np.ndarray:
+  """Per-voxel uint32 hash on the outer grid of 1D coordinates: shape (Z, Y, X)."""
+  hz = _mix32(_u32(z) * np.uint32(_PRIMES[0]) ^ _u32(key))
+  hy = _mix32(_u32(y) * np.uint32(_PRIMES[1]) ^ _u32(key * 7 + 1))
+  hx = _mix32(_u32(x) * np.uint32(_PRIMES[2]) ^ _u32(key * 13 + 2))
+  h = (hy[:, None] ^ (hx[None, :] * np.uint32(3)))[None] ^ hz[:, None, None]
+  return _mix32(h)
+
+
+def _lattice_noise(key: int, q, bounds=None) -> np.ndarray:
+  """Value noise in [-1, 1] at float32 points ``q`` (3 same-shape arrays, lattice units).
+
+  Lattice values are hashes of global lattice indices, gathered from a local
+  table spanning ``bounds`` (per axis (lo, hi) lattice indices covering every
+  point; computed from ``q`` if None), so each value depends only on its point.
+  """
+  shape = q[0].shape
+  q = [c.reshape(-1) for c in q]
+  fl = [np.floor(c) for c in q]
+  w = [_smoothstep(c - f) for c, f in zip(q, fl, strict=True)]
+  if bounds is None:
+    bounds = [(int(f.min()), int(f.max())) for f in fl]
+  lo = [b[0] for b in bounds]
+  n = [b[1] - b[0] + 3 for b in bounds]
+  lat = np.meshgrid(*[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True)
+  v = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
+  # Each row holds the 4 corners of a lattice cell's face: (i, j, k), (i, j, k+1),
+  # (i, j+1, k), (i, j+1, k+1); two row gathers per point instead of eight.
+  quad = np.stack([v[:, :-1, :-1], v[:, :-1, 1:], v[:, 1:, :-1], v[:, 1:, 1:]], -1).reshape(-1, 4)
+  s1 = n[2] - 1
+  s0 = (n[1] - 1) * s1
+  idx_t = np.int32 if quad.shape[0] < 2**31 - s0 else np.int64
+  base = (fl[0] - np.float32(lo[0])).astype(idx_t) * idx_t(s0)
+  base += (fl[1] - np.float32(lo[1])).astype(idx_t) * idx_t(s1)
+  base += (fl[2] - np.float32(lo[2])).astype(idx_t)
+  del fl
+  out = []
+  for g in (np.take(quad, base, axis=0), np.take(quad, base + idx_t(s0), axis=0)):
+    a = g[:, 0::2]  # (k) corners at j, j+1
+    a = a + (g[:, 1::2] - a) * w[2][:, None]  # lerp along axis 2 -> [P, 2]
+    out.append(a[:, 0] + (a[:, 1] - a[:, 0]) * w[1])  # lerp along axis 1
+  return (out[0] + (out[1] - out[0]) * w[0]).reshape(shape)
+
+
+def _lattice_noise2(key: int, q, bounds) -> np.ndarray:
+  """2D value noise in [-1, 1] at float32 points ``q`` (2 same-shape arrays); see ``_lattice_noise``."""
+  shape = q[0].shape
+  q = [c.reshape(-1) for c in q]
+  fl = [np.floor(c) for c in q]
+  w = [_smoothstep(c - f) for c, f in zip(q, fl, strict=True)]
+  lo = [b[0] for b in bounds]
+  n = [b[1] - b[0] + 3 for b in bounds]
+  lat = np.meshgrid(*[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True)
+  v = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
+  quad = np.stack([v[:-1, :-1], v[:-1, 1:], v[1:, :-1], v[1:, 1:]], -1).reshape(-1, 4)
+  base = (fl[0] - np.float32(lo[0])).astype(np.int32) * np.int32(n[1] - 1)
+  base += (fl[1] - np.float32(lo[1])).astype(np.int32)
+  g = np.take(quad, base, axis=0)
+  a = g[:, 0::2]
+  a = a + (g[:, 1::2] - a) * w[1][:, None]
+  return (a[:, 0] + (a[:, 1] - a[:, 0]) * w[0]).reshape(shape)
+
+
+_QUANTILE_LEVELS = np.linspace(0.0, 1.0, 201)
+_quantile_table = None
+
+
+def _noise_quantile(p) -> np.ndarray:
+  """Quantile function of ``_lattice_noise`` (so thresholds are set as area fractions)."""
+  global _quantile_table
+  if _quantile_table is None:
+    h = _hash_nd(_key("quantile-table"), [np.arange(1 << 17)])
+    pts = [(_unit(_mix32(h ^ np.uint32(k + 1))) * np.float32(61.0)).astype(np.float32) for k in range(3)]
+    _quantile_table = np.quantile(_lattice_noise(_key("quantile-lattice"), pts), _QUANTILE_LEVELS)
+  return np.interp(p, _QUANTILE_LEVELS, _quantile_table).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Anatomy. Region ids are BossDB roi ids. Boundaries are x positions wobbling
+# with (z, y) (or y positions wobbling with (z, x)) by at most the amplitude
+# given, which is smaller than the clearance to the nearest cube:
+_MARGIN_NOTES = """
+hypothalamus | ZI      x ~ 985 +- 20      (ZI cubes start at x >= 1031)
+hypothalamus (ventral) y > 1245 +- 20     (ZI cubes end at y <= 1162)
+ZI | VP                x ~ 2103 +- 20     (ZI <= 2055, VP >= 2151)
+VP | TRN | IC | STR    x_s(y) - 120 | x_s(y) - 80 | x_s(y), x_s = 3290 + 260 * ramp((y - 780) / 40) +- 15
+                       (STR C x >= 3344 at y <= 656: x_s <= 3320; VP A x <= 3319 at y >= 850: x_s - 120 >= 3380)
+STR | CC | CTX         x_cc = 4300 + 0.1 (y - 700) +- 25, CTX from x_cc + 110 (STR <= 4084, CTX >= 4600)
+tissue                 y in [130 +- 40, 1300 +- 40), x in [60 +- 20, 5745 +- 20), z in TISSUE_Z
+"""
+
+
+def _ramp(t):
+  """A smooth 0..1 ramp over t in [-4, 4] (a polynomial sigmoid: no exp, see module doc)."""
+  u = np.clip((t + np.float32(4.0)) / np.float32(8.0), 0.0, 1.0)
+  return u * u * u * (u * (u * np.float32(6.0) - np.float32(15.0)) + np.float32(10.0))
+
+
+class _Anatomy:
+  """Region id (BossDB roi id; 0 outside tissue) of any voxel, annotated or not."""
+
+  def __init__(self, seed: int):
+    self.k = {name: _key(seed, "anatomy", name) for name in
+              ("hyp", "hyp_v", "zv", "s", "cc", "top", "bot", "left", "right")}
+
+  def _bounds(self, z, y, x):
+    """Boundary positions: x limits as functions of (z, y), y limits of (z, x)."""
+    sp = (180.0, 220.0)
+    zy, zx = (z, y), (z, x)
+
+    def n(name, pair):
+      return _point_noise(self.k[name], sp, pair)
+
+    ramp = _ramp(((y - 780.0) / 40.0).astype(np.float32))
+    x_s = 3290.0 + 260.0 * ramp + 15.0 * n("s", zy)
+    x_cc = 4300.0 + 0.1 * (y - 700.0) + 25.0 * n("cc", zy)
+    # (x limit, region id on its high side), from the highest-precedence boundary down.
+    xb = [(x_cc + 110.0, _ROI["CTX"]), (x_cc, _ROI["corpus_callosum"]), (x_s, _ROI["STR"]),
+          (x_s - 80.0, _ROI["internal_capsule"]), (x_s - 120.0, _ROI["TRN"]),
+          (2103.0 + 20.0 * n("zv", zy), _ROI["VP"])]
+    return dict(xb=xb, x_hyp=985.0 + 20.0 * n("hyp", zy), y_hyp=1245.0 + 20.0 * n("hyp_v", zx),
+                y_top=130.0 + 40.0 * n("top", zx), y_bot=1300.0 + 40.0 * n("bot", zx),
+                x_lo=60.0 + 20.0 * n("left", zy), x_hi=5745.0 + 20.0 * n("right", zy))
+
+  def __call__(self, z, y, x) -> np.ndarray:
+    """Region ids for broadcastable point arrays z, y, x (any shapes; float or int)."""
+    z, y, x = (np.asarray(a, np.float64) for a in (z, y, x))
+    b = self._bounds(z, y, x)
+    conds = [x >= xl for xl, _ in b["xb"]] + [(x >= b["x_hyp"]) & (y < b["y_hyp"])]
+    vals = [rid for _, rid in b["xb"]] + [_ROI["ZI"]]
+    r = np.select(conds, vals, _ROI["hypothalamus"]).astype(np.uint8)
+    return np.where(self._tissue(z, y, x, b), r, np.uint8(0)).astype(np.uint8)
+
+  @staticmethod
+  def _tissue(z, y, x, b):
+    return ((z >= spec.TISSUE_Z[0]) & (z < spec.TISSUE_Z[1]) & (y >= b["y_top"]) & (y < b["y_bot"])
+            & (x >= b["x_lo"]) & (x < b["x_hi"]))
+
+  def grid(self, z, y, x) -> np.ndarray:
+    """Region ids (uint8, shape (Z, Y, X)) on the outer grid of 1D coordinates.
+
+    Same values as ``__call__``; comparisons that are constant over the grid
+    (the usual case: a render chunk inside one region) are not expanded.
+    """
+    zz, yy, xx = (np.asarray(a, np.float64) for a in (z[:, None, None], y[None, :, None], x[None, None, :]))
+    b = self._bounds(zz, yy, xx)
+
+    def cmp_ge(a, lim):  # a >= lim, as a Python bool when the grid is all one way
+      lo, hi = np.min(a), np.max(a)
+      llo, lhi = np.min(lim), np.max(lim)
+      if lo >= lhi:
+        return True
+      if hi < llo:
+        return False
+      return a >= lim
+
+    # Walk from the lowest-precedence region up; later (higher) conditions overwrite.
+    r = np.uint8(_ROI["hypothalamus"])
+    zi = _and(cmp_ge(xx, b["x_hyp"]), _neg(cmp_ge(yy, b["y_hyp"])))
+    for cond, rid in [(zi, _ROI["ZI"])] + [(cmp_ge(xx, xl), rid) for xl, rid in reversed(b["xb"])]:
+      if cond is True:
+        r = np.uint8(rid)
+      elif cond is not False:
+        r = np.where(cond, np.uint8(rid), r)
+    tissue = True
+    for c in (cmp_ge(zz, float(spec.TISSUE_Z[0])), _neg(cmp_ge(zz, float(spec.TISSUE_Z[1]))),
+              cmp_ge(yy, b["y_top"]), _neg(cmp_ge(yy, b["y_bot"])), cmp_ge(xx, b["x_lo"]),
+              _neg(cmp_ge(xx, b["x_hi"]))):
+      tissue = _and(tissue, c)
+    shape = (len(z), len(y), len(x))
+    if tissue is True:
+      out = np.broadcast_to(np.asarray(r, np.uint8), shape)
+    elif tissue is False:
+      out = np.zeros(shape, np.uint8)
+    else:
+      out = np.where(tissue, r, np.uint8(0))
+    return np.ascontiguousarray(np.broadcast_to(out, shape), dtype=np.uint8)
+
+
+def _neg(c):
+  return (not c) if isinstance(c, bool) else ~c
+
+
+def _and(a, b):
+  if a is False or b is False:
+    return False
+  if a is True:
+    return b
+  if b is True:
+    return a
+  return a & b
+
+
+# ---------------------------------------------------------------------------
+# Per-region microstructure and imaging parameters.
+@dataclasses.dataclass(frozen=True)
+class RegionParams:
+  """Calibration of one region (BossDB roi id)."""
+
+  cells_per_tile: float  # 2D cell profiles per 128x128 slice tile (sets the 3D density)
+  cell_radius: float  # mean ellipsoid semi-axis, voxels
+  vessel_density: float  # capillary length, voxels per 1000 voxels (2D profiles ~ half of it)
+  vessel_radius: float  # mean capillary radius, voxels
+  fibre: str  # "none" | "fascicle" (separate bundles) | "fibre" (dense fibre texture)
+  fibre_dir: tuple[float, float, float]  # dominant fibre direction (z, y, x), any length
+  axon_frac: float  # fibre area fraction before cells and vessels overwrite some of it
+  axon_drift: float  # scale of the fibre-density drift between locations
+  trend: tuple[float, float]  # (dy, dx) per 1000 voxels: systematic change away from the set-A cube
+  grey: float  # tissue background grey level (lower where bright axons are dense: region means stay close)
+  axon_gain: float  # how much brighter myelinated axons are
+  cell_dark: float  # how much darker a cell centre is
+
+
+_NO_FIBRE = (0.0, 0.0, 1.0)
+_P = RegionParams
+REGION_PARAMS: dict[int, RegionParams] = {
+    _ROI["CTX"]: _P(16.5, 4.5, 1.5, 1.95, "none", _NO_FIBRE, 0.0, 0.0, (-1.0, 0.0), 124.0, 0.0, 74.0),
+    _ROI["STR"]: _P(15.5, 5.5, 1.4, 1.95, "fascicle", (0.25, 0.45, 0.86), 0.21, 0.8, (1.5, 0.5), 117.0, 66.0, 74.0),
+    _ROI["TRN"]: _P(11.0, 5.4, 2.0, 1.95, "fibre", (0.3, 0.85, 0.45), 0.5, 1.0, (0.0, 0.0), 108.0, 50.0, 72.0),
+    _ROI["VP"]: _P(11.5, 6.05, 2.5, 2.0, "fibre", (0.35, -0.55, 0.77), 0.74, 1.3, (0.0, 1.0), 105.0, 56.0, 72.0),
+    _ROI["ZI"]: _P(19.5, 6.05, 4.0, 1.95, "fibre", (0.18, 0.22, 0.96), 0.60, 2.2, (0.0, 1.2), 112.0, 42.0, 72.0),
+    _ROI["internal_capsule"]: _P(4.0, 3.8, 1.5, 1.7, "fibre", (0.45, 0.85, 0.3), 0.85, 0.5, (0.0, 0.0), 108.0, 60.0, 55.0),
+    _ROI["hypothalamus"]: _P(16.0, 5.0, 2.5, 1.95, "fibre", (0.1, 0.95, 0.3), 0.15, 1.0, (0.0, 0.0), 122.0, 36.0, 72.0),
+    _ROI["corpus_callosum"]: _P(4.0, 3.8, 1.5, 1.7, "fibre", (0.05, 1.0, 0.1), 0.88, 0.5, (0.0, 0.0), 108.0, 60.0, 55.0),
+}
+
+# Fibre noise geometry: lattice spacing across / along the fibre direction (voxels),
+# domain-warp amplitude (lattice units across) and warp spacing (voxels).
+_FIBRE_GEOM = {"fibre": (3.6, 30.0, 5.0, 90.0), "fascicle": (20.0, 110.0, 1.1, 272.0),
+               "striation": (3.0, 28.0, 4.0, 90.0)}  # striation: fine fibres inside fascicles
+_OBJ = 32  # object block edge for seeding cells and capillaries (voxels)
+_CAP_SLOTS = 10  # candidate capillary walkers per object block
+_CAP_SEGMENTS = 3  # segments per walker (+ an optional branch)
+_CAP_SEG_LEN = (7.0, 13.0)  # segment length range, voxels
+_CAP_BRANCH_PROB = 0.4
+_CAP_SAMPLES = 15  # sphere centres per segment (spacing <= 0.93 voxel)
+_CELL_SLOTS = 14  # candidate cells per object block
+_CELL_RMAX = 9  # rasterisation radius bound (voxels)
+_LUMEN_OBJ = (160, 192, 192)  # object blocks for large vessels
+_LUMEN_PROB = 0.2
+# Slow variations (lattice spacing z, y, x in voxels; amplitude). They make
+# texture vary within a region and drift across the slab (cube sets B-D differ).
+#
+# "Drift" fields vary little over a cube's 360 slices but a lot between cube
+# locations (xy lattice spacing ~ the distance between cube sets), so a model
+# trained on set A meets other parameter values on sets B-D (ROI-C2's domain
+# shift), and each cube keeps a characteristic look along z. They are anchored
+# to 0 at the centre of each region's set-A cube, where the calibration holds.
+_DRIFT = {  # name: (spacing z, y, x; amplitude)
+    "shading": ((420.0, 260.0, 260.0), 14.0),  # grey offset (illumination), also within a tile
+    "contrast": ((1000.0, 420.0, 420.0), 0.3),  # relative gain of all structure contrast
+    "axon_gain": ((1000.0, 380.0, 380.0), 0.4),  # relative brightness of axons
+    "fibre_density": ((1000.0, 380.0, 380.0), 0.14),  # fibre threshold shift (noise units) x axon_drift
+    "cell_density": ((1000.0, 380.0, 380.0), 0.4),  # relative cell density
+}
+# Systematic trends (RegionParams.trend, t = 0 at the set-A cube centre): per unit t,
+# fibre threshold shift (x axon_drift), relative cell density and axon brightness.
+_TREND = {"fibre_density": 0.12, "cell_density": 0.2, "axon_gain": 0.2}
+# Local variation (changes along z too, not anchored); fibre density x axon_drift.
+_LOCAL = {
+    "fibre_density": ((110.0, 300.0, 300.0), 0.06),
+    "cell_density": ((120.0, 300.0, 300.0), 0.2),
+}
+_SLICE_DRIFT = (24.0, 3.0)  # per-slice grey offset: z spacing, amplitude
+_MOTTLE = ((3.5, 3.5, 3.5), 26.0)  # fine tissue texture
+_GRAIN = 40.0  # pre-blur per-voxel grain (uniform amplitude, grey levels)
+_NOISE = 6.0  # post-blur per-voxel noise (triangular, grey levels)
+_VESSEL_GREY = 22.0
+
+
+def _param_table(name: str, default: float = 0.0) -> np.ndarray:
+  t = np.full(_N_ROI, default, np.float32)
+  for rid, p in REGION_PARAMS.items():
+    t[rid] = getattr(p, name)
+  return t
+
+
+def _unit3(v) -> np.ndarray:
+  v = np.asarray(v, np.float64)
+  return v / np.sqrt(np.sum(v * v))
+
+
+def _fibre_frame(direction) -> np.ndarray:
+  """Rows: two unit vectors across the fibre direction, then the direction (z, y, x)."""
+  d = _unit3(direction)
+  ref = np.array([1.0, 0.0, 0.0]) if abs(d[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+  e1 = _unit3(np.cross(d, ref))
+  e2 = _unit3(np.cross(d, e1))
+  return np.stack([e1, e2, d])
+
+
+def _ball_offsets(radius: float) -> np.ndarray:
+  """Integer offsets [M, 3] within ``radius`` (+0.5) of the origin."""
+  r = int(np.ceil(radius))
+  g = np.arange(-r, r + 1)
+  off = np.stack([a.ravel() for a in np.meshgrid(g, g, g, indexing="ij")], 1)
+  return off[np.sum(off * off, 1) <= (radius + 0.5) ** 2]
+
+
+def _splat_spheres(mask: np.ndarray, origin, centres: np.ndarray, radii: np.ndarray, batch: int = 2048) -> None:
+  """Sets ``mask`` (a grid whose voxel [0, 0, 0] is at global ``origin``) True at every
+  voxel within ``radii[i]`` of ``centres[i]`` (global float coordinates [P, 3])."""
+  shape = np.array(mask.shape)
+  origin = np.asarray(origin, np.float64)
+  rmax = float(radii.max(initial=0.0))
+  keep = np.all((centres > origin - rmax - 1.0) & (centres < origin + shape + rmax), 1)
+  centres, radii = centres[keep] - origin, radii[keep]
+  if not len(centres):
+    return
+  off = _ball_offsets(rmax + 0.87)  # rounding the centre moves it by up to sqrt(3)/2
+  pad = int(np.abs(off).max()) + int(np.ceil(rmax)) + 2  # centres may lie rmax + 1 outside
+  padded = np.zeros(tuple(shape + 2 * pad), bool)
+  strides = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1], np.int64)
+  off_flat = off @ strides
+  offf = off.astype(np.float32)
+  flat_mask = padded.reshape(-1)
+  for b0 in range(0, len(centres), batch):
+    c = centres[b0:b0 + batch]
+    base = np.floor(c + 0.5)
+    frac = (c - base).astype(np.float32)
+    d2 = ((offf[None, :, 0] - frac[:, None, 0]) ** 2 + (offf[None, :, 1] - frac[:, None, 1]) ** 2
+          + (offf[None, :, 2] - frac[:, None, 2]) ** 2)
+    r2 = (radii[b0:b0 + batch] ** 2).astype(np.float32)[:, None]
+    flat = (base.astype(np.int64) + pad) @ strides
+    idx = (flat[:, None] + off_flat[None, :])[d2 <= r2]
+    flat_mask[idx] = True
+  mask |= padded[pad:-pad, pad:-pad, pad:-pad]
+
+
+# ---------------------------------------------------------------------------
 class PhantomVolume:
+  """The synthetic volume of one seed; ``cutout`` serves any ZYX box of a channel.
 
-  def __init__(self, seed: int = 0):
+  Thread-safe; keeps an LRU cache of rendered boxes (``cache_bytes``).
+  """
+
+  def __init__(self, seed: int = 0, cache_bytes: int = 256 << 20):
     self.seed = int(seed)
+    self.shape = tuple(spec.VOLUME_SHAPE_ZYX)
+    self._anatomy = _Anatomy(self.seed)
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._cache_bytes = int(cache_bytes)
+    self._lock = threading.Lock()
+    self._tables = {f.name: _param_table(f.name) for f in dataclasses.fields(RegionParams)
+                    if f.type == "float"}
 
-  def _roi(self, box):
-    z, y, x = np.meshgrid(*(np.arange(a, b) for a, b in zip(box.as_tuple()[::2], box.as_tuple()[1::2])), indexing="ij")
-    roi = np.select([x < 2100, x < 3330, x < 4150], [5, 4, 2], 1).astype(np.uint64)
-    annotated = (z >= spec.ROI_ANNOTATED_Z[0]) & (z < spec.ROI_ANNOTATED_Z[1])
-    return np.where(annotated, roi, 0).astype(np.uint64), (z, y, x)
+    # Drift fields are anchored to 0 at the centre of each benchmark region's set-A cube.
+    self._anchors = {name: np.zeros(_N_ROI, np.float32) for name in _DRIFT}
+    for r in spec.REGIONS:
+      x0, x1, y0, y1 = spec.CUBE_SETS["A"][r]
+      centre = (float(sum(spec.Z_FULL) // 2), float((y0 + y1) // 2), float((x0 + x1) // 2))
+      for name, (sp, _) in _DRIFT.items():
+        self._anchors[name][_ROI[r]] = _point_noise(self.key("drift", name), sp, [np.array([c]) for c in centre])[0]
 
+    self._trend = {k: np.zeros(_N_ROI, np.float32) for k in ("gy", "gx", "y0", "x0")}
+    for rid, p in REGION_PARAMS.items():
+      self._trend["gy"][rid], self._trend["gx"][rid] = (g / 1000.0 for g in p.trend)
+    for r in spec.REGIONS:
+      x0, x1, y0, y1 = spec.CUBE_SETS["A"][r]
+      self._trend["y0"][_ROI[r]], self._trend["x0"][_ROI[r]] = (y0 + y1) // 2, (x0 + x1) // 2
+
+  def key(self, *parts) -> int:
+    return _key(self.seed, GENERATOR_VERSION, *parts)
+
+  def _trend_at(self, y, x, per_region):
+    """The linear trend t of each voxel's region (0 at its set-A cube centre), broadcastable."""
+    t = self._trend
+    yy = y.astype(np.float32)[None, :, None]
+    xx = x.astype(np.float32)[None, None, :]
+    return per_region(t["gy"]) * (yy - per_region(t["y0"])) + per_region(t["gx"]) * (xx - per_region(t["x0"]))
+
+  def _drift(self, name, z, y, x, per_region):
+    """amplitude * (drift noise - its value at the region's set-A cube centre), on the grid."""
+    sp, amp = _DRIFT[name]
+    off = per_region(self._anchors[name])
+    return np.float32(amp) * (_grid_noise(self.key("drift", name), sp, (z, y, x)) - off)
+
+  # -- public ---------------------------------------------------------------
   def cutout(self, channel: str, box: spec.Box) -> np.ndarray:
-    roi, (z, y, x) = self._roi(box)
-    if channel == "roi_labels":
-      return roi
-    h = (z.astype(np.uint64) * np.uint64(73856093) ^ y.astype(np.uint64) * np.uint64(19349663)
-         ^ x.astype(np.uint64) * np.uint64(83492791) ^ np.uint64(self.seed * 2654435761 % 2**32))
-    if channel == "pixel_labels":
-      return (h % np.uint64(4)).astype(np.uint64)
-    return (h % np.uint64(256)).astype(np.uint8)
+    """ZYX array of ``box.shape``: uint8 "image", uint64 "roi_labels"/"pixel_labels"."""
+    if channel not in spec.CHANNELS:
+      raise ValueError(f"unknown channel {channel!r}; known: {', '.join(spec.CHANNELS)}")
+    box.check_inside(self.shape)
+    out = np.empty(box.shape, np.dtype(spec.CHANNELS[channel].dtype))
+    for part in self._render_boxes(box):
+      arrays, rbox = self._rendered(part)
+      src = tuple(slice(a - r0, b - r0) for a, b, r0 in
+                  zip((part.z0, part.y0, part.x0), (part.z1, part.y1, part.x1), (rbox.z0, rbox.y0, rbox.x0), strict=True))
+      dst = tuple(slice(a - b0, b - b0) for a, b, b0 in
+                  zip((part.z0, part.y0, part.x0), (part.z1, part.y1, part.x1), (box.z0, box.y0, box.x0), strict=True))
+      out[dst] = arrays[channel][src]
+    return out
+
+  def anatomy(self, z, y, x) -> np.ndarray:
+    """Region id (roi id; 0 outside tissue) at broadcastable points, ignoring ROI_ANNOTATED_Z."""
+    return self._anatomy(z, y, x)
+
+  # -- chunking and cache ---------------------------------------------------
+  def _render_boxes(self, box: spec.Box) -> list[spec.Box]:
+    """Splits a request into the parts that are rendered (and cached) separately."""
+    edges = [list(range(box.z0 - box.z0 % _CHUNK_Z + _CHUNK_Z, box.z1, _CHUNK_Z))]
+    edges[0] = [box.z0] + edges[0] + [box.z1]
+    for lo, hi in ((box.y0, box.y1), (box.x0, box.x1)):
+      n = -(-(hi - lo) // _MAX_RENDER_XY)
+      edges.append([int(e) for e in np.linspace(lo, hi, n + 1).round()])
+    pairs = [list(zip(e[:-1], e[1:], strict=True)) for e in edges]
+    return [spec.Box(a, b, c, d, e, f) for a, b in pairs[0] for c, d in pairs[1] for e, f in pairs[2]]
+
+  def _rendered(self, part: spec.Box):
+    with self._lock:
+      for rbox in reversed(self._cache):
+        if (rbox.z0 <= part.z0 and part.z1 <= rbox.z1 and rbox.y0 <= part.y0 and part.y1 <= rbox.y1
+            and rbox.x0 <= part.x0 and part.x1 <= rbox.x1):
+          self._cache.move_to_end(rbox)
+          return self._cache[rbox], rbox
+    rbox = self._widen(part)
+    arrays = self.render(rbox)
+    with self._lock:
+      self._cache[rbox] = arrays
+      total = sum(sum(a.nbytes for a in v.values()) for v in self._cache.values())
+      while total > self._cache_bytes and len(self._cache) > 1:
+        _, old = self._cache.popitem(last=False)
+        total -= sum(a.nbytes for a in old.values())
+    return arrays, rbox
+
+  def _widen(self, part: spec.Box) -> spec.Box:
+    """Widens a thin request to the aligned block around it (values never depend on it)."""
+    out = []
+    for lo, hi, m, n in zip((part.z0, part.y0, part.x0), (part.z1, part.y1, part.x1), _MIN_RENDER_ZYX,
+                            self.shape, strict=True):
+      if hi - lo < m:
+        a, b = (lo // m) * m, -(-hi // m) * m
+        if m == _CHUNK_Z:  # stay inside the part's z chunk (parts never cross one)
+          b = min(b, (lo // _CHUNK_Z + 1) * _CHUNK_Z)
+        lo, hi = max(0, min(lo, a)), min(n, max(hi, b))
+      out.append((lo, hi))
+    return spec.Box(*out[0], *out[1], *out[2])
+
+  # -- rendering ------------------------------------------------------------
+  def render(self, box: spec.Box) -> dict[str, np.ndarray]:
+    """All channels of ``box`` as uint8 ZYX arrays {"image", "roi_labels", "pixel_labels"}.
+
+    Any box (also outside the volume) is allowed; values depend only on the
+    voxel coordinates. Memory is roughly 100 bytes per voxel of box + halo, so
+    callers render large boxes in chunks (``cutout`` does).
+    """
+    h = _HALO
+    z = np.arange(box.z0 - h, box.z1 + h)
+    y = np.arange(box.y0 - h, box.y1 + h)
+    x = np.arange(box.x0 - h, box.x1 + h)
+    shape = (len(z), len(y), len(x))
+    core = (slice(h, -h), slice(h, -h), slice(h, -h))
+    anat = self._anatomy.grid(z, y, x)
+    present = [int(r) for r in np.flatnonzero(np.bincount(anat.ravel(), minlength=_N_ROI)) if r]
+    tissue = anat > 0
+    tissue_all = bool(tissue.all())
+
+    single = present[0] if len(present) == 1 and tissue_all else None
+
+    def per_region(t):  # a per-region table on the grid: a scalar when one region fills it
+      return np.float32(t[single]) if single is not None else t[anat]
+
+    pix = np.zeros(shape, np.uint8)
+    if not present:  # outside tissue: the empty scan
+      img = np.full(shape, _OUTSIDE_GREY, np.float32)
+    else:
+      axon, ax_strength = self._axons(z, y, x, anat, present, per_region)
+      pix[axon] = _PIX["axon"]
+      del axon
+      cell, cell_profile = self._cells(z, y, x, shape)
+      pix[cell] = _PIX["cell"]
+      del cell
+      pix[self._vessels(z, y, x, shape)] = _PIX["vessel"]
+      if not tissue_all:
+        pix[~tissue] = _PIX["background"]
+      img = self._image(z, y, x, pix, ax_strength, cell_profile, per_region, None if tissue_all else tissue)
+    g1 = ndi.gaussian_filter(img, _BLUR[0], mode="nearest", truncate=_BLUR[1])
+    g2 = ndi.gaussian_filter(img, _FRINGE[0], mode="nearest", truncate=_FRINGE[1])
+    img = g1[core] + np.float32(_FRINGE[2]) * (g1[core] - g2[core])
+    del g1, g2
+    zc, yc, xc = z[h:-h], y[h:-h], x[h:-h]
+    hn = _voxel_hash(self.key("noise"), zc, yc, xc)
+    tri = ((hn & np.uint32(0xFFFF)).astype(np.float32) + (hn >> 16).astype(np.float32)) * np.float32(1.0 / 65536.0)
+    img += (tri - np.float32(1.0)) * np.float32(_NOISE * 2.0)
+    img += np.float32(0.5)
+    np.clip(img, 0.0, 255.0, out=img)
+    roi = np.array(anat[core], np.uint8)
+    roi[(zc < spec.ROI_ANNOTATED_Z[0]) | (zc >= spec.ROI_ANNOTATED_Z[1])] = _ROI["clear"]
+    return {"image": img.astype(np.uint8), "roi_labels": roi, "pixel_labels": np.ascontiguousarray(pix[core])}
+
+  def _axons(self, z, y, x, anat, present, per_region):
+    """Axon mask and fibre strength in [0, 1] (bright fibre cores) on the grid."""
+    axon = strength = drift = None
+    multi = len(present) > 1
+    for rid in present:
+      p = REGION_PARAMS[rid]
+      if p.fibre == "none" or p.axon_frac <= 0:
+        continue
+      if drift is None:  # threshold shifts: location drift and trend (scaled per region) + local variation
+        drift = self._drift("fibre_density", z, y, x, per_region)
+        drift = drift + np.float32(_TREND["fibre_density"]) * self._trend_at(y, x, per_region)
+        sp, amp = _LOCAL["fibre_density"]
+        local = np.float32(amp) * _grid_noise(self.key("local-fibre-density"), sp, (z, y, x))
+      f, warp = self._fibre_field(rid, p.fibre, p.fibre_dir, z, y, x)
+      thr = _noise_quantile(1.0 - p.axon_frac) - np.float32(p.axon_drift) * (drift + local)
+      m = f > thr
+      if multi:
+        m &= anat == rid
+      if p.fibre == "fascicle":
+        fine, _ = self._fibre_field(rid, "striation", p.fibre_dir, z, y, x, warp=warp)
+        s = np.float32(0.55) + np.float32(0.45) * np.clip(fine * np.float32(1.6) + np.float32(0.4), 0.0, 1.0)
+      else:
+        s = np.clip((f - thr) * np.float32(2.5) + np.float32(0.3), 0.0, 1.0)
+      if axon is None:
+        axon, strength = m, np.where(m, s, np.float32(0.0))
+      else:
+        axon |= m
+        strength = np.where(m, s, strength)
+    if axon is None:
+      return np.zeros(anat.shape, bool), np.float32(0.0)
+    return axon, strength
+
+  def _fibre_field(self, rid, kind, direction, z, y, x, warp=None):
+    """Domain-warped anisotropic value noise, long along ``direction``: fibres / fascicles.
+
+    The two across-fibre coordinates are shifted by a smooth warp (voxels; made
+    here from the region's warp noise unless ``warp`` is given), which bends the
+    fibres. "striation" is 2D noise across the direction only (fine, long fibres).
+    Returns (field float32 (Z, Y, X), warp) so a second field can bend along.
+    """
+    across, along, warp_amp, warp_sp = _FIBRE_GEOM[kind]
+    frame = _fibre_frame(direction)
+    corners = np.array(list(itertools.product((z[0], z[-1]), (y[0], y[-1]), (x[0], x[-1]))), np.float64)
+    if warp is None:
+      amp_vox = np.float32(warp_amp * across)
+      warp = [amp_vox * _grid_noise(self.key("warp", rid, kind, k), (warp_sp,) * 3, (z, y, x)) for k in range(2)]
+      warp_max = float(amp_vox)
+    else:
+      warp_max = float(max(np.abs(w).max() for w in warp))
+    dims = 2 if kind == "striation" else 3
+    q, bounds = [], []
+    for k in range(dims):
+      e = frame[k] / (across if k < 2 else along)
+      proj = ((e[0] * z).astype(np.float32)[:, None, None] + (e[1] * y).astype(np.float32)[None, :, None]
+              + (e[2] * x).astype(np.float32)[None, None, :])
+      amp = warp_max / across if k < 2 else 0.0
+      if k < 2:
+        proj = proj + warp[k] * np.float32(1.0 / across)
+      pc = corners @ e  # the projection is linear: its extremes are at the corners
+      bounds.append((int(np.floor(pc.min() - amp)) - 1, int(np.floor(pc.max() + amp)) + 1))
+      q.append(proj)
+    if dims == 2:
+      return _lattice_noise2(self.key("fibre", rid, kind), q, bounds), warp
+    return _lattice_noise(self.key("fibre", rid, kind), q, bounds), warp
+
+  def _vessels(self, z, y, x, shape):
+    """Vessels: capillary walkers + sparse large vessels (bool mask on the grid)."""
+    vessel = self._capillaries(z, y, x, shape)
+    lumen = self._lumens(z, y, x)
+    if lumen is not None:
+      vessel |= lumen
+    return vessel
+
+  def _candidates(self, name, slots, reach, z, y, x, n_attr):
+    """Objects seeded per ``_OBJ``-voxel block near the grid, in global order.
+
+    Returns (origin [N, 3] float64 block corner, uniforms list of n_attr float32 [N]),
+    for the slots of every block within ``reach`` voxels of the grid.
+    """
+    o = _OBJ
+    rngs = [np.arange((a[0] - reach) // o, (a[-1] + reach) // o + 1) for a in (z, y, x)]
+    bz, by, bx, slot = (g.ravel() for g in np.meshgrid(*rngs, np.arange(slots), indexing="ij"))
+    h = _hash_nd(self.key(name), [bz, by, bx, slot])
+    u = [_unit(_mix32(h ^ np.uint32(k + 1))) for k in range(n_attr)]
+    return np.stack([bz, by, bx], 1).astype(np.float64) * o, u
+
+  def _capillaries(self, z, y, x, shape):
+    """Capillaries: short random-walk polylines (3 segments, optional branch) thickened
+    into tubes (union of spheres along the path), seeded per object block."""
+    o = _OBJ
+    lmax = _CAP_SEG_LEN[1]
+    reach = int(np.ceil(_CAP_SEGMENTS * lmax + 3.5))
+    origin, u = self._candidates("capillaries", _CAP_SLOTS, reach, z, y, x, 40)
+    start = origin + np.stack(u[:3], 1).astype(np.float64) * o
+    near = np.all((start > np.array([z[0], y[0], x[0]]) - reach) & (start < np.array([z[-1], y[-1], x[-1]]) + reach), 1)
+    idx = np.flatnonzero(near)
+    start, u = start[idx], [a[idx] for a in u]
+    reg = self._anatomy(start[:, 0], start[:, 1], start[:, 2])
+    mean_len = _CAP_SEGMENTS * 0.5 * sum(_CAP_SEG_LEN) + _CAP_BRANCH_PROB * 0.5 * sum(_CAP_SEG_LEN)
+    p = self._tables["vessel_density"][reg] * 1e-3 * o ** 3 / (_CAP_SLOTS * mean_len)
+    sel = np.flatnonzero((reg > 0) & (u[3] < p))
+    mask = np.zeros(shape, bool)
+    if not len(sel):
+      return mask
+    start, u = start[sel], [a[sel].astype(np.float64) for a in u]
+    radius = self._tables["vessel_radius"][reg[sel]] * (0.75 + 0.5 * u[4])
+
+    def direction(k):  # a random unit vector from three triangular variates
+      v = np.stack([u[k] + u[k + 1] - 1.0, u[k + 2] + u[k + 3] - 1.0, u[k + 4] + u[k + 5] - 1.0], 1)
+      return v / np.sqrt(np.sum(v * v, 1, keepdims=True) + 1e-9)
+
+    d = direction(5)
+    pts = [start]
+    for s_ in range(_CAP_SEGMENTS):
+      length = _CAP_SEG_LEN[0] + (_CAP_SEG_LEN[1] - _CAP_SEG_LEN[0]) * u[11 + s_]
+      pts.append(pts[-1] + length[:, None] * d)
+      turn = direction(14 + 6 * s_)
+      d = d + 0.9 * turn
+      d = d / np.sqrt(np.sum(d * d, 1, keepdims=True))
+    seg_a = np.stack(pts[:-1], 1)  # [W, S, 3]
+    seg_b = np.stack(pts[1:], 1)
+    # Optional branch from the first inner vertex, roughly across the path.
+    branch_len = np.where(u[32] < _CAP_BRANCH_PROB, _CAP_SEG_LEN[0] + 5.0 * u[33], 0.0)
+    bdir = direction(34)
+    seg_a = np.concatenate([seg_a, pts[1][:, None]], 1)
+    seg_b = np.concatenate([seg_b, (pts[1] + branch_len[:, None] * bdir)[:, None]], 1)
+    t = np.linspace(0.0, 1.0, _CAP_SAMPLES)[None, None, :, None]
+    centres = (seg_a[:, :, None] + (seg_b - seg_a)[:, :, None] * t).reshape(len(sel), -1, 3)
+    rad = np.broadcast_to(radius[:, None], centres.shape[:2])
+    centres, rad = centres.reshape(-1, 3), rad.reshape(-1)
+    _splat_spheres(mask, np.array([z[0], y[0], x[0]]), centres, rad)
+    return mask
+
+
+  def _lumens(self, z, y, x):
+    """Large vessels: tilted capsules (radius 4-9), seeded per large object block."""
+    reach = (110, 210, 210)  # max half-length (+ tilt) + radius, per axis
+    rngs = [np.arange((a[0] - r) // o, (a[-1] + r) // o + 1) for a, r, o in zip((z, y, x), reach, _LUMEN_OBJ, strict=True)]
+    cz, cy, cx = (g.ravel() for g in np.meshgrid(*rngs, indexing="ij"))
+    h = _hash_nd(self.key("lumen"), [cz, cy, cx])
+    u = [_unit(_mix32(h ^ np.uint32(k + 1))).astype(np.float64) for k in range(8)]
+    keep = u[0] < _LUMEN_PROB
+    if not keep.any():
+      return None
+    oz, oy, ox = _LUMEN_OBJ
+    centre = np.stack([(cz + u[1]) * oz, (cy + u[2]) * oy, (cx + u[3]) * ox], 1)[keep]
+    half = (30.0 + 70.0 * u[4])[keep]
+    slope = np.stack([np.ones_like(u[5]), 1.8 * u[5] - 0.9, 1.8 * u[6] - 0.9], 1)[keep]
+    radius = (4.0 + 5.0 * u[7])[keep]
+    mask = None
+    for c, hl, sl, r in zip(centre, half, slope, radius, strict=True):
+      a, b = c - hl * sl, c + hl * sl
+      lo, hi = np.minimum(a, b) - r, np.maximum(a, b) + r
+      sel = [np.flatnonzero((g >= a_) & (g <= b_)) for g, a_, b_ in zip((z, y, x), lo, hi, strict=True)]
+      if any(len(s_) == 0 for s_ in sel):
+        continue
+      gz = (z[sel[0]] - a[0])[:, None, None]
+      gy = (y[sel[1]] - a[1])[None, :, None]
+      gx = (x[sel[2]] - a[2])[None, None, :]
+      d = b - a
+      t = np.clip((gz * d[0] + gy * d[1] + gx * d[2]) / float(d @ d), 0.0, 1.0)
+      inside = (gz - t * d[0]) ** 2 + (gy - t * d[1]) ** 2 + (gx - t * d[2]) ** 2 < r * r
+      if not inside.any():
+        continue
+      if mask is None:
+        mask = np.zeros((len(z), len(y), len(x)), bool)
+      mask[np.ix_(*sel)] |= inside
+    return mask
+  def _cells(self, z, y, x, shape):
+    """Cell bodies: rotated ellipsoids, seeded per object block. Returns (mask, profile).
+
+    ``profile`` is 1 at a cell centre and 0 at its rim (used for shading).
+    """
+    o, rmax = _OBJ, _CELL_RMAX
+    origin, u = self._candidates("cells", _CELL_SLOTS, rmax, z, y, x, 16)
+    cz = origin[:, 0] + u[0].astype(np.float64) * o
+    cy = origin[:, 1] + u[1].astype(np.float64) * o
+    cx = origin[:, 2] + u[2].astype(np.float64) * o
+    # Cheap bounding test first, then the region/density test at the centres.
+    near = ((cz > z[0] - rmax) & (cz < z[-1] + rmax) & (cy > y[0] - rmax) & (cy < y[-1] + rmax)
+            & (cx > x[0] - rmax) & (cx < x[-1] + rmax))
+    idx = np.flatnonzero(near)
+    cz, cy, cx = cz[idx], cy[idx], cx[idx]
+    u = [a[idx] for a in u]
+    reg = self._anatomy(cz, cy, cx)
+    rmean = self._tables["cell_radius"][reg]
+    # 3D density so that a slice shows cells_per_tile profiles per 128x128 tile:
+    # an ellipsoid of mean semi-axis r is cut by ~2r slices.
+    dens = self._tables["cells_per_tile"][reg] / (128.0 * 128.0 * 2.0 * np.maximum(rmean, 1.0))
+    sp, amp = _DRIFT["cell_density"]
+    drift = _point_noise(self.key("drift", "cell_density"), sp, (cz, cy, cx)) - self._anchors["cell_density"][reg]
+    sp, lamp = _LOCAL["cell_density"]
+    local = _point_noise(self.key("local-cell-density"), sp, (cz, cy, cx))
+    t = self._trend
+    trend = t["gy"][reg] * (cy - t["y0"][reg]) + t["gx"][reg] * (cx - t["x0"][reg])
+    dens = dens * np.maximum(0.2, 1.0 + amp * drift + lamp * local + _TREND["cell_density"] * trend)
+    accept = (reg > 0) & (u[3] < dens * (o ** 3) / _CELL_SLOTS)
+    mask = np.zeros(shape, bool)
+    profile = np.zeros(shape, np.float32)
+    if not accept.any():
+      return mask, profile
+    sel = np.flatnonzero(accept)
+    cz, cy, cx = cz[sel], cy[sel], cx[sel]
+    u = [a[sel] for a in u]
+    rm = rmean[sel]
+    radii = np.stack([rm * (np.float32(0.65) + np.float32(0.7) * u[k]) for k in (4, 5, 6)], 1)
+    radii = np.minimum(radii, np.float32(rmax - 0.3)).astype(np.float64)
+    # Random rotation from a normalised quaternion of near-Gaussian components.
+    qv = np.stack([(u[7 + 2 * k] + u[8 + 2 * k] - 1.0).astype(np.float64) for k in range(4)], 1)
+    qv = qv / np.sqrt(np.sum(qv * qv, 1, keepdims=True) + 1e-12)
+    a, b, c, d = qv.T
+    rot = np.stack([
+        np.stack([a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)], 1),
+        np.stack([2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)], 1),
+        np.stack([2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d], 1)], 1)
+    # Quadratic form A = R^T diag(1/r^2) R per cell.
+    inv = 1.0 / (radii * radii)
+    A = np.einsum("nki,nk,nkj->nij", rot, inv, rot)
+    # Offsets inside the bounding sphere.
+    g = np.arange(-rmax, rmax + 1)
+    oz, oy, ox = [a.ravel() for a in np.meshgrid(g, g, g, indexing="ij")]
+    ball = oz * oz + oy * oy + ox * ox <= (rmax + 0.5) ** 2
+    oz, oy, ox = oz[ball], oy[ball], ox[ball]
+    iz, iy, ix = np.floor(cz), np.floor(cy), np.floor(cx)
+    dz = (oz[None, :] - (cz - iz)[:, None])
+    dy = (oy[None, :] - (cy - iy)[:, None])
+    dx = (ox[None, :] - (cx - ix)[:, None])
+    rho2 = (A[:, 0, 0, None] * dz * dz + A[:, 1, 1, None] * dy * dy + A[:, 2, 2, None] * dx * dx
+            + 2.0 * (A[:, 0, 1, None] * dz * dy + A[:, 0, 2, None] * dz * dx + A[:, 1, 2, None] * dy * dx))
+    vz = iz.astype(np.int64)[:, None] + oz[None, :] - z[0]
+    vy = iy.astype(np.int64)[:, None] + oy[None, :] - y[0]
+    vx = ix.astype(np.int64)[:, None] + ox[None, :] - x[0]
+    ok = ((rho2 <= 1.0) & (vz >= 0) & (vz < shape[0]) & (vy >= 0) & (vy < shape[1])
+          & (vx >= 0) & (vx < shape[2]))
+    flat = (vz * shape[1] + vy) * shape[2] + vx
+    dark = (np.float32(0.75) + np.float32(0.5) * u[15])[:, None]
+    val = dark * (np.float32(1.0) - rho2.astype(np.float32) * np.float32(0.35))
+    # Cells are in a fixed global order (object block, slot): where two overlap the
+    # later one wins, whichever box is rendered (made explicit: numpy does not
+    # promise an order for repeated indices).
+    flat, val = flat[ok][::-1], val[ok][::-1]
+    flat, first = np.unique(flat, return_index=True)
+    mask.ravel()[flat] = True
+    profile.ravel()[flat] = val[first]
+    return mask, profile
+
+  def _image(self, z, y, x, pix, ax_strength, cell_profile, per_region, tissue):
+    """Pre-blur grey levels (float32, grid shape). ``tissue`` None means all tissue."""
+    def table(name):
+      return per_region(self._tables[name])
+
+    grey = table("grey") + self._drift("shading", z, y, x, per_region)
+    contrast = np.float32(1.0) + self._drift("contrast", z, y, x, per_region)
+    gain = table("axon_gain") * (np.float32(1.0) + self._drift("axon_gain", z, y, x, per_region)
+                                 + np.float32(_TREND["axon_gain"]) * self._trend_at(y, x, per_region))
+    zs, za = _SLICE_DRIFT
+    grey += np.float32(za) * _grid_noise(self.key("slice"), (zs,), (z,))[:, None, None]
+    sp, amp = _MOTTLE
+    tex = np.float32(amp) * _grid_noise(self.key("mottle"), sp, (z, y, x))
+    tex += (_unit(_voxel_hash(self.key("grain"), z, y, x)) - np.float32(0.5)) * np.float32(2.0 * _GRAIN)
+    img = grey + contrast * (gain * ax_strength * (pix == _PIX["axon"]) + tex)
+    img = np.where(pix == _PIX["cell"], grey - contrast * (table("cell_dark") * cell_profile - tex), img)
+    img = np.where(pix == _PIX["vessel"], np.float32(_VESSEL_GREY) + np.float32(0.1) * (grey - 120.0) + tex, img)
+    if tissue is not None:
+      img = np.where(tissue, img, np.float32(_OUTSIDE_GREY))
+    return img.astype(np.float32)

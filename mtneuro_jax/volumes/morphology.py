@@ -1,0 +1,134 @@
+"""Label statistics of dense micro labels: class fractions and 2D component morphology.
+
+Shared by the phantom's fidelity report and its tests, and usable on any
+``pixel_labels`` cutout. Labels are BossDB pixel ids (``spec.PIXEL_IDS``:
+0 background, 1 vessel, 2 cell, 3 axon). Components are 2D, 8-connected, one
+class at a time (everything else is background), counted per 128x128 tile,
+like the Task 3 semantic features and ``shared/data/README.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from mtneuro_jax.volumes import spec
+
+_EIGHT = np.ones((3, 3), bool)
+CLASS_NAMES = ("background", "vessel", "cell", "axon")  # index = BossDB pixel id
+
+
+def class_fractions(labels: np.ndarray) -> np.ndarray:
+  """Fractions of BossDB pixel ids 0..3 in ``labels`` (any shape): float64 [4], sums to 1."""
+  counts = np.bincount(np.asarray(labels).ravel().astype(np.int64), minlength=4)[:4]
+  return counts / max(1, counts.sum())
+
+
+def quadrants(tiles: np.ndarray, size: int = spec.QUADRANT) -> np.ndarray:
+  """[N, Y, X] slices -> [N * (Y//size) * (X//size), size, size] non-overlapping tiles.
+
+  Order: slice-major, then row, then column (for 256x256 slices: TL, TR, BL, BR,
+  like Task 3's quadrants).
+  """
+  tiles = np.asarray(tiles)
+  n, h, w = tiles.shape
+  ny, nx = h // size, w // size
+  t = tiles[:, :ny * size, :nx * size].reshape(n, ny, size, nx, size)
+  return t.transpose(0, 1, 3, 2, 4).reshape(n * ny * nx, size, size)
+
+
+def components(mask2d: np.ndarray) -> tuple[np.ndarray, int]:
+  """8-connected components of a 2D bool mask: (label image int32 [Y, X], count)."""
+  lab, n = ndi.label(np.asarray(mask2d, bool), structure=_EIGHT)
+  return lab, int(n)
+
+
+def component_shapes(lab: np.ndarray, n: int) -> dict[str, np.ndarray]:
+  """Per-component area (pixels) and elongation (sqrt of the ratio of the second-moment
+  eigenvalues; 1 = round) for a label image from ``components``. Arrays of length n."""
+  if n == 0:
+    return {"area": np.zeros(0), "elongation": np.zeros(0)}
+  yy, xx = np.indices(lab.shape)
+  lab_r = lab.ravel()
+  area = np.bincount(lab_r, minlength=n + 1)[1:].astype(np.float64)
+  moments = {}
+  for name, v in (("y", yy), ("x", xx), ("yy", yy * yy), ("xx", xx * xx), ("xy", yy * xx)):
+    moments[name] = np.bincount(lab_r, weights=v.ravel().astype(np.float64), minlength=n + 1)[1:] / area
+  vyy = moments["yy"] - moments["y"] ** 2 + 1.0 / 12  # +1/12: a pixel's own extent
+  vxx = moments["xx"] - moments["x"] ** 2 + 1.0 / 12
+  vxy = moments["xy"] - moments["y"] * moments["x"]
+  tr, det = vyy + vxx, vyy * vxx - vxy ** 2
+  disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0.0))
+  l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-12)
+  return {"area": area, "elongation": np.sqrt(l1 / l2)}
+
+
+def tile_stats(tiles: np.ndarray) -> dict:
+  """Morphology of labels tiles ``[N, H, W]`` (BossDB pixel ids; usually 128x128).
+
+  Returns a JSON-able dict: ``fractions`` {class: fraction}, and per class
+  (vessel, cell, axon) ``components_per_tile`` (mean), ``median_area``,
+  ``mean_area`` (pixels; over all components of all tiles), ``median_elongation``;
+  for axons also ``largest_component_share`` (mean over tiles with axons of the
+  largest component's share of the axon pixels: ~1 for one dense fibre mass).
+  """
+  tiles = np.asarray(tiles)
+  if tiles.ndim != 3:
+    raise ValueError(f"tiles must be [N, H, W], got shape {tiles.shape}")
+  out: dict = {"n_tiles": int(len(tiles)), "tile_shape": list(tiles.shape[1:]),
+               "fractions": dict(zip(CLASS_NAMES, class_fractions(tiles).round(5).tolist(), strict=True))}
+  for cid, name in enumerate(CLASS_NAMES):
+    if cid == 0:
+      continue
+    counts, areas, elong, largest = [], [], [], []
+    for t in tiles:
+      lab, n = components(t == cid)
+      counts.append(n)
+      if n:
+        sh = component_shapes(lab, n)
+        areas.append(sh["area"])
+        elong.append(sh["elongation"])
+        largest.append(sh["area"].max() / sh["area"].sum())
+    a = np.concatenate(areas) if areas else np.zeros(0)
+    e = np.concatenate(elong) if elong else np.zeros(0)
+    st = {"components_per_tile": float(np.mean(counts)),
+          "median_area": float(np.median(a)) if a.size else 0.0,
+          "mean_area": float(a.mean()) if a.size else 0.0,
+          "median_elongation": float(np.median(e)) if e.size else 0.0}
+    if name == "axon":
+      st["largest_component_share"] = float(np.mean(largest)) if largest else 0.0
+    out[name] = st
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The real expert masks shipped in shared/data (xray-thc, CC-BY-4.0).
+def default_masks_dir() -> str | None:
+  """``$MTNEURO_REAL_MASKS`` or the first existing shared/data/xray_thc_masks (None if none)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  repo = os.path.dirname(os.path.dirname(here))
+  candidates = [os.environ.get("MTNEURO_REAL_MASKS"),
+                os.path.join(repo, "shared", "data", "xray_thc_masks"),
+                os.path.join(os.path.dirname(repo), "shared", "data", "xray_thc_masks"),
+                "/work/shared/data/xray_thc_masks"]
+  for c in candidates:
+    if c and os.path.isdir(c):
+      return c
+  return None
+
+
+def load_real_masks(region: str, masks_dir: str | None = None) -> np.ndarray:
+  """The real masks of ``region`` (CTX/STR/VP/ZI) as BossDB pixel ids, uint8 [16, 128, 128]."""
+  masks_dir = masks_dir or default_masks_dir()
+  if masks_dir is None:
+    raise FileNotFoundError("real masks not found: set MTNEURO_REAL_MASKS to shared/data/xray_thc_masks")
+  with np.load(os.path.join(masks_dir, spec.XRAY_THC_REGION_FILES[region])) as f:
+    return spec.remap(f["masks"], spec.XRAY_THC_MASK_TO_PIXEL)
+
+
+def real_mask_stats(masks_dir: str | None = None) -> Mapping[str, dict]:
+  """``tile_stats`` of the real masks, per region."""
+  return {r: tile_stats(load_real_masks(r, masks_dir)) for r in spec.REGIONS}
