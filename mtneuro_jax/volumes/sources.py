@@ -115,16 +115,38 @@ class Source(abc.ABC):
     except ValueError as e:
       raise SourceError(str(e)) from None
     arr = self.open(channel, resolution)
-    data = np.asarray(arr[box.z0:box.z1, box.y0:box.y1, box.x0:box.x1])
+    fetch = _widen_singletons(box, self.shape())
+    data = np.asarray(arr[fetch.z0:fetch.z1, fetch.y0:fetch.y1, fetch.x0:fetch.x1])
     # intern squeezes length-1 axes; restore the 3D box shape.
-    if data.size != int(np.prod(box.shape)):
-      raise SourceError(f"{self.kind}: cutout {box} of {channel} returned shape {data.shape}, "
-                        f"expected {box.shape}")
-    data = data.reshape(box.shape)
+    if data.size != int(np.prod(fetch.shape)):
+      raise SourceError(f"{self.kind}: cutout {fetch} of {channel} returned shape {data.shape}, "
+                        f"expected {fetch.shape}")
+    data = data.reshape(fetch.shape)
+    if fetch != box:
+      data = data[box.z0 - fetch.z0:box.z1 - fetch.z0, box.y0 - fetch.y0:box.y1 - fetch.y0,
+                  box.x0 - fetch.x0:box.x1 - fetch.x0]
     want = np.dtype(spec.CHANNELS[channel].dtype)
     if data.dtype != want:
       data = data.astype(want)
     return data
+
+
+def _widen_singletons(box: spec.Box, shape_zyx) -> spec.Box:
+  """``box`` grown by one voxel on all but one of its length-1 axes.
+
+  intern's ``array.__getitem__`` squeezes each length-1 axis using the shape from
+  before the previous squeeze, so a cutout with two or more length-1 axes raises
+  IndexError inside intern (intern issue #120). We fetch a slightly larger box and
+  crop; a box with at most one length-1 axis is returned unchanged.
+  """
+  lo, hi = [box.z0, box.y0, box.x0], [box.z1, box.y1, box.x1]
+  singles = [a for a in range(3) if hi[a] - lo[a] == 1]
+  for axis in singles[1:]:
+    if hi[axis] < shape_zyx[axis]:
+      hi[axis] += 1
+    elif lo[axis] > 0:
+      lo[axis] -= 1
+  return spec.Box(lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
 
 
 class PhantomSource(Source):
