@@ -97,7 +97,7 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, *, num_classes
       "balanced_accuracy": float(np.nanmean(recall)) if np.any(support) else float("nan"),
       "n": n,
   }
-  for name, r in zip(names, recall):
+  for name, r in zip(names, recall, strict=True):
     out[f"recall/{name}"] = float(r)
   if groups is not None:
     groups = np.asarray(groups, np.int64).reshape(-1)

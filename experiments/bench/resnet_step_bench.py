@@ -1,0 +1,466 @@
+"""Train-step throughput and peak memory of ResNet18-xray on this CPU: ours (JAX) vs PyTorch.
+
+Usage:
+  python -m experiments.bench.resnet_step_bench                      # B=32, 64^2 and 128^2
+  python -m experiments.bench.resnet_step_bench --variants default,onednn --sizes 64
+  python -m experiments.bench.resnet_step_bench --no_torch --out /tmp/bench
+
+What is timed: one optimizer step (forward, backward, SGD-momentum update) of
+the full-width ResNet18-xray (11.2 M params, 1 input channel, 4 classes) on a
+fixed batch of B float32 images [B, S, S, 1], after ``--warmup`` untimed steps
+(compilation and first-touch excluded); ``--steps`` timed steps, each ended by
+``block_until_ready`` (JAX) or a completed ``optimizer.step()`` (PyTorch eager
+is synchronous on CPU). img/s = B / median step time.
+
+Every (framework, variant, size) runs in a fresh subprocess, so the peak RSS
+(``ru_maxrss``) belongs to that configuration alone; it includes the
+interpreter and library baseline (reported separately as ``base_rss_mb``).
+For JAX we also report XLA's own estimate of the step's buffers
+(``memory_analysis``: arguments + outputs + temporaries).
+
+PyTorch reference: the same architecture (torchvision-style BasicBlocks, 3x3
+stride-1 stem, no max-pool; written out here because torchvision is not
+installed), ``torch.set_num_threads(2)``, channels_last. XLA variants are sets
+of ``XLA_FLAGS`` (see ``VARIANTS``). The machine is shared, so the 1-minute
+load average before and after each run is recorded; compare numbers taken at
+similar load only.
+
+Writes ``<out>/resnet_step_bench.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+# XLA_FLAGS per variant (appended to whatever the environment sets).
+VARIANTS = {
+    "default": "",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "xnnpack": "--xla_cpu_use_xnnpack=true",
+    "no_thunk": "--xla_cpu_use_thunk_runtime=false",
+    "fast_math": "--xla_cpu_enable_fast_math=true",
+    # Not a flag: every conv's weight gradient as GEMMs (see gemm_dw_conv); default XLA flags.
+    "gemm_dw": "",
+}
+ISSUE_TORCH_IMG_S = {64: 24.9, 128: 5.3}
+
+# What the investigation found (kept with the generated tables; update when the numbers change).
+FINDINGS = """## Findings (what was tried for the JAX gap)
+
+* The gap is XLA:CPU's **weight-gradient convolution** (backward filter). In the per-conv
+  table, forward and input-gradient convs run at roughly PyTorch-like GFLOP/s, while the
+  weight gradient of the same conv runs 3-10x slower, worst for large feature maps
+  (layer1 at 128^2) -- which is why 128^2 is hit much harder than 64^2.
+* XLA flags: `--xla_cpu_use_onednn=true`, `--xla_cpu_use_xnnpack=true` and
+  `--xla_cpu_experimental_{onednn,xnn}_fusion_type=...` do not change the weight-gradient
+  conv (measured on the 128^2 layer1 conv: 2.5-2.8 s either way); see the variant rows.
+* Layout: running the conv as NCHW, CHWN or HWCN instead of NHWC: no better (12.7-15.8
+  GFLOP/s for the weight gradient at 128^2).
+* Precision: float32 on CPU has no TF32/bf16 fast path to select; bf16 was not pursued
+  (this CPU has no native bf16 matmul and the paper trains in float32).
+* Rewriting the weight gradient as GEMMs (`gemm_dw` variant: custom VJP, shifted copies
+  of the input, batched matmul over row groups): 2.6x faster for the 128^2 layer1 conv in
+  isolation (0.99 s vs 2.6 s), but the whole train step got *slower* (64^2: 2.3 vs 7.1
+  img/s) with 3x the peak memory: the shifted copies and the lost fusions cost more than
+  they save. Not proposed for the model.
+* Conclusion: no cheap win found on this CPU; nothing to change in the model file. CPU runs
+  stay smoke tests (quick presets use width 1/8 and 4x downsampling); the paper preset is
+  for accelerators, where XLA's convolutions are cuDNN's.
+"""  # PyTorch numbers quoted in the issue (B=32, 2 threads)
+
+
+def _rss_mb() -> float:
+  """Current resident set size in MiB (Linux)."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _timed(step, n):
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def gemm_dw_conv():
+  """A drop-in for ``lax.conv_general_dilated`` (flax ``nn.Conv(conv_general_dilated=...)``) whose
+  weight gradient is computed as GEMMs instead of XLA:CPU's backward-filter convolution.
+
+  Why: on this CPU, XLA's weight-gradient conv of a 3x3, 64->64 conv on [32, 128, 128, 64]
+  runs at ~14 GFLOP/s while the forward and input-gradient convs run at ~150-170 GFLOP/s,
+  so it dominates the train step at 128^2. Here dW[i, j] = sum_{b,y,x} x_pad[b, s*y + i, s*x + j] dY[b, y, x]:
+  the kw column shifts are concatenated on the channel axis ([B, Hp, Wo, kw*C]), and for each of
+  the kh row offsets one batched matmul over G row-groups (so XLA can parallelise the long
+  contraction), summed. Forward and input gradient are XLA's own. Only NHWC/HWIO, no dilation,
+  one feature group; anything else falls back to lax. Experimental (bench only).
+  """
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  def conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def weight_grad(x, dy, kernel_shape, strides, padding):
+    kh, kw, c, _ = kernel_shape
+    sy, sx = strides
+    (pt, pb), (pl, pr) = padding
+    b, ho, wo, co = dy.shape
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    hp = xp.shape[1]
+    xw = jnp.concatenate([lax.slice(xp, (0, 0, j, 0), (b, hp, j + sx * (wo - 1) + 1, c), (1, 1, sx, 1))
+                          for j in range(kw)], axis=-1)  # [B, Hp, Wo, kw*C]
+    n = b * ho * wo
+    g = next(k for k in (128, 64, 32, 16, 8, 4, 2, 1) if n % k == 0)
+    d = dy.reshape(g, n // g, co)
+    rows = []
+    for i in range(kh):
+      a = lax.slice(xw, (0, i, 0, 0), (b, i + sy * (ho - 1) + 1, wo, kw * c), (1, sy, 1, 1))
+      rows.append(jnp.einsum("gnk,gnd->gkd", a.reshape(g, n // g, kw * c), d).sum(0).reshape(kw, c, co))
+    return jnp.stack(rows)  # [kh, kw, C, Cout]
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+  def fast(x, w, strides, padding):
+    return conv(x, w, strides, padding)
+
+  def fwd(x, w, strides, padding):
+    return conv(x, w, strides, padding), (x, w)
+
+  def bwd(strides, padding, res, dy):
+    x, w = res
+    dx = jax.vjp(lambda x_: conv(x_, w, strides, padding), x)[1](dy)[0]
+    return dx, weight_grad(x, dy, w.shape, strides, padding).astype(w.dtype)
+
+  fast.defvjp(fwd, bwd)
+
+  def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                           dimension_numbers=None, feature_group_count=1, batch_group_count=1, **kw):
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    nhwc = dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    plain = all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)) and feature_group_count == 1 \
+        and batch_group_count == 1 and lhs.ndim == 4
+    if not (nhwc and plain):
+      return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                      dimension_numbers, feature_group_count, batch_group_count, **kw)
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    return fast(lhs, rhs, tuple(int(s) for s in window_strides), tuple(tuple(int(q) for q in p) for p in padding))
+
+  return conv_general_dilated
+
+
+def worker_jax(size: int, batch: int, warmup: int, steps: int, width: float = 1.0, variant: str = "default") -> dict:
+  """One configuration in this process; returns the measurements."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import optax
+
+  from mtneuro_jax.models import MODELS
+  from mtneuro_jax.objectives import OBJECTIVES
+
+  if variant == "gemm_dw":
+    # Swap flax's conv primitive inside the model module only (the model file is not ours to edit).
+    import functools
+    import types
+
+    import flax.linen as nn
+
+    from mtneuro_jax.models import resnet
+    resnet.nn = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")})
+    resnet.nn.Conv = functools.partial(nn.Conv, conv_general_dilated=gemm_dw_conv())
+  base = _rss_mb()
+  model = MODELS["resnet18_xray"](num_classes=4, width_multiplier=width, dropout=0.2)
+  objective = OBJECTIVES["supervised"]
+  cfg = ml_collections.ConfigDict({})
+  x = jax.random.normal(jax.random.key(0), (batch, size, size, 1), jnp.float32)
+  y = jax.random.randint(jax.random.key(1), (batch,), 0, 4)
+  data = {"image": x, "label": y, "valid": jnp.ones((batch,), bool)}
+  variables = model.init(jax.random.key(2), x[:1], train=False)
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.03, momentum=0.9))
+  opt_state = tx.init(params)
+
+  def train_step(params, model_state, opt_state, batch, rng):
+    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    (loss, (_, new_state)), grads = grad_fn(params, model_state, {}, batch, rng, model=model, config=cfg)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_state, opt_state, loss
+
+  step_fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(params, model_state, opt_state, data, jax.random.key(3)).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  xla_mb = None
+  if mem is not None:
+    xla_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**20
+  state = [params, model_state, opt_state]
+  i = [0]
+
+  def one():
+    i[0] += 1
+    p, s, o, loss = compiled(*state, data, jax.random.key(i[0]))
+    state[:] = [p, s, o]
+    jax.block_until_ready((p, loss))
+
+  _timed(one, warmup)
+  times = _timed(one, steps)
+  return {"compile_s": compile_s, "step_s": times, "base_rss_mb": base, "peak_rss_mb": _peak_rss_mb(),
+          "xla_buffers_mb": xla_mb, "backend": jax.default_backend(), "jax": jax.__version__,
+          "num_params": int(sum(v.size for v in jax.tree.leaves(params)))}
+
+
+def conv_shapes(size: int) -> list[tuple[str, int, int, int, int]]:
+  """(name, input side, C_in, C_out, stride) of ResNet18-xray's 3x3 convs for a size^2 input."""
+  return [("stem", size, 1, 64, 1), ("layer1", size, 64, 64, 1), ("layer2_0", size, 64, 128, 2),
+          ("layer2", size // 2, 128, 128, 1), ("layer3_0", size // 2, 128, 256, 2),
+          ("layer3", size // 4, 256, 256, 1), ("layer4_0", size // 4, 256, 512, 2),
+          ("layer4", size // 8, 512, 512, 1)]
+
+
+def worker_conv(size: int, batch: int, reps: int = 2) -> dict:
+  """Times one 3x3 conv of each ResNet18-xray shape: forward, input gradient, weight gradient."""
+  import jax
+  from jax import lax
+
+  rows = []
+  for name, s, ci, co, st in conv_shapes(size):
+    x = jax.random.normal(jax.random.key(0), (batch, s, s, ci))
+    w = jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05
+
+    def conv(x, w, st=st):
+      return lax.conv_general_dilated(x, w, (st, st), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    fns = {"fwd": jax.jit(conv), "dx": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=0)),
+           "dw": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=1))}
+    flops = 2 * batch * (s // st) ** 2 * ci * co * 9
+    row = {"conv": name, "input": [batch, s, s, ci], "c_out": co, "stride": st, "gflop": flops / 1e9}
+    for k, fn in fns.items():
+      fn(x, w).block_until_ready()
+      t = _timed(lambda fn=fn, x=x, w=w: fn(x, w).block_until_ready(), reps)
+      row[f"{k}_ms"] = 1e3 * statistics.median(t)
+      row[f"{k}_gflops"] = flops / statistics.median(t) / 1e9
+    rows.append(row)
+  return {"convs": rows}
+
+
+def _torch_resnet18_xray(num_classes: int = 4):
+  """The reference resnet_xray classifier (torchvision resnet18 layout, 1-ch 3x3 stem, no max-pool)."""
+  import torch.nn as tnn
+
+  class Block(tnn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = tnn.BatchNorm2d(cout)
+      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = tnn.BatchNorm2d(cout)
+      self.relu = tnn.ReLU(inplace=True)
+      self.down = None
+      if stride != 1 or cin != cout:
+        self.down = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      y = self.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      return self.relu(y + (x if self.down is None else self.down(x)))
+
+  layers = [tnn.Conv2d(1, 64, 3, 1, 1, bias=False), tnn.BatchNorm2d(64), tnn.ReLU(inplace=True)]
+  cin = 64
+  for i, w in enumerate((64, 128, 256, 512)):
+    for j in range(2):
+      layers.append(Block(cin, w, 2 if (i > 0 and j == 0) else 1))
+      cin = w
+  layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Dropout(0.2), tnn.Linear(512, num_classes)]
+  return tnn.Sequential(*layers)
+
+
+def worker_torch(size: int, batch: int, warmup: int, steps: int, threads: int) -> dict:
+  import torch
+
+  base = _rss_mb()
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  model = _torch_resnet18_xray().to(memory_format=torch.channels_last).train()
+  opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
+  x = torch.randn(batch, 1, size, size).to(memory_format=torch.channels_last)
+  y = torch.randint(0, 4, (batch,))
+  loss_fn = torch.nn.CrossEntropyLoss()
+
+  def one():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+
+  _timed(one, warmup)
+  times = _timed(one, steps)
+  return {"step_s": times, "base_rss_mb": base, "peak_rss_mb": _peak_rss_mb(), "torch": torch.__version__,
+          "threads": threads, "num_params": int(sum(p.numel() for p in model.parameters()))}
+
+
+def _run_worker(framework: str, variant: str, size: int, args) -> dict:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None) if framework == "jax" and not args.keep_env_flags else None
+  if framework == "jax":
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), VARIANTS[variant]) if f)
+  cmd = [sys.executable, "-m", "experiments.bench.resnet_step_bench", "--_worker", framework,
+         "--sizes", str(size), "--batch", str(args.batch), "--warmup", str(args.warmup),
+         "--steps", str(args.steps), "--torch_threads", str(args.torch_threads), "--width", str(args.width),
+         "--variants", variant or "default"]
+  load0 = os.getloadavg()[0]
+  t0 = time.time()
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  wall = time.time() - t0
+  row = {"framework": framework, "variant": variant if framework == "jax" else "channels_last",
+         "size": size, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
+         "load1_before": round(load0, 2),
+         "load1_after": round(os.getloadavg()[0], 2), "wall_s": round(wall, 1),
+         "xla_flags": env.get("XLA_FLAGS", "") if framework == "jax" else None}
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+  if proc.returncode or not lines:
+    row["error"] = (proc.stderr or proc.stdout)[-2000:]
+    return row
+  res = json.loads(lines[-1])
+  med = statistics.median(res["step_s"])
+  row.update(res, median_step_s=med, img_per_s=args.batch / med, best_img_per_s=args.batch / min(res["step_s"]))
+  return row
+
+
+def _markdown(rows: list[dict], meta: dict, convs: list[dict] | None = None) -> str:
+  lines = [
+      "# ResNet18-xray train-step benchmark (CPU)", "",
+      f"Machine: {meta['cpu']}, {meta['nproc']} cores visible, shared with other jobs "
+      f"(1-min load average per row). Batch {meta['batch']}, 1-channel input, full width (11.2 M params), "
+      "warm-up steps untimed, then the timed steps of each row's `steps`; img/s = B / median step time. "
+      "Peak RSS includes the interpreter and library baseline (base RSS).", "",
+      "| framework | variant | size | img/s (median) | img/s (best) | step s | timed steps | compile s "
+      "| peak RSS MiB | base RSS MiB | XLA buffers MiB | load before/after | issue's torch img/s |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['framework']} | {r['variant']} | {r['size']}² | failed: "
+                   f"{r['error'].strip().splitlines()[-1][:80] if r['error'].strip() else '?'} ||||||||||")
+      continue
+    f = lambda v, d=1: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines.append(
+        f"| {r['framework']} | {r['variant']} | {r['size']}² | {f(r['img_per_s'])} | {f(r['best_img_per_s'])} "
+        f"| {f(r['median_step_s'], 2)} | {r.get('steps', '—')} | {f(r.get('compile_s'))} | {f(r['peak_rss_mb'], 0)} "
+        f"| {f(r['base_rss_mb'], 0)} | {f(r.get('xla_buffers_mb'), 0)} "
+        f"| {r['load1_before']}/{r['load1_after']} | {ISSUE_TORCH_IMG_S.get(r['size'], '—')} |")
+  if convs:
+    lines += ["", f"## Where the time goes: one 3x3 conv per ResNet18-xray shape (JAX, default flags, B={meta['batch']})",
+              "", "| conv | input [B,Y,X,C] | C_out | stride | GFLOP | fwd ms (GFLOP/s) | input grad ms (GFLOP/s) "
+              "| weight grad ms (GFLOP/s) |", "|---|---|---|---|---|---|---|---|"]
+    for c in convs:
+      lines.append(f"| {c['conv']} | {c['input']} | {c['c_out']} | {c['stride']} | {c['gflop']:.1f} "
+                   + " ".join(f"| {c[k + '_ms']:.0f} ({c[k + '_gflops']:.0f})" for k in ("fwd", "dx", "dw")) + " |")
+  lines += ["", FINDINGS]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="64,128", help="comma-separated square input sizes")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--variants", default="default", help=f"comma-separated XLA variants: {','.join(VARIANTS)}")
+  parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+  parser.add_argument("--torch_threads", type=int, default=2)
+  parser.add_argument("--width", type=float, default=1.0, help="JAX model width multiplier (1 = the paper's)")
+  parser.add_argument("--keep_env_flags", action="store_true", help="keep XLA_FLAGS from the environment")
+  parser.add_argument("--out", default="experiments/bench/results")
+  parser.add_argument("--micro_size", type=int, default=0,
+                      help="also time each conv shape (fwd / input grad / weight grad) for this input size; 0 = off")
+  parser.add_argument("--append", action="store_true", help="add rows to an existing <out>/resnet_step_bench.json")
+  parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  sizes = [int(s) for s in args.sizes.split(",")]
+
+  if args._worker:  # child process: one configuration, one JSON line on stdout
+    if args._worker == "conv":
+      res = worker_conv(sizes[0], args.batch)
+    elif args._worker == "jax":
+      res = worker_jax(sizes[0], args.batch, args.warmup, args.steps, args.width, args.variants)
+    else:
+      res = worker_torch(sizes[0], args.batch, args.warmup, args.steps, args.torch_threads)
+    print(json.dumps(res), flush=True)
+    return 0
+
+  variants = [v for v in args.variants.split(",") if v]
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+  try:
+    import torch  # noqa: F401
+    have_torch = not args.no_torch
+  except ImportError:
+    have_torch = False
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  meta = {"cpu": cpu, "nproc": os.cpu_count(), "batch": args.batch, "warmup": args.warmup,
+          "steps": args.steps, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+  rows = []
+  json_path = os.path.join(args.out, "resnet_step_bench.json")
+  if args.append and os.path.exists(json_path):
+    with open(json_path) as f:
+      rows = json.load(f)["rows"]
+  for size in sizes:
+    jobs = [("jax", v) for v in variants] + ([("torch", "")] if have_torch else [])
+    for framework, variant in jobs:
+      print(f"[bench] {framework} {variant or 'channels_last'} {size}x{size} B={args.batch} "
+            f"(load {os.getloadavg()[0]:.2f}) ...", flush=True)
+      row = _run_worker(framework, variant, size, args)
+      rows.append(row)
+      msg = row.get("error", "").strip().splitlines()[-1:] if "error" in row else \
+          [f"{row['img_per_s']:.1f} img/s, peak RSS {row['peak_rss_mb']:.0f} MiB"]
+      print(f"[bench]   -> {msg[0] if msg else 'failed'} ({row['wall_s']}s)", flush=True)
+  convs = None
+  if args.micro_size:
+    print(f"[bench] per-conv timings at {args.micro_size}^2 (load {os.getloadavg()[0]:.2f}) ...", flush=True)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.resnet_step_bench", "--_worker", "conv",
+                           "--sizes", str(args.micro_size), "--batch", str(args.batch)],
+                          env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    convs = json.loads(lines[-1])["convs"] if lines else None
+  elif args.append and os.path.exists(json_path):
+    with open(json_path) as f:
+      convs = json.load(f).get("convs")
+  os.makedirs(args.out, exist_ok=True)
+  with open(json_path, "w") as f:
+    json.dump({"meta": meta, "issue_torch_img_per_s": ISSUE_TORCH_IMG_S, "rows": rows, "convs": convs}, f, indent=1)
+  md = _markdown(rows, meta, convs)
+  with open(os.path.join(args.out, "resnet_step_bench.md"), "w") as f:
+    f.write(md)
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

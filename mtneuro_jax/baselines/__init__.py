@@ -1,0 +1,1 @@
+"""Non-network baselines (Task 1 PCA / NMF + linear classifier)."""
