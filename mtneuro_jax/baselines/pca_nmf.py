@@ -255,20 +255,13 @@ def fit_and_evaluate(config, workdir: str | None, *, data=None) -> dict[str, Any
 
 def main(argv=None) -> None:
   """CLI: ``python -m mtneuro_jax.baselines.pca_nmf --config FILE[:ARG] --workdir DIR``."""
-  from absl import app, flags
-  from ml_collections import config_flags
+  from mtneuro_jax.train.loop import run_config_cli
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "get_config() file[:arg].", lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", None, "Output directory.")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-  def _main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    res = fit_and_evaluate(config_flag.value, workdir_flag.value)
+  def _run(config, workdir):
+    res = fit_and_evaluate(config, workdir)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1, sort_keys=True))
 
-  app.run(_main, argv)
+  run_config_cli(_run, argv)
 
 
 if __name__ == "__main__":

@@ -279,25 +279,38 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
   return results
 
 
-def main(argv=None) -> None:
-  """CLI: ``python -m mtneuro_jax.train.loop --config FILE[:ARG] --workdir DIR [--config.key=value]``."""
+def run_config_cli(run_fn, argv=None, *, workdir_help: str = "Output directory.") -> None:
+  """absl CLI shared by every config-driven entry point.
+
+  ``--config FILE[:ARG]`` (a locked ``get_config(arg)`` file; ``--config.key=value``
+  overrides, a typo fails) and ``--workdir DIR``; calls ``run_fn(config, workdir)``.
+  """
   from absl import app, flags
   from ml_collections import config_flags
 
   config_flag = config_flags.DEFINE_config_file("config", None, "get_config() file[:arg].", lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", None, "Output directory (resumes if it holds checkpoints).")
+  workdir_flag = flags.DEFINE_string("workdir", None, workdir_help)
   flags.mark_flags_as_required(["config", "workdir"])
 
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run_fn(config_flag.value, workdir_flag.value)
+
+  app.run(_main, argv)
+
+
+def main(argv=None) -> None:
+  """CLI: ``python -m mtneuro_jax.train.loop --config FILE[:ARG] --workdir DIR [--config.key=value]``."""
+
+  def _run(config, workdir):
     logging.set_verbosity(logging.INFO)
     # Orbax logs every save step at INFO; keep its warnings, drop the chatter.
     logging.get_absl_logger().addFilter(
         lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
-    train_and_evaluate(config_flag.value, workdir_flag.value)
+    train_and_evaluate(config, workdir)
 
-  app.run(_main, argv)
+  run_config_cli(_run, argv, workdir_help="Output directory (resumes if it holds checkpoints).")
 
 
 if __name__ == "__main__":
