@@ -188,13 +188,16 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, t
 
 def test_cli_with_config_overrides(tmp_path, tiny_data_dir, loop_cache):
   """``python -m mtneuro_jax.train.loop --config FILE:tiny --config.x=y --workdir W``."""
+  # A RELATIVE workdir with a checkpoint save: Orbax itself refuses relative paths.
   workdir = str(tmp_path / "cli")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "mtneuro_jax.train.loop", "--config", "configs/task1_supervised.py:tiny",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  cmd = [sys.executable, "-m", "mtneuro_jax.train.loop", "--config",
+         os.path.join(ROOT, "configs", "task1_supervised.py") + ":tiny",
          f"--config.data.data_dir={tiny_data_dir}", "--config.total_steps=3", "--config.optim.learning_rate=0.01",
          "--config.evals.val_whole.every_steps=2", f"--config.compilation_cache_dir={loop_cache}",
-         f"--workdir={workdir}"]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         "--config.checkpoint_every_steps=2", "--workdir=cli"]
+  proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
   cfg = json.load(open(os.path.join(workdir, "config.json")))
   assert cfg["total_steps"] == 3 and cfg["optim"]["learning_rate"] == 0.01
@@ -205,6 +208,7 @@ def test_cli_with_config_overrides(tmp_path, tiny_data_dir, loop_cache):
   assert [x["step"] for x in lines if "val_whole/accuracy" in x] == [2, 3]
   assert [x["step"] for x in lines if "test_whole/accuracy" in x] == [3]
   # A typo in an override fails loudly (the config is locked).
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
   bad = subprocess.run(cmd[:-1] + ["--config.optim.learnin_rate=1", f"--workdir={workdir}2"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "learnin_rate" in bad.stderr

@@ -10,6 +10,7 @@ leaves the previous checkpoint as the latest complete one.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
@@ -43,7 +44,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int | None = 2, async_save: bool = True):
-    self.directory = directory
+    # Orbax's tensorstore writer refuses relative paths (workdirs often are).
+    self.directory = directory = os.path.abspath(directory)
     # cleanup_tmp_directories: drop half-written saves of a killed run before resuming.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
