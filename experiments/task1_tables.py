@@ -25,11 +25,12 @@ Presets:
 * ``paper`` (for accelerators): the paper's protocol -- 2x for Table 1 and 4x/2x/full
   for Table A3, full-width ResNet-18, batch 256, SGD lr 0.03, 100 epochs, the full p
   grid {0.01, 0.1, 0.3, 0.5, 0.7}, five seeds, PCA/NMF with 256 components.
-* ``quick`` (CPU, ~8 min for everything on 2 cores after export): what it reduces --
+* ``quick`` (CPU; 20 runs; measured 8.2 min on 2 cores shared with other jobs, load ~4,
+  warm JAX compile cache; expect less on an idle machine). What it reduces --
   4x downsampling for Table 1 and Table A3's 4x column only (2x/full not run),
   width 1/8 ResNet-18, QUICK_STEPS (96) steps at batch 32 (about 3 epochs of ROI-C1,
   1.2 of ROI-C3), eval batch 128, two seeds (1, 100), mixup p = 0.5 only, NMF at
-  most 200 iterations. Fine for checking the machinery, not for numbers.
+  most 50 iterations (NMF dominated the quick run at 200). Fine for checking the machinery, not for numbers.
 * ``tiny`` (tests, seconds): configs at ``:tiny`` (2 steps, width 1/16), one seed,
   p grid {0.1, 0.5}, 8 PCA/NMF components.
 
@@ -84,7 +85,7 @@ PRESETS = {
                     overrides=(("model.width_multiplier", 0.125), ("total_steps", QUICK_STEPS),
                                ("data.batch_size", 32), ("data.eval_batch_size", 128),
                                ("log_every_steps", 8), ("checkpoint_every_steps", 0)),
-                    baseline_overrides=(("baseline.nmf_max_iter", 200), ("data.eval_batch_size", 128)),
+                    baseline_overrides=(("baseline.nmf_max_iter", 50), ("data.eval_batch_size", 128)),
                     description=f"CPU smoke run: 4x, width 1/8, {QUICK_STEPS} steps x 32, 2 seeds, p = 0.5 only"),
     "tiny": Preset("tiny", (1,), (0.1, 0.5), 4, (4,),
                    baseline_overrides=(("baseline.n_components", 8), ("baseline.nmf_max_iter", 50)),
