@@ -308,16 +308,19 @@ def table1_markdown(t1: dict) -> str:
            "Mixup: p chosen per setting on the validation accuracy (mean over seeds), never on test.", "",
            "| method | data | " + " | ".join(f"{s} ours | {s} paper" for s in SETTINGS) + " | notes |",
            "|---|---|" + "---|---|" * len(SETTINGS) + "---|"]
-  for row in t1["rows"]:
-    cells = []
-    notes = []
-    for s in SETTINGS:
-      c = row["cells"][s]
-      cells += [fmt(c["ours"]), paper.format_paper((c["paper"]["mean"], c["paper"]["sd"]))]
-      if "p_selected" in c["ours"]:
-        notes.append(f"{s}: p={c['ours']['p_selected']:g}")
-    lines.append(f"| {row['label']} | {row['data_source']} | " + " | ".join(cells) + f" | {'; '.join(notes)} |")
+  lines += [_row_markdown(row, [(s, s) for s in SETTINGS]) for row in t1["rows"]]
   return "\n".join(lines) + "\n"
+
+
+def _row_markdown(row: dict, columns: list[tuple[str, str]]) -> str:
+  """One table row: ours and the paper's value per (cell key, column name), then mixup's p notes."""
+  cells, notes = [], []
+  for key, name in columns:
+    c = row["cells"][key]
+    cells += [fmt(c["ours"]), paper.format_paper((c["paper"]["mean"], c["paper"]["sd"]))]
+    if "p_selected" in c["ours"]:
+      notes.append(f"{name}: p={c['ours']['p_selected']:g}")
+  return f"| {row['label']} | {row['data_source']} | " + " | ".join(cells) + f" | {'; '.join(notes)} |"
 
 
 def a3_markdown(a3: dict) -> str:
@@ -328,14 +331,7 @@ def a3_markdown(a3: dict) -> str:
            "| method | data | " + " | ".join(f"{_ds_name(d)} ours | {_ds_name(d)} paper" for d in paper.DOWNSAMPLINGS)
            + " | notes |",
            "|---|---|" + "---|---|" * len(paper.DOWNSAMPLINGS) + "---|"]
-  for row in a3["rows"]:
-    cells, notes = [], []
-    for d in paper.DOWNSAMPLINGS:
-      c = row["cells"][str(d)]
-      cells += [fmt(c["ours"]), paper.format_paper((c["paper"]["mean"], c["paper"]["sd"]))]
-      if "p_selected" in c["ours"]:
-        notes.append(f"{_ds_name(d)}: p={c['ours']['p_selected']:g}")
-    lines.append(f"| {row['label']} | {row['data_source']} | " + " | ".join(cells) + f" | {'; '.join(notes)} |")
+  lines += [_row_markdown(row, [(str(d), _ds_name(d)) for d in paper.DOWNSAMPLINGS]) for row in a3["rows"]]
   return "\n".join(lines) + "\n"
 
 
