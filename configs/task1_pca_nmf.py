@@ -9,8 +9,9 @@ Run:
 preset of ``configs/task1_supervised.py`` (``paper`` default, ``quick``, ``tiny``),
 whose data settings (downsampling, normalisation, batch sizes) and evals are
 reused so the baselines see exactly the networks' inputs and are scored alike.
-Paper (Table 1, 2x downsampling, ROI-C1): PCA 0.59, NMF 0.62. Fitting takes
-seconds (PCA) to a few minutes (NMF at 2x, ~1100 x 16384) on 2 CPU cores.
+Paper (Table 1, 2x downsampling, ROI-C1): PCA 0.59, NMF 0.62. One run (fit + val, ROI-C1
+and ROI-C2 tests) at 4x on 2 shared CPU cores: PCA ~6 s, NMF ~25 s; 2x and full
+resolution have 4x and 16x the pixels.
 Only 'whole'-tile evals apply (the embedding is fitted at the tile's size).
 """
 from __future__ import annotations

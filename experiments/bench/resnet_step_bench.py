@@ -54,24 +54,29 @@ ISSUE_TORCH_IMG_S = {64: 24.9, 128: 5.3}
 FINDINGS = """## Findings (what was tried for the JAX gap)
 
 * The gap is XLA:CPU's **weight-gradient convolution** (backward filter). In the per-conv
-  table, forward and input-gradient convs run at roughly PyTorch-like GFLOP/s, while the
-  weight gradient of the same conv runs 3-10x slower, worst for large feature maps
-  (layer1 at 128^2) -- which is why 128^2 is hit much harder than 64^2.
+  table the forward and input-gradient convs of the big layers reach 60-170 GFLOP/s
+  (depending on load), while the weight gradient of the same conv reaches 13-37 GFLOP/s;
+  worst is layer1 at 128^2 (on a quiet machine: forward 226 ms, input gradient 256 ms,
+  weight gradient 2766 ms). Its time hardly changes when the machine is loaded, as if it
+  ran on one thread. Large feature maps suffer most, so 128^2 is hit much harder than 64^2.
 * XLA flags: `--xla_cpu_use_onednn=true`, `--xla_cpu_use_xnnpack=true` and
-  `--xla_cpu_experimental_{onednn,xnn}_fusion_type=...` do not change the weight-gradient
-  conv (measured on the 128^2 layer1 conv: 2.5-2.8 s either way); see the variant rows.
-* Layout: running the conv as NCHW, CHWN or HWCN instead of NHWC: no better (12.7-15.8
-  GFLOP/s for the weight gradient at 128^2).
-* Precision: float32 on CPU has no TF32/bf16 fast path to select; bf16 was not pursued
-  (this CPU has no native bf16 matmul and the paper trains in float32).
-* Rewriting the weight gradient as GEMMs (`gemm_dw` variant: custom VJP, shifted copies
-  of the input, batched matmul over row groups): 2.6x faster for the 128^2 layer1 conv in
-  isolation (0.99 s vs 2.6 s), but the whole train step got *slower* (64^2: 2.3 vs 7.1
-  img/s) with 3x the peak memory: the shifted copies and the lost fusions cost more than
-  they save. Not proposed for the model.
-* Conclusion: no cheap win found on this CPU; nothing to change in the model file. CPU runs
-  stay smoke tests (quick presets use width 1/8 and 4x downsampling); the paper preset is
-  for accelerators, where XLA's convolutions are cuDNN's.
+  `--xla_cpu_experimental_{onednn,xnn}_fusion_type=dot,conv` leave the weight-gradient conv
+  as it is (128^2 layer1: 2.5-2.8 s in every case) and the whole step within noise (variant rows).
+* Layout: the same conv in NCHW, CHWN or HWCN instead of NHWC is no faster (weight
+  gradient 12.7-15.8 GFLOP/s at 128^2).
+* Precision: on CPU, float32 has no TF32 or bf16 fast path to select. bf16 was not tried:
+  this CPU has no native bf16 matmul, and the paper trains in float32.
+* Weight gradient as GEMMs (`gemm_dw` variant: a custom VJP with shifted copies of the
+  input and a batched matmul over row groups): 2.6x faster for the 128^2 layer1 conv in
+  isolation (0.99 s vs 2.6 s). The whole train step got *slower*, though (64^2: 2.3 vs 7.1
+  img/s on a quiet machine), with about 3x the peak memory: the shifted copies and the lost
+  fusions cost more than the change saves. Not proposed for the model.
+* Conclusion: no cheap win found on this CPU, so the model file stays as it is. CPU runs
+  remain smoke tests (the quick presets use width 1/8 and 4x downsampling). The paper preset
+  is for accelerators, where XLA's convolutions are cuDNN's.
+* The machine is shared: compare rows only at similar load. The quietest measurement
+  (load below 1, 2026-11-21 23:36) gave 64^2: JAX 7.1 img/s vs PyTorch 16.7 img/s, and
+  128^2: JAX 0.6 vs PyTorch 3.1 (load 1.5-3.3).
 """  # PyTorch numbers quoted in the issue (B=32, 2 threads)
 
 
@@ -331,7 +336,7 @@ def _run_worker(framework: str, variant: str, size: int, args) -> dict:
   wall = time.time() - t0
   row = {"framework": framework, "variant": variant if framework == "jax" else "channels_last",
          "size": size, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
-         "load1_before": round(load0, 2),
+         "load1_before": round(load0, 2), "date": time.strftime("%Y-%m-%d %H:%M"),
          "load1_after": round(os.getloadavg()[0], 2), "wall_s": round(wall, 1),
          "xla_flags": env.get("XLA_FLAGS", "") if framework == "jax" else None}
   lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -352,20 +357,20 @@ def _markdown(rows: list[dict], meta: dict, convs: list[dict] | None = None) -> 
       "warm-up steps untimed, then the timed steps of each row's `steps`; img/s = B / median step time. "
       "Peak RSS includes the interpreter and library baseline (base RSS).", "",
       "| framework | variant | size | img/s (median) | img/s (best) | step s | timed steps | compile s "
-      "| peak RSS MiB | base RSS MiB | XLA buffers MiB | load before/after | issue's torch img/s |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| peak RSS MiB | base RSS MiB | XLA buffers MiB | load before/after | when | issue's torch img/s |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     if "error" in r:
       lines.append(f"| {r['framework']} | {r['variant']} | {r['size']}² | failed: "
-                   f"{r['error'].strip().splitlines()[-1][:80] if r['error'].strip() else '?'} ||||||||||")
+                   f"{r['error'].strip().splitlines()[-1][:80] if r['error'].strip() else '?'} |||||||||||")
       continue
     f = lambda v, d=1: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines.append(
         f"| {r['framework']} | {r['variant']} | {r['size']}² | {f(r['img_per_s'])} | {f(r['best_img_per_s'])} "
         f"| {f(r['median_step_s'], 2)} | {r.get('steps', '—')} | {f(r.get('compile_s'))} | {f(r['peak_rss_mb'], 0)} "
         f"| {f(r['base_rss_mb'], 0)} | {f(r.get('xla_buffers_mb'), 0)} "
-        f"| {r['load1_before']}/{r['load1_after']} | {ISSUE_TORCH_IMG_S.get(r['size'], '—')} |")
+        f"| {r['load1_before']}/{r['load1_after']} | {r.get('date', '—')} | {ISSUE_TORCH_IMG_S.get(r['size'], '—')} |")
   if convs:
     lines += ["", f"## Where the time goes: one 3x3 conv per ResNet18-xray shape (JAX, default flags, B={meta['batch']})",
               "", "| conv | input [B,Y,X,C] | C_out | stride | GFLOP | fwd ms (GFLOP/s) | input grad ms (GFLOP/s) "
@@ -393,6 +398,7 @@ def main(argv=None) -> int:
   parser.add_argument("--micro_size", type=int, default=0,
                       help="also time each conv shape (fwd / input grad / weight grad) for this input size; 0 = off")
   parser.add_argument("--append", action="store_true", help="add rows to an existing <out>/resnet_step_bench.json")
+  parser.add_argument("--render_only", action="store_true", help="rewrite the .md from the existing .json")
   parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",")]
@@ -405,6 +411,13 @@ def main(argv=None) -> int:
     else:
       res = worker_torch(sizes[0], args.batch, args.warmup, args.steps, args.torch_threads)
     print(json.dumps(res), flush=True)
+    return 0
+
+  if args.render_only:
+    with open(os.path.join(args.out, "resnet_step_bench.json")) as f:
+      saved = json.load(f)
+    with open(os.path.join(args.out, "resnet_step_bench.md"), "w") as f:
+      f.write(_markdown(saved["rows"], saved["meta"], saved.get("convs")))
     return 0
 
   variants = [v for v in args.variants.split(",") if v]
