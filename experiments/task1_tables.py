@@ -25,8 +25,8 @@ Presets:
 * ``paper`` (for accelerators): the paper's protocol -- 2x for Table 1 and 4x/2x/full
   for Table A3, full-width ResNet-18, batch 256, SGD lr 0.03, 100 epochs, the full p
   grid {0.01, 0.1, 0.3, 0.5, 0.7}, five seeds, PCA/NMF with 256 components.
-* ``quick`` (CPU; 20 runs; measured 8.2 min on 2 cores shared with other jobs, load ~4,
-  warm JAX compile cache; expect less on an idle machine). What it reduces --
+* ``quick`` (CPU; 16 runs; measured 5.7 min on 2 cores in the main job of a fresh clone,
+  load ~2, JAX compile cache warm; add ~1 min for a cold cache). What it reduces --
   4x downsampling for Table 1 and Table A3's 4x column only (2x/full not run),
   width 1/8 ResNet-18, QUICK_STEPS (96) steps at batch 32 (about 3 epochs of ROI-C1,
   1.2 of ROI-C3), eval batch 128, two seeds (1, 100), mixup p = 0.5 only, NMF at
