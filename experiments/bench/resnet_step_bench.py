@@ -54,16 +54,18 @@ ISSUE_TORCH_IMG_S = {64: 24.9, 128: 5.3}
 FINDINGS = """## Findings (what was tried for the JAX gap)
 
 * The gap is XLA:CPU's **weight-gradient convolution** (backward filter). In the per-conv
-  table the forward and input-gradient convs of the big layers reach 60-170 GFLOP/s
-  (depending on load), while the weight gradient of the same conv reaches 13-37 GFLOP/s;
-  worst is layer1 at 128^2 (on a quiet machine: forward 226 ms, input gradient 256 ms,
-  weight gradient 2766 ms). Its time hardly changes when the machine is loaded, as if it
-  ran on one thread. Large feature maps suffer most, so 128^2 is hit much harder than 64^2.
+  table (quiet machine) the forward and input-gradient convs of the big layers reach
+  90-190 GFLOP/s, while the weight gradient of the same conv reaches 13-77 GFLOP/s. Worst
+  is layer1 at 128^2: forward 0.27 s, input gradient 0.31 s, weight gradient 2.9 s, so its
+  four weight gradients alone take ~12 s of the ~29 s step. Under load the weight-gradient
+  time barely moves, as if it ran on one thread. Large feature maps suffer most, so
+  128^2 is hit harder than 64^2.
 * XLA flags: `--xla_cpu_use_onednn=true`, `--xla_cpu_use_xnnpack=true` and
   `--xla_cpu_experimental_{onednn,xnn}_fusion_type=dot,conv` leave the weight-gradient conv
-  as it is (128^2 layer1: 2.5-2.8 s in every case) and the whole step within noise (variant rows).
-* Layout: the same conv in NCHW, CHWN or HWCN instead of NHWC is no faster (weight
-  gradient 12.7-15.8 GFLOP/s at 128^2).
+  as it is (128^2 layer1 conv timed alone: 2.5-2.8 s in every case) and the whole step
+  within noise (variant rows).
+* Layout: the same conv timed alone in NCHW, CHWN or HWCN instead of NHWC is no faster
+  (weight gradient 12.7-15.8 GFLOP/s at 128^2).
 * Precision: on CPU, float32 has no TF32 or bf16 fast path to select. bf16 was not tried:
   this CPU has no native bf16 matmul, and the paper trains in float32.
 * Weight gradient as GEMMs (`gemm_dw` variant: a custom VJP with shifted copies of the
@@ -74,9 +76,11 @@ FINDINGS = """## Findings (what was tried for the JAX gap)
 * Conclusion: no cheap win found on this CPU, so the model file stays as it is. CPU runs
   remain smoke tests (the quick presets use width 1/8 and 4x downsampling). The paper preset
   is for accelerators, where XLA's convolutions are cuDNN's.
-* The machine is shared: compare rows only at similar load. The quietest measurement
-  (load below 1, 2026-11-21 23:36) gave 64^2: JAX 7.1 img/s vs PyTorch 16.7 img/s, and
-  128^2: JAX 0.6 vs PyTorch 3.1 (load 1.5-3.3).
+* The machine is shared: compare rows only at similar load (the 1-min load includes the
+  bench's own 2 threads, so ~1-2 is a quiet machine). Quietest pairs: 64^2 JAX 7.1 vs
+  PyTorch 16.7 img/s (23:36) and 5.5 vs 14.2 (00:36); 128^2 JAX 1.1 vs PyTorch 3.0 (00:40).
+  So JAX reaches ~0.35-0.45x PyTorch's throughput on this CPU. Neither matches the issue's
+  PyTorch numbers (24.9 / 5.3 img/s), which must come from a faster or idle machine.
 """  # PyTorch numbers quoted in the issue (B=32, 2 threads)
 
 
