@@ -37,10 +37,9 @@ def server(phantom):
 
 @pytest.fixture
 def clean(server):
-  server.set_faults(None)
-  server.state.reset_counters()
+  server.reset()
   yield server
-  server.set_faults(None)
+  server.reset()
 
 
 def test_intern_array_reads_metadata_and_cutouts(clean, phantom):

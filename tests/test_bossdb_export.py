@@ -70,12 +70,9 @@ def server(phantom):
 
 @pytest.fixture
 def clean(server):
-  server.set_faults(None)
-  server.state.latency_s = 0.0
-  server.state.reset_counters()
+  server.reset()
   yield server
-  server.set_faults(None)
-  server.state.latency_s = 0.0
+  server.reset()
 
 
 def test_export_through_boss_server_is_byte_identical(clean, direct, tmp_path):
@@ -121,8 +118,7 @@ def test_resume_after_injected_fatal_failure_refetches_nothing_cached(clean, dir
   assert not os.path.exists(tmp_path / "out" / task)  # nothing half-written is published
   cached = _cached_boxes(cache)
   assert len(cached) == 10 and cached == set(clean.state.served)
-  clean.set_faults(None)
-  clean.state.reset_counters()
+  clean.reset()
   m = export.export_task(make_source(clean.source_spec()), task, str(tmp_path / "out"), cache_dir=cache,
                          limit_per_split=LIMIT, progress=False)
   assert _shards(m) == _shards(direct[task])
@@ -150,8 +146,7 @@ def test_resume_after_killed_export_process(clean, direct, tmp_path):
   cached = _cached_boxes(cache)
   # The box in flight at the kill may be served but not cached: it is fetched again.
   assert 6 <= len(cached) < 24 and cached <= served_before
-  clean.state.latency_s = 0.0
-  clean.state.reset_counters()
+  clean.reset()
   m = export.export_task(make_source(clean.source_spec()), task, out, cache_dir=cache, limit_per_split=LIMIT,
                          progress=False)
   assert _shards(m) == _shards(direct[task])

@@ -649,6 +649,12 @@ class BossServer:
   def set_faults(self, faults: FaultPlan | None) -> None:
     self.state.set_faults(faults)
 
+  def reset(self) -> None:
+    """Back to a plain server: no faults, no added latency, counters zeroed."""
+    self.state.set_faults(None)
+    self.state.latency_s = 0.0
+    self.state.reset_counters()
+
   def source_spec(self, **options) -> str:
     """A ``make_source`` spec string for this server (extra options appended)."""
     opts = ",".join(f"{k}={v}" for k, v in options.items())
