@@ -20,15 +20,7 @@ import tensorflow_datasets as tfds
 
 from mtneuro_jax.volumes import spec
 
-VERSION = "1.0.0"
-# "all" is a reserved split name in TFDS (it means "every split"), so Task 3's
-# single split is stored as "full". Readers accept either name.
-TFDS_SPLIT_NAMES = {"all": "full"}
-
-
-def tfds_split(split: str) -> str:
-  """The TFDS split name that stores spec split ``split``."""
-  return TFDS_SPLIT_NAMES.get(split, split)
+from mtneuro_jax.data.manifest import TFDS_SPLIT_NAMES, VERSION, tfds_split  # noqa: F401 - re-exported
 
 
 def _scalar() -> tfds.features.Scalar:

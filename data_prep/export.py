@@ -37,8 +37,8 @@ import numpy as np
 
 from data_prep import builder as builder_lib
 from data_prep import cache as cache_lib
-from data_prep import manifest as manifest_lib
-from data_prep.manifest import DatasetError, verify_dataset  # noqa: F401 - re-exported
+from mtneuro_jax.data import manifest as manifest_lib
+from mtneuro_jax.data.manifest import DatasetError, verify_dataset  # noqa: F401 - re-exported
 from mtneuro_jax.volumes import spec
 from mtneuro_jax.volumes.sources import Source, SourceError, make_source
 

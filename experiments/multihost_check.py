@@ -50,7 +50,8 @@ def worker(ckpt_dir: str) -> dict:
 
   from mtneuro_jax.models import resnet
   from mtneuro_jax.objectives import OBJECTIVES
-  from mtneuro_jax.train import checkpoint, optim, sharding
+  from mtneuro_jax import sharding
+  from mtneuro_jax.train import checkpoint, optim
   from mtneuro_jax.train import step as step_lib
   from mtneuro_jax.train.state import create_train_state
 

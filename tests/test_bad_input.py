@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from data_prep import export as export_lib
-from data_prep import manifest as manifest_lib
-from data_prep.manifest import DatasetError
+from mtneuro_jax.data import manifest as manifest_lib
+from mtneuro_jax.data.manifest import DatasetError
 from mtneuro_jax.data import pipeline
-from mtneuro_jax.train import sharding
+from mtneuro_jax import sharding
 from mtneuro_jax.volumes import spec
 from mtneuro_jax.volumes.sources import PhantomSource, SourceError, make_source
 

@@ -131,7 +131,7 @@ def test_corners_on_sharded_pipeline_batches(tiny_data_dir, tmp_path):
 
   from mtneuro_jax.data import pipeline
   from mtneuro_jax.models import MODELS
-  from mtneuro_jax.train import sharding
+  from mtneuro_jax import sharding
 
   cfg = {"data_dir": tiny_data_dir, "task": "task1_roi_c1", "downsample": 4, "image_mean": 0.4894,
          "image_std": 0.1238, "random_crop": 0, "batch_size": 8, "eval_batch_size": 24}

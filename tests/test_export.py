@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import cache as cache_lib
 from data_prep import export as export_lib
-from data_prep import manifest as manifest_lib
+from mtneuro_jax.data import manifest as manifest_lib
 from mtneuro_jax.volumes import spec
 from mtneuro_jax.volumes.sources import ArrayVolumeProvider, BossDBSource, PhantomSource, Source, SourceError
 

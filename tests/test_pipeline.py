@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from data_prep.manifest import DatasetError
+from mtneuro_jax.data.manifest import DatasetError
 from mtneuro_jax.data import pipeline, transforms
-from mtneuro_jax.train import sharding
+from mtneuro_jax import sharding
 from mtneuro_jax.volumes import spec
 
 

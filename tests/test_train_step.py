@@ -9,7 +9,8 @@ import pytest
 
 from mtneuro_jax.models import resnet
 from mtneuro_jax.objectives import OBJECTIVES
-from mtneuro_jax.train import optim, sharding
+from mtneuro_jax import sharding
+from mtneuro_jax.train import optim
 from mtneuro_jax.train import step as step_lib
 from mtneuro_jax.train.state import TrainState, create_train_state
 

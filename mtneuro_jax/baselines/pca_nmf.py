@@ -49,7 +49,7 @@ def _default_data_module():
 
 
 def _mesh():
-  from mtneuro_jax.train import sharding
+  from mtneuro_jax import sharding
   return sharding.make_mesh(1)  # sklearn runs on the host; one device is enough to feed it
 
 

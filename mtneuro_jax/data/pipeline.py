@@ -29,11 +29,10 @@ import grain
 import jax
 import numpy as np
 
-from data_prep import manifest as manifest_lib
-from data_prep.builder import tfds_split
-from data_prep.manifest import DatasetError
+from mtneuro_jax.data import manifest as manifest_lib
+from mtneuro_jax.data.manifest import DatasetError, tfds_split
 from mtneuro_jax.data.transforms import TARGET_KEYS, RecordTransform, num_target_classes
-from mtneuro_jax.train import sharding
+from mtneuro_jax import sharding
 from mtneuro_jax.volumes import spec
 
 _MISSING = object()

@@ -42,7 +42,7 @@ from absl import logging
 from mtneuro_jax.train import checkpoint as ckpt_lib
 from mtneuro_jax.train import metrics as metrics_lib
 from mtneuro_jax.train import optim as optim_lib
-from mtneuro_jax.train import sharding
+from mtneuro_jax import sharding
 from mtneuro_jax.train import step as step_lib
 from mtneuro_jax.train.state import create_train_state, param_count
 

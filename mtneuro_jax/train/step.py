@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from mtneuro_jax.train import sharding
+from mtneuro_jax import sharding
 from mtneuro_jax.train.state import TrainState
 
 

@@ -57,7 +57,7 @@ from intern.convenience.array import VolumeProvider, _BossDBVolumeProvider
 from intern.remote.boss import BossRemote
 
 from mtneuro_jax.volumes import spec
-from mtneuro_jax.volumes.sources import SourceError
+from mtneuro_jax.volumes.errors import SourceError
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import os
+import threading
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -24,11 +25,8 @@ from intern.convenience.array import VolumeProvider
 from intern.convenience.array import array as intern_array
 from intern.resource.boss.resource import ChannelResource
 
-from mtneuro_jax.volumes import spec
-
-
-class SourceError(ValueError):
-  """A source cannot serve a request; the message names the problem and the fix."""
+from mtneuro_jax.volumes import bossdb, spec
+from mtneuro_jax.volumes.errors import SourceError
 
 
 def _channel_resource(channel: spec.Channel) -> ChannelResource:
@@ -257,10 +255,6 @@ class BossDBSource(Source):
                backoff: float = 0.5, max_backoff: float = 30.0, expect_tissue: str = "image",
                max_request_mb: float = 500.0, seed: int | None = None,
                intern_cfg: str = "~/.intern/intern.cfg"):
-    import threading
-
-    from mtneuro_jax.volumes import bossdb  # lazy: bossdb imports this module
-
     config, self.config_origins = bossdb.resolve_boss_config(
         None if host is None else str(host), protocol, None if token is None else str(token),
         token_file=token_file, intern_cfg=intern_cfg)
@@ -295,14 +289,12 @@ class BossDBSource(Source):
     return state
 
   def __setstate__(self, state):
-    import threading
     self.__dict__.update(state)
     self._lock = threading.Lock()
 
   def volume_provider(self):
     with self._lock:
       if self._provider is None:
-        from mtneuro_jax.volumes import bossdb
         self._provider = bossdb.make_boss_provider(
             self._config, chunk_zyx=self.chunk_zyx, concurrency=self.concurrency, retry=self.retry,
             timeout_s=self.timeouts[1], connect_timeout_s=self.timeouts[0],
@@ -359,7 +351,6 @@ class BossDBSource(Source):
   def fetch_stats(self) -> dict[str, Any]:
     """Requests, bytes, retries and faults by kind so far (JSON-able)."""
     if self._provider is None:
-      from mtneuro_jax.volumes import bossdb
       return bossdb.FetchStats().snapshot()
     return self._provider.stats.snapshot()
 

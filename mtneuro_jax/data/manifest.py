@@ -18,11 +18,19 @@ import tempfile
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mtneuro-jax-export/1"
 VERSION = "1.0.0"
+# "all" is a reserved split name in TFDS (it means "every split"), so Task 3's
+# single split is stored as "full". Readers accept either name.
+TFDS_SPLIT_NAMES = {"all": "full"}
 _SHARD_RE = re.compile(r"\.array_record-\d{5}-of-\d{5}$")
 
 
 class DatasetError(ValueError):
   """A dataset on disk is missing, incomplete, corrupted or does not match its manifest."""
+
+
+def tfds_split(split: str) -> str:
+  """The TFDS split name that stores spec split ``split``."""
+  return TFDS_SPLIT_NAMES.get(split, split)
 
 
 def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
