@@ -66,7 +66,8 @@ def worker(ckpt_dir: str) -> dict:
   example = jax.ShapeDtypeStruct((1, SIZE, SIZE, 1), jnp.float32)
   state = jax.jit(lambda: create_train_state(model, objective, tx, example, seed=0, objective_config=obj_cfg),
                   out_shardings=sharding.replicated_sharding(mesh))()
-  p_step = step_lib.jit_train_step(mesh, model=model, objective=objective, optimizer=tx, config=obj_cfg)
+  p_step = step_lib.jit_train_step(mesh, model=model, objective=objective, optimizer=tx, config=obj_cfg,
+                                   total_steps=10)
   local = sharding.process_batch_size(GLOBAL_BATCH, mesh)
   losses = []
   for i in range(STEPS):

@@ -8,7 +8,6 @@ import pytest
 from sklearn import metrics as skm
 
 from mtneuro_jax.eval import classification as cls
-from mtneuro_jax.eval.registry import EVALUATORS
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -92,7 +91,7 @@ def test_evaluator_whole_and_corners(tmp_path):
       images[i, ys, xs] = corner_cls[i, k]
   whole_pred = np.clip(np.round(images.mean(axis=(1, 2, 3))), 0, 3).astype(int)
 
-  fn = EVALUATORS["classification"]
+  fn = cls.evaluate_classification
   out = fn(_predict, _fake_batches(images, labels, regions, 4), eval_cfg={"protocol": "whole", "split": "test"},
            workdir=str(tmp_path), step=7)
   assert out["n"] == n  # the padding row of the last batch is not counted
@@ -140,7 +139,7 @@ def test_corners_on_sharded_pipeline_batches(tiny_data_dir, tmp_path):
   model = MODELS["resnet18_xray"](num_classes=4, width_multiplier=1 / 16)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)), train=False)
   predict = jax.jit(lambda b: model.apply(variables, b["image"], train=False))
-  fn = EVALUATORS["classification"]
+  fn = cls.evaluate_classification
   whole = fn(predict, pipeline.eval_batches(cfg, "test", mesh=mesh, global_batch_size=24),
              eval_cfg={"protocol": "whole"}, workdir=None, step=0)
   corners = fn(predict, pipeline.eval_batches(cfg, "test", mesh=mesh, global_batch_size=24),

@@ -161,14 +161,14 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, t
 
   bad_from = 5  # the 6th update (steps done = 6) sees a NaN loss
 
-  def loss(params, model_state, aux, batch, rng, *, model, config):
-    value, (metrics, new_state) = supervised.loss(params, model_state, aux, batch, rng, model=model,
-                                                  config=config)
+  def loss(params, model_state, aux, batch, rng, *, ctx, model, config):
+    value, (metrics, new_state, aux) = supervised.loss(params, model_state, aux, batch, rng, model=model,
+                                                       config=config)
     value = jnp.where(aux["updates"] >= bad_from, jnp.nan, value)
-    return value, ({**metrics, "train/loss": value}, new_state)
+    return value, ({**metrics, "train/loss": value}, new_state, aux)
 
-  poisoned = Objective(name="poisoned", init_aux=lambda rng, v, *, model, config: {"updates": jnp.int32(0)},
-                       loss=loss, update_aux=lambda aux, p, step, *, config: {"updates": aux["updates"] + 1},
+  poisoned = Objective(name="poisoned", init=lambda rng, **kw: ({}, {"updates": jnp.int32(0)}),
+                       loss=loss, update=lambda aux, p, *, ctx, config: {"updates": aux["updates"] + 1},
                        predict=supervised.predict)
   monkeypatch.setitem(OBJECTIVES, "poisoned", poisoned)
   monkeypatch.setitem(MODELS, "small_xray", functools.partial(resnet.ResNetXray, stage_sizes=(1, 1)))

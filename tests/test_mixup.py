@@ -74,7 +74,7 @@ def test_loss_equals_closed_form_with_the_drawn_lambda():
   model, params, batch = _setup()
   cfg = ml_collections.ConfigDict({"p": 1.0, "lambda_min": 0.2, "lambda_max": 0.4})
   rng = jax.random.key(6)
-  value, (metrics, state) = mixup.MIXUP.loss(params, {}, {}, batch, rng, model=model, config=cfg)
+  value, (metrics, state, _) = mixup.MIXUP.loss(params, {}, {}, batch, rng, model=model, config=cfg)
   # Reproduce the draw (same key split as the objective), then the loss in numpy.
   k_mix, _ = jax.random.split(rng)
   xm, perm, lam = mixup.mix_batch(batch["image"], batch["valid"], k_mix, p=1.0, lambda_min=0.2, lambda_max=0.4)

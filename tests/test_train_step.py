@@ -46,7 +46,8 @@ def _setup(mesh, optim_cfg=None, dropout=0.1):
   example = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
   state = jax.jit(lambda: create_train_state(model, objective, tx, example, seed=0, objective_config=obj_cfg),
                   out_shardings=sharding.replicated_sharding(mesh))()
-  step = step_lib.jit_train_step(mesh, model=model, objective=objective, optimizer=tx, config=obj_cfg)
+  step = step_lib.jit_train_step(mesh, model=model, objective=objective, optimizer=tx, config=obj_cfg,
+                                 total_steps=100)
   return state, step
 
 
@@ -105,9 +106,9 @@ def test_padding_rows_do_not_count_in_the_loss():
   params, ms = v["params"], {"batch_stats": v["batch_stats"]}
   cfg = ml_collections.ConfigDict({"label_smoothing": 0.0})
   loss_fn = jax.jit(lambda batch: obj.loss(params, ms, {}, batch, jax.random.key(1), model=model, config=cfg))
-  l1, (m1, _) = loss_fn(b)
+  l1, (m1, _, _) = loss_fn(b)
   b2 = dict(b, label=np.where(b["valid"], b["label"], (b["label"] + 1) % 4).astype(np.int32))
-  l2, (m2, _) = loss_fn(b2)
+  l2, (m2, _, _) = loss_fn(b2)
   assert float(l1) == float(l2) and float(m1["train/accuracy"]) == float(m2["train/accuracy"])
   # And it is the mean CE over the valid rows (BN in train mode uses the whole batch's statistics).
   logits = jax.jit(lambda x: model.apply(v, x, train=True, mutable=["batch_stats"])[0]["logits"])(b["image"])

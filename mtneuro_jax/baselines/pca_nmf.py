@@ -17,7 +17,7 @@ reference code has them only for Task 3. Here:
 4. Each ``config.evals.<name>`` is scored by the *same* evaluator as the
    networks (``EVALUATORS['classification']``), with the fitted pipeline as
    ``predict_fn`` (logits = the classifier's decision function; the split is
-   embedded in one call, see ``precomputed_predictions``). So metrics,
+   embedded in one call, see ``eval_context``). So metrics,
    padding handling, confusion plots and result keys are identical. Only the
    'whole' protocol applies: the embedding is fitted at the tile's size.
 
@@ -38,7 +38,8 @@ from typing import Any, Callable
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from mtneuro_jax.eval.registry import EVALUATORS
+from mtneuro_jax.eval.common import EvalContext
+from mtneuro_jax.eval.registry import run_evals
 
 METHODS = ("pca", "nmf")
 
@@ -183,26 +184,31 @@ class LinearEmbeddingClassifier:
     return fn
 
 
-def precomputed_predictions(model: LinearEmbeddingClassifier, batches) -> tuple[list[dict], Callable]:
-  """Embeds a whole split in one call; returns (the batches as a list, a predict_fn replaying them).
+def with_precomputed_logits(model: LinearEmbeddingClassifier, batches) -> list[dict]:
+  """Embeds a whole split in one call; returns its batches (numpy) each carrying its '_logits' [B, C].
 
   NMF's ``transform`` solves for every call from scratch with a per-call cost
   of O(iterations * pixels * components^2), so per-batch calls cost ~20x more
   than one call on the split (minutes vs seconds for ROI-C2's 2800 test tiles).
-  The replaying ``predict_fn`` must see the batches in the returned order.
   """
   batches = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
   if not batches:
-    return [], lambda batch: {}
+    return []
   logits = model.logits(np.concatenate([b["image"][..., 0] for b in batches]))
-  chunks = iter(np.split(logits, np.cumsum([len(b["image"]) for b in batches])[:-1]))
+  chunks = np.split(logits, np.cumsum([len(b["image"]) for b in batches])[:-1])
+  return [{**b, "_logits": z} for b, z in zip(batches, chunks, strict=True)]
 
-  def fn(batch):
-    out = next(chunks)
-    if len(out) != len(batch["image"]):
-      raise RuntimeError("precomputed predictions replayed out of order")
-    return {"logits": out}
-  return batches, fn
+
+def eval_context(model: LinearEmbeddingClassifier, data, config) -> EvalContext:
+  """The evaluators' view of a fitted baseline: every opened split is embedded in one call and
+  ``predict_fn`` reads the batch's precomputed logits, so the networks' evaluators score it alike."""
+
+  def open_batches(split: str, task: str | None = None):
+    return iter(with_precomputed_logits(model, data.eval_batches(
+        config.data, split, mesh=_mesh(), global_batch_size=int(config.data.eval_batch_size), task=task)))
+
+  return EvalContext(predict_fn=lambda batch: {"logits": batch["_logits"]}, open_batches=open_batches,
+                     dataset_info=lambda task=None: data.dataset_info(config.data, task))
 
 
 def fit_and_evaluate(config, workdir: str | None, *, data=None) -> dict[str, Any]:
@@ -237,14 +243,7 @@ def fit_and_evaluate(config, workdir: str | None, *, data=None) -> dict[str, Any
   for name, ecfg in config.evals.items():
     if ecfg.get("protocol", "whole") != "whole":
       raise ValueError(f"evals.{name}: PCA/NMF embeddings are fitted on whole tiles; use protocol 'whole'")
-    batches = data.eval_batches(config.data, ecfg.get("split", "test"), mesh=_mesh(),
-                                global_batch_size=int(config.data.eval_batch_size), task=ecfg.get("task", None))
-    ecfg_named = {**ecfg.to_dict(), "name": ecfg.get("name", None) or name} if hasattr(ecfg, "to_dict") else \
-        {**ecfg, "name": ecfg.get("name", None) or name}
-    batches, predict_fn = precomputed_predictions(model, batches)
-    res = EVALUATORS[ecfg.get("kind", "classification")](predict_fn, batches, eval_cfg=ecfg_named,
-                                                          workdir=workdir, step=0)
-    results.update({f"{name}/{k}": v for k, v in res.items()})
+  results.update(run_evals(config.evals, eval_context(model, data, config), workdir=workdir, step=0))
   results["baseline/total_s"] = time.perf_counter() - t0
   results["step"] = 0
   if workdir:

@@ -34,32 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtneuro_jax.eval.common import EvalContext, confusion_matrix, eval_name, save_confusion_png, to_host
 from mtneuro_jax.volumes import spec
 
 PROTOCOLS = ("whole", "corners")
 
 
 # ---------------------------------------------------------------------------
-# Metrics (numpy; shared with the PCA/NMF baselines).
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-  """Counts [C, C] int64; rows = true class, columns = predicted class (sklearn's layout).
-
-  Args:
-    labels: int [N] true classes in [0, C).
-    preds: int [N] predicted classes in [0, C).
-    num_classes: C.
-  """
-  labels = np.asarray(labels, np.int64).reshape(-1)
-  preds = np.asarray(preds, np.int64).reshape(-1)
-  if labels.shape != preds.shape:
-    raise ValueError(f"labels {labels.shape} and preds {preds.shape} differ in length")
-  for name, v in (("labels", labels), ("preds", preds)):
-    if v.size and (v.min() < 0 or v.max() >= num_classes):
-      raise ValueError(f"{name} outside [0, {num_classes}): min {v.min()}, max {v.max()}")
-  return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(
-      num_classes, num_classes)
-
-
+# Metrics (numpy; shared with the PCA/NMF baselines; the confusion matrix is in common.py).
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, *, num_classes: int,
                            class_names: Sequence[str] | None = None,
                            groups: np.ndarray | None = None,
@@ -110,34 +92,6 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, *, num_classes
   return out
 
 
-def save_confusion_png(cm: np.ndarray, class_names: Sequence[str], path: str, title: str = "") -> str:
-  """Writes a confusion-matrix heat map (rows true, columns predicted; counts in cells)."""
-  import matplotlib
-  matplotlib.use("Agg")  # no display on workers; must precede pyplot
-  import matplotlib.pyplot as plt
-
-  cm = np.asarray(cm)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
-  rows = cm.sum(axis=1, keepdims=True)
-  frac = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
-  ax.imshow(frac, vmin=0, vmax=1, cmap="Blues")
-  for i in range(cm.shape[0]):
-    for j in range(cm.shape[1]):
-      ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-              color="white" if frac[i, j] > 0.5 else "black", fontsize=8)
-  ax.set_xticks(range(len(class_names)), class_names)
-  ax.set_yticks(range(len(class_names)), class_names)
-  ax.set_xlabel("predicted")
-  ax.set_ylabel("true")
-  if title:
-    ax.set_title(title, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
-
-
 # ---------------------------------------------------------------------------
 # Protocols.
 def corner_views(images: jax.Array) -> list[jax.Array]:
@@ -154,14 +108,6 @@ def corner_views(images: jax.Array) -> list[jax.Array]:
     raise ValueError(f"corners need even tile sides, got {y}x{x}")
   hy, hx = y // 2, x // 2
   return [images[:, :hy, :hx], images[:, :hy, hx:], images[:, hy:, :hx], images[:, hy:, hx:]]
-
-
-def _to_host(x) -> np.ndarray:
-  """A (possibly multi-process sharded) array -> full numpy array on every host."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
 
 
 def collect_predictions(predict_fn: Callable[[dict], Mapping[str, jax.Array]],
@@ -187,11 +133,11 @@ def collect_predictions(predict_fn: Callable[[dict], Mapping[str, jax.Array]],
     valids.append(batch.get("valid", np.ones(np.shape(batch["label"]), bool)))
   if not logits:
     raise ValueError("the evaluation received no batches")
-  valid = np.concatenate([_to_host(v).astype(bool) for v in valids])
+  valid = np.concatenate([to_host(v).astype(bool) for v in valids])
   return {
-      "logits": np.concatenate([_to_host(v) for v in logits]).astype(np.float32)[valid],
-      "label": np.concatenate([_to_host(v) for v in labels]).astype(np.int64)[valid],
-      "region": np.concatenate([_to_host(v) for v in regions]).astype(np.int64)[valid],
+      "logits": np.concatenate([to_host(v) for v in logits]).astype(np.float32)[valid],
+      "label": np.concatenate([to_host(v) for v in labels]).astype(np.int64)[valid],
+      "region": np.concatenate([to_host(v) for v in regions]).astype(np.int64)[valid],
   }
 
 
@@ -218,15 +164,6 @@ def metrics_from_predictions(pred: Mapping[str, np.ndarray], protocol: str,
   out["tile_vote_accuracy"] = float((vote == labels).mean()) if labels.size else float("nan")
   out["n_tiles"] = int(labels.size)
   return out
-
-
-def eval_name(eval_cfg) -> str:
-  """The file-name stem of an evaluation: ``eval_cfg.name`` or ``[<task>_]<split>_<protocol>``."""
-  name = eval_cfg.get("name", None)
-  if name:
-    return str(name)
-  task = eval_cfg.get("task", None)
-  return "_".join(s for s in (task, eval_cfg.get("split", "test"), eval_cfg.get("protocol", "whole")) if s)
 
 
 def evaluate_classification(predict_fn: Callable[[dict], Mapping[str, jax.Array]],
@@ -262,3 +199,21 @@ def evaluate_classification(predict_fn: Callable[[dict], Mapping[str, jax.Array]
     with open(stem + ".json", "w") as f:
       json.dump({"class_names": class_names, "protocol": protocol, "step": int(step), **out}, f, indent=1)
   return out
+
+
+def classification(ctx: EvalContext, *, eval_cfg, workdir: str | None, step: int) -> dict[str, Any]:
+  """The registered 'classification' evaluator (contract v2, see ``common.py``).
+
+  Scores ``eval_cfg.split`` (default 'test') of ``eval_cfg.task`` (default: the
+  run's task) with ``evaluate_classification``; class names come from the
+  eval config or the dataset.
+  """
+  task = eval_cfg.get("task", None)
+  class_names = eval_cfg.get("class_names", None) or ctx.dataset_info(task).get("class_names")
+  batches = ctx.open_batches(eval_cfg.get("split", "test"), task)
+  cfg = {**_as_dict(eval_cfg), "class_names": list(class_names) if class_names else None}
+  return evaluate_classification(ctx.predict_fn, batches, eval_cfg=cfg, workdir=workdir, step=step)
+
+
+def _as_dict(cfg) -> dict:
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)

@@ -1,13 +1,52 @@
-"""Evaluators by ``kind`` (a plain dict, like the model and objective registries).
+"""Evaluators by ``kind`` and the one function that runs a config's evals.
 
-Every evaluator has the signature
-``fn(predict_fn, batches, *, eval_cfg, workdir, step) -> dict`` and sees only
-eval-mode predictions, never the optimizer. ``config.evals.<name>.kind`` picks one.
+Every evaluator follows the contract in ``common.py``:
+``fn(ctx: EvalContext, *, eval_cfg, workdir, step) -> dict``.
+``config.evals.<name>.kind`` picks one; add an evaluator by adding one line.
 """
+
 from __future__ import annotations
 
-from mtneuro_jax.eval.classification import evaluate_classification
+import time
+from typing import Any, Mapping
 
-EVALUATORS = {
-    "classification": evaluate_classification,
-}
+from absl import logging
+
+from mtneuro_jax.eval.classification import classification
+from mtneuro_jax.eval.common import EvalContext
+from mtneuro_jax.registry import Registry
+
+EVALUATORS = Registry("evaluator kind", {
+    "classification": classification,
+})
+
+
+def check_kinds(evals: Mapping[str, Any]) -> None:
+  """Fails before any training if an eval names an unknown kind (UnknownNameError, one line)."""
+  for name, ecfg in evals.items():
+    kind = ecfg.get("kind", "classification")
+    if kind not in EVALUATORS:
+      EVALUATORS[kind]  # raises, listing the known kinds  # noqa: B018
+      raise AssertionError(name)
+
+
+def run_evals(evals: Mapping[str, Any], ctx: EvalContext, *, workdir: str | None,
+              step: int) -> dict[str, Any]:
+  """Runs every eval in ``evals`` ({name: eval_cfg}); returns {'<name>/<metric>': value}."""
+  out = {}
+  for name, ecfg in evals.items():
+    fn = EVALUATORS[ecfg.get("kind", "classification")]
+    ecfg = _named(ecfg, name)
+    t0 = time.perf_counter()
+    result = fn(ctx, eval_cfg=ecfg, workdir=workdir, step=step)
+    logging.info("eval %s at step %d (%.1fs): %s", name, step, time.perf_counter() - t0,
+                 {k: v for k, v in result.items() if not isinstance(v, (list, dict))})
+    out.update({f"{name}/{k}": v for k, v in result.items()})
+  return out
+
+
+def _named(ecfg, name: str) -> dict:
+  """The eval's config as a dict, with ``name`` = its key unless the config gives one."""
+  d = ecfg.to_dict() if hasattr(ecfg, "to_dict") else dict(ecfg)
+  d["name"] = d.get("name") or name
+  return d

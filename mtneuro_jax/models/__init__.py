@@ -1,9 +1,11 @@
 """Model registry: ``MODELS[config.model_name](**config.model)`` -> a flax.linen Module.
 
-A plain dict on purpose: add a model by adding one line.
+Add a model by adding one line.
 """
-from mtneuro_jax.models.resnet import resnet18_xray
 
-MODELS = {
+from mtneuro_jax.models.resnet import resnet18_xray
+from mtneuro_jax.registry import Registry
+
+MODELS = Registry("model", {
     "resnet18_xray": resnet18_xray,
-}
+})

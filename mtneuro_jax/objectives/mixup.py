@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from mtneuro_jax.objectives import supervised
-from mtneuro_jax.objectives.base import Objective, keep_aux, no_aux
+from mtneuro_jax.objectives.base import (Objective, apply_model, keep_aux, no_params_no_aux,
+                                         weighted_mean)
 
 
 def mix_batch(image: jax.Array, valid: jax.Array, rng: jax.Array, *, p: float, lambda_min: float = 0.0,
@@ -62,22 +63,22 @@ def mixup_cross_entropy(logits: jax.Array, labels: jax.Array, perm: jax.Array, l
   return (1 - lam) * ce_own + lam * ce_partner
 
 
-def loss(params, model_state, aux, batch, rng, *, model, config):
-  del aux
+def loss(params, model_state, aux, batch, rng, *, model, config, ctx=None):
+  del ctx  # no schedule in this objective
   labels = batch["label"]
   valid = batch.get("valid", jnp.ones(labels.shape, bool))
   k_mix, k_drop = jax.random.split(rng)
   image, perm, lam = mix_batch(batch["image"], valid, k_mix, p=float(config.p),
                                lambda_min=float(config.get("lambda_min", 0.0)),
                                lambda_max=float(config.get("lambda_max", 0.5)))
-  out, new_state = supervised.apply_model(model, params, model_state, image, train=True, rng=k_drop)
+  out, new_state = apply_model(model, params, model_state, image, train=True, rng=k_drop)
   logits = out["logits"].astype(jnp.float32)
-  value = supervised.weighted_mean(mixup_cross_entropy(logits, labels, perm, lam), valid)
+  value = weighted_mean(mixup_cross_entropy(logits, labels, perm, lam), valid)
   # Accuracy against the sample's own label, which dominates the mix (lam <= 0.5 by default).
-  accuracy = supervised.weighted_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), valid)
-  mixed_fraction = supervised.weighted_mean((lam > 0).astype(jnp.float32), valid)
+  accuracy = weighted_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), valid)
+  mixed_fraction = weighted_mean((lam > 0).astype(jnp.float32), valid)
   metrics = {"train/loss": value, "train/accuracy": accuracy, "train/mixed_fraction": mixed_fraction}
-  return value, (metrics, new_state)
+  return value, (metrics, new_state, aux)
 
 
-MIXUP = Objective(name="mixup", init_aux=no_aux, loss=loss, update_aux=keep_aux, predict=supervised.predict)
+MIXUP = Objective(name="mixup", init=no_params_no_aux, loss=loss, update=keep_aux, predict=supervised.predict)

@@ -9,34 +9,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtneuro_jax.objectives.base import Objective, keep_aux, no_aux
+from mtneuro_jax.objectives.base import (Objective, apply_model, keep_aux, no_params_no_aux,
+                                         weighted_mean)
 
 
-def apply_model(model, params, model_state, image, *, train: bool, rng=None):
-  """Runs ``model`` and returns (outputs, new_model_state).
-
-  In train mode every non-param collection (e.g. 'batch_stats') is mutable so
-  BatchNorm running stats update; in eval mode nothing is.
-  """
-  variables = {"params": params, **model_state}
-  if not train:
-    return model.apply(variables, image, train=False), model_state
-  rngs = {"dropout": rng} if rng is not None else None
-  mutable = list(model_state.keys())
-  if not mutable:
-    return model.apply(variables, image, train=True, rngs=rngs), model_state
-  out, new_state = model.apply(variables, image, train=True, rngs=rngs, mutable=mutable)
-  return out, dict(new_state)
-
-
-def weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
-  """Mean of ``x`` [B] over rows with weight > 0 (0 if there are none)."""
-  w = weights.astype(jnp.float32)
-  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def loss(params, model_state, aux, batch, rng, *, model, config):
-  del aux
+def loss(params, model_state, aux, batch, rng, *, model, config, ctx=None):
+  del ctx  # no schedule in this objective
   out, new_state = apply_model(model, params, model_state, batch["image"], train=True, rng=rng)
   logits = out["logits"].astype(jnp.float32)
   labels = batch["label"]
@@ -49,7 +27,7 @@ def loss(params, model_state, aux, batch, rng, *, model, config):
   valid = batch.get("valid", jnp.ones(labels.shape, bool))
   value = weighted_mean(ce, valid)
   accuracy = weighted_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), valid)
-  return value, ({"train/loss": value, "train/accuracy": accuracy}, new_state)
+  return value, ({"train/loss": value, "train/accuracy": accuracy}, new_state, aux)
 
 
 def predict(params, model_state, aux, batch, *, model, config):
@@ -59,4 +37,5 @@ def predict(params, model_state, aux, batch, *, model, config):
   return {"logits": out["logits"], "features": out["features"]}
 
 
-SUPERVISED = Objective(name="supervised", init_aux=no_aux, loss=loss, update_aux=keep_aux, predict=predict)
+SUPERVISED = Objective(name="supervised", init=no_params_no_aux, loss=loss, update=keep_aux,
+                       predict=predict)

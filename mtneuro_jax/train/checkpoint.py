@@ -17,6 +17,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mtneuro_jax.errors import UserError
+
+
+class InitFromError(UserError):
+  """``init_from`` points at nothing usable, or its weights do not fit this model."""
+
 
 def gather_json(obj: Any) -> list[Any]:
   """Every process's JSON-able ``obj``, in process order (identical list on all processes)."""
@@ -43,11 +49,14 @@ class Checkpointer:
   device; call ``wait`` (or ``close``) before reading the files or exiting.
   """
 
-  def __init__(self, directory: str, *, keep: int | None = 2, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int | None = 2, async_save: bool = True,
+               read_only: bool = False):
     # Orbax's tensorstore writer refuses relative paths (workdirs often are).
     self.directory = directory = os.path.abspath(directory)
-    # cleanup_tmp_directories: drop half-written saves of a killed run before resuming.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+    # cleanup_tmp_directories: drop half-written saves of a killed run before resuming
+    # (never in another run's folder, which ``read_only`` opens for init_from).
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           cleanup_tmp_directories=not read_only, read_only=read_only,
                                            enable_async_checkpointing=async_save)
     self._mgr = ocp.CheckpointManager(directory, options=options)
 
@@ -96,3 +105,106 @@ class Checkpointer:
   def close(self) -> None:
     self._mgr.wait_until_finished()
     self._mgr.close()
+
+
+def load_pretrained(init_from, fresh_variables: Any) -> dict:
+  """The part of another run's checkpoint that ``init_from`` asks for, checked against this model.
+
+  Args:
+    init_from: ConfigDict/dict with ``workdir`` (another run's workdir), ``step``
+      (0 or absent = its latest checkpoint), ``subtree`` ('' = every model
+      parameter; 'encoder' = only ``params['encoder']`` and the same sub-tree of
+      each model-state collection, e.g. ``batch_stats['encoder']``; '/'-separated
+      for deeper ones) and ``model_state`` (default True: also load BatchNorm
+      statistics etc.).
+    fresh_variables: this run's model variables (arrays or ShapeDtypeStructs),
+      {'params': ..., 'batch_stats': ...}.
+
+  Returns:
+    A partial variables tree ({'params': {...}, 'batch_stats': {...}}) of numpy
+    arrays to merge over the fresh ones (``state.merge_subtrees``). Only model
+    variables are taken: the other run's optimizer state, its objective's own
+    parameters and aux are left behind.
+
+  Raises:
+    InitFromError: no checkpoint there, a missing sub-tree, or a structure / shape /
+      dtype that does not fit (the message names the first offending path).
+  """
+  get = init_from.get
+  workdir = str(get("workdir", "") or "")
+  src = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  if not os.path.isdir(src):
+    raise InitFromError(f"init_from.workdir={workdir!r} holds no checkpoints/ folder; "
+                        "point it at the workdir of a run that saved a checkpoint")
+  mgr = Checkpointer(src, keep=None, async_save=False, read_only=True)
+  try:
+    step = int(get("step", 0) or 0) or mgr.latest_step()
+    if step is None or step not in mgr.all_steps():
+      raise InitFromError(f"init_from: no checkpoint {'at step ' + str(step) + ' ' if step else ''}in {src} "
+                          f"(saved steps: {mgr.all_steps()}); pick one of those or run it first")
+    saved = jax.tree.map(np.asarray, mgr.read_state(step))
+  finally:
+    mgr.close()
+  path = [p for p in str(get("subtree", "") or "").split("/") if p]
+  where = f"{src} step {step}"
+  out: dict[str, Any] = {}
+  collections = ["params"] + ([c for c in fresh_variables if c != "params"]
+                              if get("model_state", True) else [])
+  for coll in collections:
+    have = (saved.get("params") if coll == "params" else (saved.get("model_state") or {}).get(coll))
+    want = fresh_variables[coll]
+    for key in path:
+      if not isinstance(want, dict) or key not in want:
+        if coll == "params":
+          raise InitFromError(f"init_from.subtree={'/'.join(path)!r}: this model has no params/{key} "
+                              f"(it has {sorted(want) if isinstance(want, dict) else 'no sub-trees'})")
+        want = None  # this collection has nothing under the sub-tree (e.g. no BN in a head)
+        break
+      if not isinstance(have, dict) or key not in have:
+        raise InitFromError(f"init_from: {coll}/{'/'.join(path)} is not in {where} (its {coll} has "
+                            f"{sorted(have) if isinstance(have, dict) else 'no sub-trees'}); "
+                            "fix init_from.subtree")
+      have, want = have[key], want[key]
+    if want is None:
+      continue
+    if not path:  # the whole model: only the names this model has (the other run's objective heads stay)
+      missing = sorted(set(want) - set(have or {}))
+      if missing:
+        raise InitFromError(f"init_from: {where} has no {coll} {missing}; it is not a run of this model "
+                            "(or set init_from.subtree)")
+      have = {k: have[k] for k in want}
+    check_compatible(have, want, f"{coll}/{'/'.join(path)}".rstrip("/"), where)
+    node = out.setdefault(coll, {})
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    if path:
+      node[path[-1]] = have
+    else:
+      out[coll] = have
+  return out
+
+
+def check_compatible(have: Any, want: Any, prefix: str, where: str) -> None:
+  """Raises InitFromError naming the first path where ``have`` differs from ``want`` in structure/shape/dtype."""
+  if isinstance(want, dict) or isinstance(have, dict):
+    if not (isinstance(want, dict) and isinstance(have, dict)) or set(want) != set(have):
+      extra = sorted(set(have) - set(want)) if isinstance(have, dict) and isinstance(want, dict) else []
+      lack = sorted(set(want) - set(have)) if isinstance(have, dict) and isinstance(want, dict) else []
+      raise InitFromError(f"init_from: {prefix} in {where} does not fit this model (saved has extra "
+                          f"{extra}, lacks {lack}); use a run of the same model or another init_from.subtree")
+    for k in want:
+      check_compatible(have[k], want[k], f"{prefix}/{k}", where)
+    return
+  if tuple(have.shape) != tuple(want.shape) or np.dtype(have.dtype) != np.dtype(want.dtype):
+    raise InitFromError(f"init_from: {prefix} is {have.dtype}{list(have.shape)} in {where} but "
+                        f"{np.dtype(want.dtype)}{list(want.shape)} in this model; use a run of the same "
+                        "architecture and width, or another init_from.subtree")
+
+
+def describe_subtrees(variables: dict) -> str:
+  """'params/encoder (62 arrays), batch_stats/encoder (40 arrays)': what init_from loaded."""
+  parts = []
+  for coll, tree in variables.items():
+    for k, v in tree.items():
+      parts.append(f"{coll}/{k} ({len(jax.tree.leaves(v))} arrays)")
+  return ", ".join(parts)

@@ -39,10 +39,14 @@ from typing import Any
 import jax
 from absl import logging
 
+from mtneuro_jax import sharding
+from mtneuro_jax.eval.common import EvalContext
+from mtneuro_jax.eval.registry import check_kinds, run_evals
+from mtneuro_jax.models import MODELS
+from mtneuro_jax.objectives import OBJECTIVES
 from mtneuro_jax.train import checkpoint as ckpt_lib
 from mtneuro_jax.train import metrics as metrics_lib
 from mtneuro_jax.train import optim as optim_lib
-from mtneuro_jax import sharding
 from mtneuro_jax.train import step as step_lib
 from mtneuro_jax.train.state import create_train_state, param_count
 
@@ -87,35 +91,28 @@ def enable_compilation_cache(path: str | None = DEFAULT_CACHE_DIR) -> None:
 
 
 def _default_data_module():
-  from mtneuro_jax.data import pipeline
+  from mtneuro_jax.data import pipeline  # lazy: tests pass fake data modules without TFDS
   return pipeline
-
-
-def _evaluators():
-  from mtneuro_jax.eval.registry import EVALUATORS
-  return EVALUATORS
 
 
 def _is_due(step: int, every: int) -> bool:
   return bool(every) and step % every == 0
 
 
-def run_evals(evals: dict, predict_fn, data, config, mesh, *, workdir: str, step: int) -> dict[str, Any]:
-  """Runs every eval in ``evals`` ({name: eval_cfg}); returns {'<name>/<metric>': value}."""
-  evaluators = _evaluators()
-  out = {}
-  for name, ecfg in evals.items():
-    kind = ecfg.get("kind", "classification")
-    if kind not in evaluators:
-      raise KeyError(f"evals.{name}.kind={kind!r} is not in EVALUATORS ({sorted(evaluators)})")
-    batches = data.eval_batches(config.data, ecfg.get("split", "test"), mesh=mesh,
-                                global_batch_size=config.data.eval_batch_size, task=ecfg.get("task", None))
-    t0 = time.perf_counter()
-    result = evaluators[kind](predict_fn, batches, eval_cfg=ecfg, workdir=workdir, step=step)
-    logging.info("eval %s at step %d (%.1fs): %s", name, step, time.perf_counter() - t0,
-                 {k: v for k, v in metrics_lib.scalar_items(result).items()})
-    out.update({f"{name}/{k}": v for k, v in result.items()})
-  return out
+def make_eval_context(predict_fn, data, config, mesh) -> EvalContext:
+  """The evaluators' view of a run: predictions, batches of any split/task, dataset info."""
+  infos: dict[Any, dict] = {}
+
+  def open_batches(split: str, task: str | None = None):
+    return data.eval_batches(config.data, split, mesh=mesh, global_batch_size=int(config.data.eval_batch_size),
+                             task=task)
+
+  def dataset_info(task: str | None = None) -> dict:
+    if task not in infos:
+      infos[task] = data.dataset_info(config.data, task)
+    return infos[task]
+
+  return EvalContext(predict_fn=predict_fn, open_batches=open_batches, dataset_info=dataset_info)
 
 
 def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
@@ -147,15 +144,17 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.get("num_devices", 0) or None)
   info = data.dataset_info(config.data)
   model_kwargs = dict(config.model)
-  if "num_classes" in model_kwargs and info.get("num_classes") and model_kwargs["num_classes"] != info[
+  # A model with a classification head must match the dataset; an encoder-only model
+  # (num_classes 0, e.g. for SSL or an objective that owns its head) has nothing to match.
+  if model_kwargs.get("num_classes") and info.get("num_classes") and model_kwargs["num_classes"] != info[
       "num_classes"]:
     raise ValueError(f"config.model.num_classes={model_kwargs['num_classes']} but the dataset has "
                      f"{info['num_classes']} classes")
-  from mtneuro_jax.models import MODELS
-  from mtneuro_jax.objectives import OBJECTIVES
   model = MODELS[config.model_name](**model_kwargs)
   objective = OBJECTIVES[config.objective_name]
   objective_cfg = config.get("objective", None)
+  evals = {name: ecfg for name, ecfg in (config.get("evals", None) or {}).items()}
+  check_kinds(evals)  # fail before training, not after it
 
   batch_size = int(config.data.batch_size)
   train_it = data.train_iterator(config.data, seed=int(config.seed), mesh=mesh, global_batch_size=batch_size)
@@ -168,15 +167,24 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
   # unless a checkpoint resets the iterator below.
   first_batch = next(train_it)
   example = jax.ShapeDtypeStruct((1,) + tuple(first_batch["image"].shape[1:]), first_batch["image"].dtype)
-  init_fn = jax.jit(lambda: create_train_state(model, objective, optimizer, example, seed=int(config.seed),
-                                               objective_config=objective_cfg),
-                    out_shardings=sharding.replicated_sharding(mesh))
-  state = init_fn()
-
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep=int(config.get("keep_checkpoints", 2) or 0) or None)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   last_saved = ckpt.latest_step()
+  initial = None
+  init_from = config.get("init_from", None)
+  if last_saved is None and init_from and init_from.get("workdir", ""):
+    # Only a fresh run starts from another run's weights; a resumed one has its own.
+    fresh = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                                              jax.numpy.zeros(example.shape, example.dtype), train=False))
+    initial = ckpt_lib.load_pretrained(init_from, fresh)
+    logging.info("init_from %s: %s", init_from.workdir, ckpt_lib.describe_subtrees(initial))
+
+  def init(initial_variables):
+    return create_train_state(model, objective, optimizer, example, seed=int(config.seed),
+                              objective_config=objective_cfg, initial_variables=initial_variables)
+
+  state = jax.jit(init, out_shardings=sharding.replicated_sharding(mesh))(initial)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   if last_saved is not None:
     state, data_state, _ = ckpt.restore(last_saved, state)
     train_it.set_state(data_state)
@@ -189,13 +197,8 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
                mesh.devices.size, jax.process_count())
 
   p_step = step_lib.jit_train_step(mesh, model=model, objective=objective, optimizer=optimizer,
-                                   config=objective_cfg)
+                                   config=objective_cfg, total_steps=total_steps)
   p_predict = step_lib.jit_predict(model=model, objective=objective, config=objective_cfg)
-  evals = {name: ecfg for name, ecfg in (config.get("evals", None) or {}).items()}
-  unknown = {n: e.get("kind", "classification") for n, e in evals.items()
-             if e.get("kind", "classification") not in _evaluators()}
-  if unknown:  # fail before training, not after it
-    raise KeyError(f"unknown eval kinds {unknown}; EVALUATORS has {sorted(_evaluators())}")
   log_every = int(config.get("log_every_steps", 50) or 1)
   ckpt_every = int(config.get("checkpoint_every_steps", 0) or 0)
 
@@ -258,8 +261,8 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
                                                            "steps_per_epoch": steps_per_epoch})
         last_saved = done
       if due_evals:
-        res = run_evals(due_evals, functools.partial(p_predict, state), data, config, mesh, workdir=workdir,
-                        step=done)
+        res = run_evals(due_evals, make_eval_context(functools.partial(p_predict, state), data, config, mesh),
+                        workdir=workdir, step=done)
         writer.write(done, res)
     if pending is not None:
       flush(*pending)
@@ -269,8 +272,8 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
       bar.close()
     ckpt.close()
 
-  results = run_evals(evals, functools.partial(p_predict, state), data, config, mesh, workdir=workdir,
-                      step=total_steps) if evals else {}
+  results = run_evals(evals, make_eval_context(functools.partial(p_predict, state), data, config, mesh),
+                      workdir=workdir, step=total_steps) if evals else {}
   results = metrics_lib.to_jsonable({**results, "step": total_steps})
   writer.write(total_steps, results)
   if is_main:

@@ -21,6 +21,15 @@ Keys (all but ``name`` and ``learning_rate`` optional):
   grad_clip_norm:    clip by global norm if > 0 (default 0 = off)
   freeze:            regexes over '/'-joined param paths (e.g. '^encoder/'); matching
                      params get exactly zero update (no decay, no momentum)
+  param_groups:      named groups of parameters with their own settings, e.g.
+                     ``param_groups.probe = {'pattern': '^probe/', 'learning_rate': 0.1,
+                     'weight_decay': 0.0}``: ``pattern`` is a regex over '/'-joined param
+                     paths; every other key overrides the same key above for that group
+                     (learning_rate, momentum, weight_decay, decay_bias_and_norm, schedule,
+                     warmup_epochs, ...; ``freeze: True`` freezes the group). A param
+                     belongs to the first group (in config order) whose pattern matches;
+                     ``freeze`` wins over groups; the rest use the top-level settings.
+                     Gradient clipping (grad_clip_norm) stays global over all trained params.
 
 Derived values (steps per epoch, warmup steps, total steps) are computed by the
 caller (the loop) from the dataset size and passed in here, never stored in
@@ -67,16 +76,34 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def param_labels(params: Any, freeze: Sequence[str]) -> Any:
-  """'frozen' for params whose '/'-joined path matches a regex in ``freeze``, else 'train'."""
-  pats = [re.compile(p) for p in freeze]
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "frozen" if any(p.search(_path_str(path)) for p in pats) else "train", params)
+def param_labels(params: Any, freeze: Sequence[str], groups: Sequence[tuple[str, str]] = ()) -> Any:
+  """Per param: 'frozen' if its '/'-joined path matches a regex in ``freeze``, else the name of
+  the first ``(name, pattern)`` group whose pattern matches, else 'train'."""
+  frozen = [re.compile(p) for p in freeze]
+  compiled = [(name, re.compile(pattern)) for name, pattern in groups]
+
+  def label(path, _):
+    key = _path_str(path)
+    if any(p.search(key) for p in frozen):
+      return "frozen"
+    return next((name for name, p in compiled if p.search(key)), "train")
+
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg, *, steps_per_epoch: int, total_steps: int,
-                   batch_size: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
-  """Returns (optax optimizer, LR schedule). See the module docstring for keys."""
+class _Overlay:
+  """``cfg`` with some keys overridden (a param group's settings over the top-level ones)."""
+
+  def __init__(self, cfg, overrides: dict):
+    self._cfg, self._over = cfg, overrides
+
+  def get(self, key, default=None):
+    return self._over[key] if key in self._over else _get(self._cfg, key, default)
+
+
+def _update_chain(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: int,
+                  clip: bool) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """(clip) -> coupled decay -> SGD momentum | Adam -> decoupled decay -> -lr: one group's update."""
   name = _get(cfg, "name", "sgd")
   schedule = make_schedule(cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                            batch_size=batch_size)
@@ -91,9 +118,9 @@ def make_optimizer(cfg, *, steps_per_epoch: int, total_steps: int,
   mask = None if decay_all else (lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
 
   chain = []
-  clip = float(_get(cfg, "grad_clip_norm", 0.0) or 0.0)
-  if clip > 0:
-    chain.append(optax.clip_by_global_norm(clip))
+  clip_norm = float(_get(cfg, "grad_clip_norm", 0.0) or 0.0)
+  if clip and clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(clip_norm))
   if wd and mode == "coupled":
     chain.append(optax.add_decayed_weights(wd, mask))
   if name == "sgd":
@@ -109,10 +136,44 @@ def make_optimizer(cfg, *, steps_per_epoch: int, total_steps: int,
   if wd and mode == "decoupled":
     chain.append(optax.add_decayed_weights(wd, mask))
   chain.append(optax.scale_by_learning_rate(schedule))
-  tx = optax.chain(*chain)
+  return optax.chain(*chain), schedule
 
+
+def make_optimizer(cfg, *, steps_per_epoch: int, total_steps: int,
+                   batch_size: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """Returns (optax optimizer, the top-level LR schedule). See the module docstring for keys."""
+  sizes = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch_size=batch_size)
   freeze = list(_get(cfg, "freeze", ()) or ())
-  if freeze:
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                               lambda params: param_labels(params, freeze))
-  return tx, schedule
+  groups_cfg = _get(cfg, "param_groups", None) or {}
+  groups = []
+  for gname, gcfg in groups_cfg.items():
+    gcfg = dict(gcfg)
+    if "pattern" not in gcfg:
+      raise ValueError(f"optim.param_groups.{gname} has no 'pattern' (a regex over param paths)")
+    if gname in ("train", "frozen"):
+      raise ValueError(f"optim.param_groups.{gname}: 'train' and 'frozen' are reserved group names")
+    groups.append((gname, gcfg))
+  if not groups:
+    tx, schedule = _update_chain(cfg, clip=True, **sizes)
+    if freeze:
+      tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                 lambda params: param_labels(params, freeze))
+    return tx, schedule
+
+  tx, schedule = _update_chain(cfg, clip=False, **sizes)
+  transforms = {"train": tx, "frozen": optax.set_to_zero()}
+  for gname, gcfg in groups:
+    over = {k: v for k, v in gcfg.items() if k not in ("pattern", "freeze")}
+    transforms[gname] = (optax.set_to_zero() if gcfg.get("freeze", False) else
+                         _update_chain(_Overlay(cfg, over), clip=False, **sizes)[0])
+  patterns = [(gname, gcfg["pattern"]) for gname, gcfg in groups]
+
+  def labels(params):
+    return param_labels(params, freeze, patterns)
+
+  update = optax.multi_transform(transforms, labels)
+  clip_norm = float(_get(cfg, "grad_clip_norm", 0.0) or 0.0)
+  if clip_norm > 0:  # one global norm over every trained param, whatever its group
+    trained = lambda params: jax.tree.map(lambda lab: lab != "frozen", labels(params))  # noqa: E731
+    update = optax.chain(optax.masked(optax.clip_by_global_norm(clip_norm), trained), update)
+  return update, schedule

@@ -33,23 +33,49 @@ class TrainState(flax.struct.PyTreeNode):
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def create_train_state(model, objective, optimizer, example_image: Any, *, seed: int,
-                       objective_config) -> TrainState:
-  """Initialises model variables, objective aux and optimizer state (pure; jit it).
+def create_train_state(model, objective, optimizer, example_image: Any, *, seed: int, objective_config,
+                       initial_variables: Any = None) -> TrainState:
+  """Initialises model variables, the objective's own params and aux, and the optimizer (pure; jit it).
 
   Args:
     example_image: array or ShapeDtypeStruct [1, Y, X, C] (or [1, Z, Y, X, C]); only its
       shape and dtype matter.
+    initial_variables: optional partial variables tree ({'params': {'encoder': ...},
+      'batch_stats': {'encoder': ...}}) that replaces the matching sub-trees of the fresh
+      model variables before the objective and optimizer are initialised (``init_from``);
+      shapes must already have been checked (``checkpoint.check_compatible``).
+
+  Returns:
+    TrainState whose ``params`` are the model's params plus the objective's own
+    sub-trees (top-level names must not clash).
   """
   base = jax.random.key(seed)
   # Distinct streams for init / aux / training by folding in fixed tags.
   init_rng, aux_rng, train_rng = (jax.random.fold_in(base, i) for i in (0, 1, 2))
   image = jnp.zeros(example_image.shape, example_image.dtype)
   variables = dict(model.init({"params": init_rng, "dropout": init_rng}, image, train=False))
-  params = variables.pop("params")
-  aux = objective.init_aux(aux_rng, {"params": params, **variables}, model=model, config=objective_config)
+  if initial_variables:
+    variables = merge_subtrees(variables, initial_variables)
+  own_params, aux = objective.init(aux_rng, model=model, variables=variables, example_image=image,
+                                   config=objective_config)
+  params = dict(variables.pop("params"))
+  clash = sorted(set(own_params) & set(params))
+  if clash:
+    raise ValueError(f"objective {objective.name!r} creates params {clash} that the model already has; "
+                     "give the objective's sub-trees other names")
+  params.update(own_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
                     opt_state=optimizer.init(params), aux=aux, rng=jax.random.key_data(train_rng))
+
+
+def merge_subtrees(tree: Any, update: Any) -> Any:
+  """``tree`` (nested dicts) with every leaf present in ``update`` replaced by ``update``'s."""
+  if not isinstance(update, dict):
+    return update
+  out = dict(tree)
+  for k, v in update.items():
+    out[k] = merge_subtrees(tree[k], v) if k in tree and isinstance(tree[k], dict) else v
+  return out
 
 
 def param_count(params: Any) -> int:

@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from mtneuro_jax import sharding
+from mtneuro_jax.objectives.base import StepContext
 from mtneuro_jax.train.state import TrainState
 
 
@@ -20,7 +21,7 @@ def global_norm(tree) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, objective, optimizer,
-               config) -> tuple[TrainState, dict[str, jax.Array]]:
+               config, total_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update.
 
   Args:
@@ -28,6 +29,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, objecti
     batch: dict of [B, ...] arrays (see objectives/base.py).
     model, objective, optimizer: bound with functools.partial (static).
     config: the objective's ConfigDict (``config.objective``).
+    total_steps: the run's length (static), for the objective's StepContext.
 
   Returns:
     (new state, metrics: dict of float32 scalars). Metrics are the objective's
@@ -35,14 +37,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, objecti
     not name it (the loop's NaN guard reads both).
   """
   rng = state.step_rng()
+  ctx = StepContext(step=state.step, total_steps=int(total_steps))
 
   def loss_fn(params):
-    return objective.loss(params, state.model_state, state.aux, batch, rng, model=model, config=config)
+    return objective.loss(params, state.model_state, state.aux, batch, rng, ctx=ctx, model=model,
+                          config=config)
 
-  (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (metrics, model_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  aux = objective.update_aux(state.aux, params, state.step, config=config)
+  aux = objective.update(aux, params, ctx=ctx, config=config)
   metrics = dict(metrics)
   metrics.setdefault("train/loss", loss)
   metrics["train/grad_norm"] = global_norm(grads)
@@ -51,7 +55,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, objecti
   return new_state, metrics
 
 
-def jit_train_step(mesh: Mesh, *, model, objective, optimizer, config,
+def jit_train_step(mesh: Mesh, *, model, objective, optimizer, config, total_steps: int,
                    donate: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``train_step`` bound to its statics and jitted for ``mesh``.
 
@@ -60,7 +64,8 @@ def jit_train_step(mesh: Mesh, *, model, objective, optimizer, config,
   Under jit, BatchNorm statistics are over the global batch, so the result does
   not depend on the number of devices.
   """
-  fn = functools.partial(train_step, model=model, objective=objective, optimizer=optimizer, config=config)
+  fn = functools.partial(train_step, model=model, objective=objective, optimizer=optimizer, config=config,
+                         total_steps=total_steps)
   rep, data = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh)
   return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep),
                  donate_argnums=(0,) if donate else ())
