@@ -8,7 +8,7 @@ measures generation speed; and runs a PCA(256) + logistic-regression baseline on
 Task 1 ROI-C1 and ROI-C2 (plus a non-linear texture-feature probe) to show the
 tasks stay hard but learnable. Needs nothing outside the repository.
 
-Run (about 4 min on 2 CPU cores)::
+Run (2-4 min on 2 CPU cores, depending on load; `mtneuro fidelity` is the same)::
 
   python -m experiments.phantom_fidelity --out experiments/results/phantom_fidelity
 
