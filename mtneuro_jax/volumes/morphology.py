@@ -140,11 +140,13 @@ def _read_verified(name: str, masks_dir: str | None) -> bytes:
   """Bytes of mask file ``name`` after checking its SHA-256; UserError naming the file otherwise."""
   override = masks_dir or os.environ.get(REAL_MASKS_ENV)
   if override:
-    where, fix = os.path.join(override, name), f"point {REAL_MASKS_ENV} (or masks_dir) at the xray-thc masks"
+    where = os.path.join(override, name)
+    fix = f"point {REAL_MASKS_ENV} (or masks_dir) at a folder with the xray-thc masks"
     resource = pathlib.Path(override) / name
   else:
     # importlib.resources, so that the files are found in any install (editable, wheel, zip).
-    where, fix = f"mtneuro_jax/volumes/real_masks/{name}", "reinstall the package or restore the file from git"
+    where = f"mtneuro_jax/volumes/real_masks/{name}"
+    fix = "reinstall the package or restore the file from git"
     resource = importlib.resources.files(__package__) / "real_masks" / name
   try:
     data = resource.read_bytes()
