@@ -1,4 +1,4 @@
-"""The MTNeuro paper's Task 1 numbers, as data (transcribed from shared/reference/paper_tables.md).
+"""The MTNeuro paper's Task 1 numbers, as data (transcribed from the paper's Table 1 and Table A3).
 
 Source: Quesada, Sathidevi et al., "MTNeuro: A Benchmark for Evaluating
 Representations of Brain Structure Across Multiple Levels of Abstraction",

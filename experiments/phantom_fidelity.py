@@ -1,17 +1,20 @@
 """Fidelity report of the SYNTHETIC phantom volume: how close to the real data is it?
 
 Compares, per benchmark region, the phantom (``mtneuro_jax.volumes.phantom``)
-with the MTNeuro paper's class fractions and with the real expert masks in
-``shared/data/xray_thc_masks``; measures generation speed; and runs a
-PCA(256) + logistic-regression baseline on Task 1 ROI-C1 and ROI-C2 (plus a
-non-linear texture-feature probe) to show the tasks stay hard but learnable.
+with the MTNeuro paper's class fractions and with the real expert masks shipped
+in ``mtneuro_jax/volumes/real_masks`` (xray-thc, SHA-256 checked); shows phantom
+tiles next to real renderings shipped in ``experiments/reference_images``;
+measures generation speed; and runs a PCA(256) + logistic-regression baseline on
+Task 1 ROI-C1 and ROI-C2 (plus a non-linear texture-feature probe) to show the
+tasks stay hard but learnable. Needs nothing outside the repository.
 
-Run (about 4 min on 2 CPU cores)::
+Run (2-4 min on 2 CPU cores, depending on load; `mtneuro fidelity` is the same)::
 
   python -m experiments.phantom_fidelity --out experiments/results/phantom_fidelity
 
-Writes ``report.md``, ``report.json``, ``montage.png`` (phantom vs real) and
-``layout.png`` (region map with the cubes). Every phantom number is SYNTHETIC:
+Writes ``report.md``, ``report.json``, ``montage.png`` (phantom vs real masks),
+``appearance.png`` (phantom vs real renderings) and ``layout.png`` (region map
+with the cubes). Every phantom number is SYNTHETIC:
 it says how well the generator imitates the real volume, nothing about the paper.
 """
 
@@ -35,13 +38,11 @@ CLASSES = morphology.CLASS_NAMES
 STATS_Z_STEP = 3  # morphology on every 3rd slice of a cube (neighbours are near copies)
 
 
-def reference_dir() -> str | None:
-  """``$MTNEURO_REFERENCE`` or the first existing shared/reference next to the masks."""
-  masks = morphology.default_masks_dir()
-  candidates = [os.environ.get("MTNEURO_REFERENCE")]
-  if masks:
-    candidates.append(os.path.join(os.path.dirname(os.path.dirname(masks)), "reference"))
-  return next((c for c in candidates if c and os.path.isdir(c)), None)
+# Real renderings (Prasad et al. 2020, CC-BY-4.0; README in the folder): one CTX tile with its
+# mask, and three 2x2 blocks of real Task 1 tiles.
+REFERENCE_IMAGES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_images")
+REFERENCE_CTX = "real_ctx_image_and_mask.png"
+REFERENCE_TILE_BLOCKS = ("real_task1_tiles_1.png", "real_task1_tiles_2.png", "real_task1_tiles_3.png")
 
 
 # ---------------------------------------------------------------------------
@@ -256,12 +257,9 @@ def montage(cubes: dict, out_path: str, z: int = 300) -> None:
     axes[i, 0].imshow(a["image"][k], cmap="gray", vmin=0, vmax=255)
     axes[i, 1].imshow(_colour(a["pixel_labels"][k]), interpolation="nearest")
     axes[i, 2].imshow(cubes[("C", r)]["image"][k], cmap="gray", vmin=0, vmax=255)
-    try:
-      real = morphology.load_real_masks(r)
-      grid = np.block([[real[0], real[1]], [real[2], real[3]]])
-      axes[i, 3].imshow(_colour(grid), interpolation="nearest")
-    except FileNotFoundError:
-      axes[i, 3].text(0.5, 0.5, "real masks not found", ha="center")
+    real = morphology.load_real_masks(r)
+    grid = np.block([[real[0], real[1]], [real[2], real[3]]])
+    axes[i, 3].imshow(_colour(grid), interpolation="nearest")
     axes[i, 0].set_ylabel(r, fontsize=14)
   for j, c in enumerate(cols):
     axes[0, j].set_title(c, fontsize=10)
@@ -275,39 +273,26 @@ def montage(cubes: dict, out_path: str, z: int = 300) -> None:
   plt.close(fig)
 
 
-def appearance(cubes: dict, out_path: str, z: int = 300) -> bool:
-  """Phantom tiles next to real renderings from shared/reference (if present)."""
+def appearance(cubes: dict, out_path: str, z: int = 300) -> list[str]:
+  """Phantom tiles (top row) next to the real renderings in ``REFERENCE_IMAGES_DIR`` (bottom row).
+
+  Returns the file names of the real pictures used (for the report).
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  ref = reference_dir()
-  if ref is None:
-    return False
-  ref_ctx = os.path.join(ref, "real_image_and_mask_ctx.png")
-  ref_tiles = os.path.join(ref, "real_tiles_task1.png")
-  if not (os.path.isfile(ref_ctx) and os.path.isfile(ref_tiles)):
-    return False
-  real_ctx = plt.imread(ref_ctx)
-  real_tiles = plt.imread(ref_tiles)
+  names = [REFERENCE_CTX, *REFERENCE_TILE_BLOCKS]
+  real = [plt.imread(os.path.join(REFERENCE_IMAGES_DIR, n)) for n in names]
   k = z - spec.Z_FULL[0]
   fig, axes = plt.subplots(2, 4, figsize=(14, 7.4))
   for j, r in enumerate(spec.REGIONS):
     axes[0, j].imshow(cubes[("A", r)]["image"][k], cmap="gray")
     axes[0, j].set_title(f"phantom {r} (auto contrast)", fontsize=9)
-  h, w = real_ctx.shape[:2]
-  axes[1, 0].imshow(real_ctx[:, : w // 2])  # left half: the image (right half: its mask)
+  w = real[0].shape[1]
+  axes[1, 0].imshow(real[0][:, : w // 2])  # left half: the image (right half: its mask)
   axes[1, 0].set_title("real CTX tile (MTNeuro notebook)", fontsize=9)
-  # Three 2x2 blocks of the real Task 1 tile montage (a 10x10 grid inside matplotlib
-  # axes; regions unlabelled there). Find the grid as the non-white bounding box.
-  grey = real_tiles[..., :3].mean(-1) if real_tiles.ndim == 3 else real_tiles
-  dark = grey < (0.98 if grey.max() <= 1.0 else 250)
-  cols, rows = np.flatnonzero(dark.mean(0) > 0.8), np.flatnonzero(dark.mean(1) > 0.8)
-  r_lo, c_lo = rows.min(), cols.min()
-  th, tw = (rows.max() + 1 - r_lo) / 10, (cols.max() + 1 - c_lo) / 10
-  for j, (r0, c0) in enumerate(((0, 1), (2, 5), (6, 3))):
-    ys = slice(int(r_lo + r0 * th), int(r_lo + (r0 + 2) * th))
-    xs = slice(int(c_lo + c0 * tw), int(c_lo + (c0 + 2) * tw))
-    axes[1, j + 1].imshow(real_tiles[ys, xs])
+  for j, block in enumerate(real[1:]):  # 8-bit grey, read as [0, 1]
+    axes[1, j + 1].imshow(block, cmap="gray", vmin=0.0, vmax=1.0)
     axes[1, j + 1].set_title("real Task 1 tiles (2x2, regions unlabelled)", fontsize=9)
   for ax in axes.ravel():
     ax.set_xticks([])
@@ -317,7 +302,7 @@ def appearance(cubes: dict, out_path: str, z: int = 300) -> bool:
   fig.tight_layout()
   fig.savefig(out_path, dpi=70)
   plt.close(fig)
-  return True
+  return names
 
 
 def layout_figure(vol: phantom.PhantomVolume, out_path: str, z: int = 300) -> None:
@@ -364,7 +349,7 @@ def write_markdown(path: str, rep: dict) -> None:
   for r in spec.REGIONS:
     st = rep["regions"][r]
     for i, c in enumerate(CLASSES):
-      real = rep["real_masks"][r]["fractions"][c] if rep.get("real_masks") else float("nan")
+      real = rep["real_masks"][r]["fractions"][c]
       ok = "yes" if st["within_tolerance"][c] else "**NO**"
       L.append(f"| {r} | {c} | {_pct(st['fractions'][c])} | {_pct(spec.PAPER_PIXEL_FRACTIONS[r][i])} | "
                f"{_pct(real)} | {ok} |")
@@ -377,19 +362,19 @@ def write_markdown(path: str, rep: dict) -> None:
   L.append("|---|---|---|---|---|---|")
   for r in spec.REGIONS:
     ph = rep["regions"][r]["morphology"]
-    re_ = rep["real_masks"][r] if rep.get("real_masks") else None
+    re_ = rep["real_masks"][r]
     for c in ("vessel", "cell", "axon"):
       def cell(key, fmt="{:.1f}", ph=ph, re_=re_, c=c):
         a = fmt.format(ph[c][key])
-        b = fmt.format(re_[c][key]) if re_ else "-"
+        b = fmt.format(re_[c][key])
         return f"{a} ({b})"
       L.append(f"| {r} | {c} | {cell('components_per_tile')} | {cell('median_area', '{:.0f}')} | "
                f"{cell('mean_area', '{:.0f}')} | {cell('median_elongation', '{:.2f}')} |")
   L.append("\nValues: phantom (real). Axon components in the real VP/STR masks are few large masses "
            "(largest-component share of axon pixels: " + ", ".join(
                f"{r} phantom {rep['regions'][r]['morphology']['axon']['largest_component_share']:.2f} / real "
-               f"{rep['real_masks'][r]['axon']['largest_component_share']:.2f}" for r in ("STR", "VP")
-               if rep.get("real_masks")) + ").\n")
+               f"{rep['real_masks'][r]['axon']['largest_component_share']:.2f}" for r in ("STR", "VP"))
+           + ").\n")
   L.append("## Task difficulty (Task 1, 2x downsampling, tiles via `spec.iter_samples`)\n")
   pca, tex = rep["pca_linear"], rep["texture_probe"]
   L.append("| method | train | ROI-C1 val | ROI-C1 test | ROI-C2 test |")
@@ -431,10 +416,15 @@ def write_markdown(path: str, rep: dict) -> None:
            "including intern and inter-process transfer).\n")
   L.append("## Pictures\n")
   L.append("![montage](montage.png)\n")
-  if rep.get("appearance_png"):
-    L.append("![appearance](appearance.png)\n")
-  L.append("Real renderings: `shared/reference/*.png` (MTNeuro and xray-thc notebooks; Prasad et al. 2020, "
-           "CC-BY-4.0). Real masks: `shared/data/xray_thc_masks`.\n")
+  L.append("![appearance](appearance.png)\n")
+  L.append("## What the phantom was compared against (real data: Prasad et al. 2020, Scientific Data 7:358, "
+           "CC-BY-4.0)\n")
+  L.append(f"- Real masks: {rep['real_masks_source']}: the xray-thc expert masks, 16 tiles of 128x128 per region, "
+           "SHA-256 checked (README in that folder).")
+  L.append("- Real renderings (appearance figure only): `experiments/reference_images/` ("
+           + ", ".join(f"`{n}`" for n in rep["appearance_images"]) + "), from the public MTNeuro notebooks.")
+  L.append("- Paper: class fractions and PCA + linear accuracies of the MTNeuro paper (NeurIPS 2022 D&B, "
+           "Table 1).\n")
   L.append("## Known gaps\n")
   for g in rep["known_gaps"]:
     L.append(f"- {g}")
@@ -497,13 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     from experiments.paper_reference import TABLE1
     paper_pca = {k: TABLE1["pca"][k][0] for k in ("ROI-C1", "ROI-C2")}
-  except ImportError:  # the paper's numbers, as in shared/reference/paper_tables.md
+  except ImportError:  # the paper's Table 1 (PCA row), if experiments is not importable
     paper_pca = {"ROI-C1": 0.59, "ROI-C2": 0.25}
 
-  try:
-    real = {r: v for r, v in morphology.real_mask_stats().items()}
-  except FileNotFoundError:
-    real = None
+  real = dict(morphology.real_mask_stats())  # the shipped real masks; a bad file stops the report
   vol = phantom.PhantomVolume(args.seed)
   rep = {
       "note": "SYNTHETIC phantom data; not comparable to results on the real MTNeuro volume",
@@ -511,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
       "speed": speed, "rendered_mvox": rendered, "render_cpu_s": render_cpu,
       "regions": region_stats(cubes, "A"), "real_masks": real,
+      "real_masks_source": morphology.real_masks_source(),
       "paper_fractions": {r: dict(zip(CLASSES, v, strict=True)) for r, v in spec.PAPER_PIXEL_FRACTIONS.items()},
       "pca_linear": pca, "texture_probe": tex, "paper_pca": paper_pca,
       "task1_counts": {"train": int(len(tr_y)), "c1_val": int(len(va_y)), "c1_test": int(len(te_y)),
@@ -519,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       "known_gaps": [g.format(c1=tex["c1_test"], c2=tex["c2_test"]) for g in KNOWN_GAPS],
   }
   montage(cubes, os.path.join(args.out, "montage.png"))
-  rep["appearance_png"] = appearance(cubes, os.path.join(args.out, "appearance.png"))
+  rep["appearance_images"] = appearance(cubes, os.path.join(args.out, "appearance.png"))
   layout_figure(vol, os.path.join(args.out, "layout.png"))
   rep["runtime_s"] = time.perf_counter() - t_start
   with open(os.path.join(args.out, "report.json"), "w") as f:

@@ -4,17 +4,24 @@ Shared by the phantom's fidelity report and its tests, and usable on any
 ``pixel_labels`` cutout. Labels are BossDB pixel ids (``spec.PIXEL_IDS``:
 0 background, 1 vessel, 2 cell, 3 axon). Components are 2D, 8-connected, one
 class at a time (everything else is background), counted per 128x128 tile,
-like the Task 3 semantic features and ``shared/data/README.md``.
+like the Task 3 semantic features. The real expert masks (xray-thc) ship in
+``real_masks/`` next to this module; ``load_real_masks`` reads them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.resources
+import io
 import os
+import pathlib
+import types
 from typing import Mapping
 
 import numpy as np
 import scipy.ndimage as ndi
 
+from mtneuro_jax.errors import UserError
 from mtneuro_jax.volumes import spec
 
 _EIGHT = np.ones((3, 3), bool)
@@ -105,27 +112,61 @@ def tile_stats(tiles: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# The real expert masks shipped in shared/data (xray-thc, CC-BY-4.0).
-def default_masks_dir() -> str | None:
-  """``$MTNEURO_REAL_MASKS`` or the first existing shared/data/xray_thc_masks (None if none)."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  repo = os.path.dirname(os.path.dirname(here))
-  candidates = [os.environ.get("MTNEURO_REAL_MASKS"),
-                os.path.join(repo, "shared", "data", "xray_thc_masks"),
-                os.path.join(os.path.dirname(repo), "shared", "data", "xray_thc_masks"),
-                "/work/shared/data/xray_thc_masks"]
-  for c in candidates:
-    if c and os.path.isdir(c):
-      return c
-  return None
+# The real expert masks shipped with the package (``real_masks/``: xray-thc, Prasad et al. 2020,
+# CC-BY-4.0; its README gives the source and the label ids).
+REAL_MASKS_ENV = "MTNEURO_REAL_MASKS"
+# Pinned so that a truncated, re-saved or look-alike file fails loudly instead of silently
+# changing the calibration numbers.
+REAL_MASKS_SHA256: Mapping[str, str] = types.MappingProxyType({
+    "masks_ctx.npz": "e3d2f710cc723b70b5a1991de308b100d206c4bee47eff5bfe48d7f1ad7bc3e2",
+    "masks_str.npz": "7579b3efd00f1dc2a4de7139540c7e00b8618fe035d334cafb04633979114016",
+    "masks_trn.npz": "a1447d9e9e726a679e586274a04c9cc60cda1cf0cf66bdd56ba2e580b9912cc0",
+    "masks_zi.npz": "de83ecccd2076af511402b4f124a5b9a8565ee9efaec3ce228aa400654dc6c51",
+})
+
+
+def real_masks_source(masks_dir: str | None = None) -> str:
+  """Where ``load_real_masks`` reads: ``masks_dir``, else ``$MTNEURO_REAL_MASKS``, else the shipped copy.
+
+  Returns a short description for reports (the override's path, or the package-relative folder).
+  """
+  override = masks_dir or os.environ.get(REAL_MASKS_ENV)
+  if override:
+    return f"{override} (override)"
+  return "mtneuro_jax/volumes/real_masks (shipped with the package)"
+
+
+def _read_verified(name: str, masks_dir: str | None) -> bytes:
+  """Bytes of mask file ``name`` after checking its SHA-256; UserError naming the file otherwise."""
+  override = masks_dir or os.environ.get(REAL_MASKS_ENV)
+  if override:
+    where = os.path.join(override, name)
+    fix = f"point {REAL_MASKS_ENV} (or masks_dir) at a folder with the xray-thc masks"
+    resource = pathlib.Path(override) / name
+  else:
+    # importlib.resources, so that the files are found in any install (editable, wheel, zip).
+    where = f"mtneuro_jax/volumes/real_masks/{name}"
+    fix = "reinstall the package or restore the file from git"
+    resource = importlib.resources.files(__package__) / "real_masks" / name
+  try:
+    data = resource.read_bytes()
+  except OSError as e:
+    raise UserError(f"real mask file {where} cannot be read ({e.__class__.__name__}); {fix}") from None
+  digest = hashlib.sha256(data).hexdigest()
+  if digest != REAL_MASKS_SHA256[name]:
+    raise UserError(f"real mask file {where} has SHA-256 {digest}, expected {REAL_MASKS_SHA256[name]} "
+                    f"(corrupted or not the xray-thc release); {fix}")
+  return data
 
 
 def load_real_masks(region: str, masks_dir: str | None = None) -> np.ndarray:
-  """The real masks of ``region`` (CTX/STR/VP/ZI) as BossDB pixel ids, uint8 [16, 128, 128]."""
-  masks_dir = masks_dir or default_masks_dir()
-  if masks_dir is None:
-    raise FileNotFoundError("real masks not found: set MTNEURO_REAL_MASKS to shared/data/xray_thc_masks")
-  with np.load(os.path.join(masks_dir, spec.XRAY_THC_REGION_FILES[region])) as f:
+  """The real masks of ``region`` (CTX/STR/VP/ZI) as BossDB pixel ids, uint8 [16, 128, 128] (tile, Y, X).
+
+  Reads the shipped copy unless ``masks_dir`` or ``$MTNEURO_REAL_MASKS`` names another folder;
+  the file's SHA-256 must match ``REAL_MASKS_SHA256`` either way.
+  """
+  name = spec.XRAY_THC_REGION_FILES[region]
+  with np.load(io.BytesIO(_read_verified(name, masks_dir))) as f:
     return spec.remap(f["masks"], spec.XRAY_THC_MASK_TO_PIXEL)
 
 

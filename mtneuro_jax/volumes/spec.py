@@ -1,7 +1,10 @@
 """The MTNeuro benchmark as data: channels, regions, cubes, z splits, label maps, tasks.
 
-Every fact here comes from the MTNeuro paper (Quesada, Sathidevi et al., NeurIPS
-2022 D&B) and the public reference code; see ``shared/reference/paper_tables.md``.
+Every fact here comes from the MTNeuro paper (Quesada, Sathidevi et al., "MTNeuro: A
+Benchmark for Evaluating Representations of Brain Structure Across Multiple Levels of
+Abstraction", NeurIPS 2022 Datasets & Benchmarks: data description, cube coordinates, z
+splits, class fractions) and the public reference code (MTNeuro/MTNeuro,
+``taskconfig/*.json``, ``bossdbdataset.py``).
 Nothing else in the project hard-codes a coordinate, a split or a label id:
 import them from here.
 
@@ -10,7 +13,8 @@ Conventions
 * Volumes are indexed ZYX with half-open ranges, like ``intern.array``.
 * A ``Box`` is always in full-resolution (res 0) voxel coordinates.
 * Label ids in ``ROI_*`` and ``PIXEL_*`` are BossDB's ids. The real expert masks
-  in ``shared/data`` use another convention; ``XRAY_THC_MASK_TO_PIXEL`` maps them.
+  shipped in ``mtneuro_jax/volumes/real_masks`` (xray-thc) use another convention;
+  ``XRAY_THC_MASK_TO_PIXEL`` maps them.
 """
 
 from __future__ import annotations
@@ -104,9 +108,9 @@ PIXEL_CLASS_NAMES: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     "3class": ("other", "vessel", "cell"),
     "4class": ("background", "vessel", "cell", "axon"),
 })
-# The real masks in shared/data/xray_thc_masks use 0 bg, 1 axon, 2 vessel, 3 cell.
+# The real xray-thc masks (volumes/real_masks) use 0 bg, 1 axon, 2 vessel, 3 cell.
 XRAY_THC_MASK_TO_PIXEL: Mapping[int, int] = types.MappingProxyType({0: 0, 1: 3, 2: 1, 3: 2})
-# shared/data calls the VP cube "trn".
+# xray-thc calls the VP cube "trn".
 XRAY_THC_REGION_FILES: Mapping[str, str] = types.MappingProxyType({
     "CTX": "masks_ctx.npz", "STR": "masks_str.npz", "VP": "masks_trn.npz", "ZI": "masks_zi.npz",
 })
