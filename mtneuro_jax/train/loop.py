@@ -20,7 +20,10 @@ Top-level config keys read here (all but data/model/objective/optim optional):
   optim (see optim.py), num_epochs or total_steps (> 0 overrides epochs),
   log_every_steps, checkpoint_every_steps (0 = only at the end), keep_checkpoints,
   evals.<name> {kind, split, task (optional), every_steps (optional; else only at
-  the end), evaluator keys}, compilation_cache_dir ('' = off), num_devices (0 = all),
+  the end), evaluator keys} (evaluators see an ``eval.common.EvalContext``),
+  init_from {workdir, step, subtree, model_state} (a fresh run starts from another
+  run's model weights; see ``checkpoint.load_pretrained``),
+  compilation_cache_dir ('' = off), num_devices (0 = all),
   progress (tqdm bar), distributed (call jax.distributed.initialize() with cluster
   auto-detection).
 Multi-host by environment: MTNEURO_COORDINATOR=host:port, MTNEURO_NUM_PROCESSES,
