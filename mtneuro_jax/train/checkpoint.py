@@ -1,17 +1,31 @@
-"""A thin Orbax wrapper: train state + data-iterator state (+ small JSON metadata).
+"""A thin Orbax wrapper: train state + data-iterator state (+ small JSON metadata), verified.
 
 Layout: ``<directory>/<step>/{state/, data/, meta/}``. ``state`` is the
 TrainState pytree (params, model_state, opt_state, aux, rng key data, step);
 ``data`` holds every process's iterator state (each process reads its own data
-shard, so each has its own position); ``meta`` is free-form JSON. Orbax writes
-to a temporary directory and renames it on success, so a run killed mid-save
-leaves the previous checkpoint as the latest complete one.
+shard, so each has its own position); ``meta`` is JSON: the caller's keys plus
+the integrity record. Orbax writes to a temporary directory and renames it on
+success, so a run killed mid-save leaves the previous checkpoint as the latest
+complete one.
+
+Integrity: ``save`` refuses a state with a NaN/Inf float leaf and records
+``meta['state_sha256']``, the SHA-256 over every leaf's path, dtype, shape and
+bytes as saved. ``restore_verified`` recomputes it on the restored arrays (and
+re-checks finiteness), so flipped bytes in any array file, a truncated file or
+undecodable JSON are caught; the corrupt step is moved to
+``<directory>/../corrupt_checkpoints/<step>-<n>`` (kept for inspection, out of
+Orbax's way) and the previous verified checkpoint is used instead. A checkpoint
+written before this record existed restores with a warning (finiteness only).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from typing import Any
+
+from absl import logging
 
 import jax
 import numpy as np
@@ -22,6 +36,35 @@ from mtneuro_jax.errors import UserError
 
 class InitFromError(UserError):
   """``init_from`` points at nothing usable, or its weights do not fit this model."""
+
+
+class CheckpointError(UserError):
+  """No checkpoint of a workdir can be restored and verified for this run."""
+
+
+def _host(x) -> np.ndarray:
+  """A leaf as numpy; a replicated multi-process array is read from this process's copy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_digest(state: Any) -> tuple[str, list[str]]:
+  """(SHA-256 over every leaf's path, dtype, shape and bytes, paths of non-finite float leaves)."""
+  h = hashlib.sha256()
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    a = np.ascontiguousarray(_host(leaf))
+    key = _path_str(path)
+    h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+    if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+      bad.append(key)
+  return h.hexdigest(), bad
 
 
 def gather_json(obj: Any) -> list[Any]:
@@ -67,11 +110,18 @@ class Checkpointer:
     return list(self._mgr.all_steps())
 
   def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None) -> None:
-    """Saves at ``step`` (all processes must call it). ``data_state``: this process's iterator state."""
+    """Saves at ``step`` (all processes must call it). ``data_state``: this process's iterator state.
+
+    Raises FloatingPointError (and saves nothing) if a float leaf of ``state`` is NaN/Inf, so a
+    diverged state never replaces (or, through ``keep``, prunes) a good checkpoint.
+    """
+    digest, bad = state_digest(state)
+    if bad:
+      raise FloatingPointError(f"refusing to checkpoint step {step}: non-finite values in {bad[:5]}")
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({"per_process": gather_json(data_state)}),
-        meta=ocp.args.JsonSave(meta or {}),
+        meta=ocp.args.JsonSave({**(meta or {}), "state_sha256": digest}),
     )
     self._mgr.save(int(step), args=args, force=True)
 
@@ -94,6 +144,67 @@ class Checkpointer:
                        f"this run has {jax.process_count()}")
     return out.state, per_process[jax.process_index()], dict(out.meta or {})
 
+  def restore_verified(self, target: Any) -> tuple[int, Any, Any, dict] | None:
+    """The newest checkpoint that restores onto ``target`` and passes its integrity check.
+
+    Returns (step, state, this process's data state, meta), or None if the directory holds
+    no checkpoint. A corrupt checkpoint (restore error, digest mismatch, non-finite values) is
+    logged, moved aside and skipped. Raises CheckpointError when checkpoints exist but none
+    verifies, or when they do not fit ``target`` (another model or config).
+    """
+    problems = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, data_state, meta = self.restore(step, target)
+      except Exception as e:  # noqa: BLE001 - any failure to read it back means: not usable
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        if _is_structure_mismatch(e):
+          raise CheckpointError(f"the checkpoint at step {step} in {self.directory} does not fit this "
+                                f"run's model/objective/optimizer ({reason}); use another workdir, or "
+                                "rerun with the config that wrote it") from e
+      else:
+        digest, bad = state_digest(state)
+        want = meta.get("state_sha256")
+        if bad:
+          reason = f"non-finite values in {bad[:3]}"
+        elif want is not None and want != digest:
+          reason = "its arrays do not match the SHA-256 recorded at save (corrupted on disk)"
+        else:
+          if want is None:
+            logging.warning("checkpoint %d in %s has no integrity record (older format); only "
+                            "finiteness was checked", step, self.directory)
+          return step, state, data_state, meta
+      problems.append(f"step {step}: {reason}")
+      self._quarantine(step, reason)
+    if problems:
+      raise CheckpointError(f"no checkpoint in {self.directory} could be verified ({'; '.join(problems)}); "
+                            f"the corrupt ones were moved to {self._quarantine_dir()}. Start a new "
+                            "workdir, or delete the checkpoints folder to train this one from scratch")
+    return None
+
+  def _quarantine_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+
+  def _quarantine(self, step: int, reason: str) -> None:
+    """Moves a corrupt step out of Orbax's directory (so a later save of the same step works)."""
+    self._mgr.wait_until_finished()
+    if jax.process_index() == 0:
+      qdir = self._quarantine_dir()
+      os.makedirs(qdir, exist_ok=True)
+      n = 0
+      while os.path.exists(os.path.join(qdir, f"{step}-{n}")):
+        n += 1
+      dest = os.path.join(qdir, f"{step}-{n}")
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+      with open(os.path.join(dest, "REASON.txt"), "w") as f:
+        f.write(reason + "\n")
+      logging.warning("checkpoint %d in %s is corrupt (%s); moved to %s, falling back to the previous "
+                      "one", step, self.directory, reason, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"quarantine {step}")
+    self._mgr.reload()
+
   def read_state(self, step: int | None = None) -> Any:
     """The saved train state as nested dicts of arrays, without a target (inspection, tests)."""
     step = self.latest_step() if step is None else step
@@ -105,6 +216,13 @@ class Checkpointer:
   def close(self) -> None:
     self._mgr.wait_until_finished()
     self._mgr.close()
+
+
+def _is_structure_mismatch(e: Exception) -> bool:
+  """Orbax's error for a checkpoint tree that differs from the target's (not corruption)."""
+  text = str(e).lower()
+  return isinstance(e, (ValueError, KeyError)) and any(
+      s in text for s in ("tree structure", "does not match", "shape mismatch", "mismatch", "not found in"))
 
 
 def load_pretrained(init_from, fresh_variables: Any) -> dict:
