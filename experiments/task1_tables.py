@@ -26,11 +26,10 @@ Presets:
   for Table A3, full-width ResNet-18, batch 256, SGD lr 0.03, 100 epochs, the full p
   grid {0.01, 0.1, 0.3, 0.5, 0.7}, five seeds, PCA/NMF with 256 components.
 * ``quick`` (CPU; 16 runs; measured 5.7 min on 2 cores in the main job of a fresh clone,
-  load ~2, JAX compile cache warm; add ~1 min for a cold cache). What it reduces --
-  4x downsampling for Table 1 and Table A3's 4x column only (2x/full not run),
-  width 1/8 ResNet-18, QUICK_STEPS (96) steps at batch 32 (about 3 epochs of ROI-C1,
-  1.2 of ROI-C3), eval batch 128, two seeds (1, 100), mixup p = 0.5 only, NMF at
-  most 50 iterations (NMF dominated the quick run at 200). Fine for checking the machinery, not for numbers.
+  load ~2, JAX compile cache warm; add ~1 min for a cold cache): the configs at ``:quick``
+  with no size overrides (``configlib.QUICK`` in mtneuro_jax/configlib.py is what quick
+  means), Table 1 and Table A3's 4x column only (2x/full not run), two seeds (1, 100),
+  mixup p = 0.5 only. Fine for checking the machinery, not for numbers.
 * ``tiny`` (tests, seconds): configs at ``:tiny`` (2 steps, width 1/16), one seed,
   p grid {0.1, 0.5}, 8 PCA/NMF components.
 
@@ -54,6 +53,7 @@ import traceback
 from typing import Any, Sequence
 
 from experiments import paper_reference as paper
+from mtneuro_jax import configlib
 
 METHODS = ("supervised", "mixup", "pca", "nmf")
 SETTINGS = ("ROI-C1", "ROI-C2", "ROI-C3")
@@ -61,9 +61,7 @@ SETTINGS = ("ROI-C1", "ROI-C2", "ROI-C3")
 TRAIN_TASK = {"c12": "task1_roi_c1", "c3": "task1_roi_c3"}
 SETTING_RUN = {"ROI-C1": ("c12", "test_c1"), "ROI-C2": ("c12", "test_c2"), "ROI-C3": ("c3", "test_c3")}
 TEST_TASK = {"test_c1": "task1_roi_c1", "test_c2": "task1_roi_c2", "test_c3": "task1_roi_c3"}
-# 32 steps left the supervised nets undertrained (eval-mode BN collapsed to one class on
-# ROI-C3); 96 steps (~1 min per run at width 1/8) train to val 1.0 on the phantom.
-QUICK_STEPS = 96
+_Q = configlib.QUICK  # what `quick` means, defined once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +71,8 @@ class Preset:
   p_grid: tuple[float, ...]
   table1_downsample: int
   a3_downsamplings: tuple[int, ...]
-  overrides: tuple[tuple[str, Any], ...] = ()  # dotted config key -> value, network runs
+  # Dotted config key -> value, on top of config_arg (sizes belong to configlib, not here).
+  overrides: tuple[tuple[str, Any], ...] = ()  # network runs
   baseline_overrides: tuple[tuple[str, Any], ...] = ()  # PCA/NMF runs
   description: str = ""
 
@@ -82,11 +81,9 @@ PRESETS = {
     "paper": Preset("paper", paper.PAPER_SEEDS, (0.01, 0.1, 0.3, 0.5, 0.7), 2, (4, 2, 1),
                     description="the paper's protocol (accelerator)"),
     "quick": Preset("quick", (1, 100), (0.5,), 4, (4,),
-                    overrides=(("model.width_multiplier", 0.125), ("total_steps", QUICK_STEPS),
-                               ("data.batch_size", 32), ("data.eval_batch_size", 128),
-                               ("log_every_steps", 8), ("checkpoint_every_steps", 0)),
-                    baseline_overrides=(("baseline.nmf_max_iter", 50), ("data.eval_batch_size", 128)),
-                    description=f"CPU smoke run: 4x, width 1/8, {QUICK_STEPS} steps x 32, 2 seeds, p = 0.5 only"),
+                    description=(f"CPU smoke run: {_Q.downsample}x, "
+                                 f"width 1/{round(1 / _Q.width_multiplier)}, "
+                                 f"{_Q.total_steps} steps x {_Q.batch_size}, 2 seeds, p = 0.5 only")),
     "tiny": Preset("tiny", (1,), (0.1, 0.5), 4, (4,),
                    baseline_overrides=(("baseline.n_components", 8), ("baseline.nmf_max_iter", 50)),
                    description="test preset (seconds)"),

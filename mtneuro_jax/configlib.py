@@ -1,0 +1,254 @@
+"""The one config library: arg parsing, size presets and sub-configs for every ``configs/*.py``.
+
+A config file is ``get_config(arg) -> locked ConfigDict`` and imports only this
+module (and ml_collections), never another config file. Its ``arg`` is a
+comma-separated list of words, each of one kind:
+
+  recipe  what is trained, e.g. ``paper`` (the paper's protocol; the default, the
+          first recipe a config lists) or ``ref`` (the reference code's script).
+  size    ``quick`` or ``tiny`` (``QUICK`` / ``TINY`` below); none = the recipe's full size.
+  method  for configs that offer several, e.g. ``pca`` | ``nmf`` (default: the first).
+
+At most one word of each kind; an unknown word is a ValueError that lists the
+known ones. Whatever order the words come in, the recipe is applied first and
+the size preset after it (``apply_size``), so ``ref,tiny`` is the reference
+recipe at test size. ``--config.x=y`` overrides come after both.
+
+Size presets (defined here only; every config and experiments/task1_tables.py use them):
+
+  quick  a CPU smoke run of about half a minute per training run on 2 cores: 4x
+         downsampling (64x64 tiles), ResNet width 1/8, 96 steps at batch 32 (about 3
+         epochs of ROI-C1; ``num_epochs`` 3 only matters if ``total_steps`` is set
+         back to 0), eval batch 128, a log line every 8 steps, a checkpoint only at the
+         end, weight decay capped at 5e-4, NMF at most 50 iterations. It is exactly
+         what the Task 1 tables' ``quick`` preset runs.
+  tiny   seconds on CPU (tests): 4x downsampling, width 1/16, 2 steps at batch 8,
+         eval batch 16, log and checkpoint every step, no progress bar, weight decay
+         capped at 5e-4.
+
+The weight decay cap exists because the paper's coupled decay 0.3 keeps shrinking
+the head in short runs and leaves the BatchNorm running statistics behind the
+weights (eval accuracy lags train accuracy badly).
+
+Values are set plainly. Nothing here derives one field from another (steps per
+epoch, warmup steps, total steps): the loop does that, so CLI overrides never
+leave a stale derived value behind. The one exception is the size presets'
+weight decay *cap*, applied once to the recipe's value when the config is built.
+
+This module imports only ml_collections, the standard library and mtneuro_jax/errors.py
+(configs must load without JAX).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import ml_collections
+
+from mtneuro_jax.errors import UserError
+
+# Dataset facts shared by every task: the X-ray volume's intensity statistics on [0, 1].
+XRAY_MEAN = 0.4894
+XRAY_STD = 0.1238
+DEFAULT_DATA_DIR = "out/data/phantom-seed0"  # `mtneuro export --source phantom` writes here
+DEFAULT_CACHE_DIR = "~/.cache/mtneuro_jax/jax_cache"  # the loop's default too
+
+
+# ---------------------------------------------------------------------------
+# Size presets.
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """A size preset: the values ``apply_size`` sets after the recipe. None = keep the recipe's."""
+
+  name: str
+  downsample: int  # data.downsample
+  batch_size: int  # data.batch_size
+  eval_batch_size: int  # data.eval_batch_size
+  width_multiplier: float  # model.width_multiplier (networks)
+  weight_decay_cap: float  # optim.weight_decay = min(recipe's, cap)
+  total_steps: int  # loop configs
+  num_epochs: float | None
+  log_every_steps: int
+  checkpoint_every_steps: int  # 0 = only at the end
+  progress: bool | None
+  nmf_max_iter: int | None  # baseline configs (baseline.nmf_max_iter)
+
+
+# 96 steps: 32 left the supervised nets undertrained (eval-mode BN collapsed to one class on
+# ROI-C3); 96 (~30 s per run at width 1/8 on 2 cores) train to val 1.0 on the phantom.
+# NMF at 200+ iterations dominated the quick tables; 50 keeps it under half a minute.
+QUICK = Size(name="quick", downsample=4, batch_size=32, eval_batch_size=128, width_multiplier=0.125,
+             weight_decay_cap=5e-4, total_steps=96, num_epochs=3.0, log_every_steps=8,
+             checkpoint_every_steps=0, progress=None, nmf_max_iter=50)
+TINY = Size(name="tiny", downsample=4, batch_size=8, eval_batch_size=16, width_multiplier=1 / 16,
+            weight_decay_cap=5e-4, total_steps=2, num_epochs=None, log_every_steps=1,
+            checkpoint_every_steps=1, progress=False, nmf_max_iter=None)
+SIZES = {"quick": QUICK, "tiny": TINY}
+
+
+# ---------------------------------------------------------------------------
+# arg parsing.
+class ConfigArgError(UserError, ValueError):
+  """A config ``arg`` with an unknown word or two words of one kind (CLIs print it as one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+  """A parsed config ``arg``: recipe, size preset (None = full size), method (None if none)."""
+
+  recipe: str
+  size: Size | None
+  method: str | None
+
+
+def parse_arg(arg: str | None, *, recipes: Sequence[str] = ("paper", "ref"),
+              methods: Sequence[str] = ()) -> Arg:
+  """Parses ``arg`` (e.g. ``'ref,tiny'``, ``'nmf,quick'``).
+
+  Defaults: the first recipe, the first method, full size.
+
+  Raises:
+    ConfigArgError (a ValueError): an unknown word (the message lists the known ones), or
+      two words of one kind.
+  """
+  kinds = {w: "recipe" for w in recipes}
+  kinds.update({w: "size" for w in SIZES})
+  kinds.update({w: "method" for w in methods})
+  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+  unknown = [w for w in words if w not in kinds]
+  if unknown:
+    known = [f"recipes {', '.join(recipes)}", f"sizes {', '.join(SIZES)}"]
+    if methods:
+      known.append(f"methods {', '.join(methods)}")
+    raise ConfigArgError(f"unknown config arg word(s) {unknown} in {arg!r}; known: "
+                         f"{'; '.join(known)} (comma-separated, at most one of each kind)")
+  picked: dict[str, list[str]] = {}
+  for w in words:
+    if w not in picked.setdefault(kinds[w], []):
+      picked[kinds[w]].append(w)
+  for kind, ws in picked.items():
+    if len(ws) > 1:
+      raise ConfigArgError(f"config arg {arg!r} names more than one {kind}: {ws}; pick one")
+  size = picked.get("size", [None])[0]
+  return Arg(recipe=picked.get("recipe", [recipes[0]])[0], size=SIZES[size] if size else None,
+             method=picked.get("method", [methods[0] if methods else None])[0])
+
+
+# ---------------------------------------------------------------------------
+# Sub-configs.
+def data_config(task: str, *, downsample: int, batch_size: int, eval_batch_size: int,
+                image_mean: float = XRAY_MEAN, image_std: float = XRAY_STD, random_crop: int = 0,
+                data_dir: str = DEFAULT_DATA_DIR) -> ml_collections.ConfigDict:
+  """``config.data``: the pipeline's data_cfg (docs/CONTRACTS.md, "Pipeline API")."""
+  return ml_collections.ConfigDict({
+      "data_dir": data_dir,
+      "task": task,
+      "downsample": downsample,
+      "image_mean": image_mean,
+      "image_std": image_std,
+      "random_crop": random_crop,  # 0 = off
+      "batch_size": batch_size,
+      "eval_batch_size": eval_batch_size,
+  })
+
+
+def optim_config(*, learning_rate: float, name: str = "sgd", momentum: float = 0.9,
+                 nesterov: bool = False, weight_decay: float = 0.0,
+                 weight_decay_mode: str = "coupled", decay_bias_and_norm: bool = True,
+                 schedule: str = "cosine", warmup_epochs: float = 0.0, grad_clip_norm: float = 0.0,
+                 lr_base_batch_size: int = 0,
+                 freeze: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """``config.optim``: every key ``mtneuro_jax/train/optim.py`` reads, in one place.
+
+  ``weight_decay_mode`` 'coupled' = torch.optim.SGD(weight_decay=...) semantics;
+  ``freeze``: regexes of '/'-joined param paths that get no update (e.g. '^encoder/').
+  """
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.learning_rate = learning_rate
+  c.momentum = momentum
+  c.nesterov = nesterov
+  c.weight_decay = weight_decay
+  c.weight_decay_mode = weight_decay_mode
+  c.decay_bias_and_norm = decay_bias_and_norm
+  c.schedule = schedule
+  c.warmup_epochs = warmup_epochs
+  c.grad_clip_norm = grad_clip_norm
+  c.lr_base_batch_size = lr_base_batch_size  # > 0: lr scaled by batch_size / this
+  c.freeze = tuple(freeze)
+  # Per-parameter-group options go here, beside `freeze`: optim.param_groups ({param-path
+  # regex: overrides such as a learning-rate scale, weight_decay, freeze}), default none.
+  return c
+
+
+def loop_defaults(c: ml_collections.ConfigDict, *, num_epochs: float, seed: int = 1,
+                  total_steps: int = 0, log_every_steps: int = 10,
+                  checkpoint_every_steps: int = 500, keep_checkpoints: int = 2,
+                  compilation_cache_dir: str = DEFAULT_CACHE_DIR,
+                  num_devices: int = 0, progress: bool = True,
+                  distributed: bool = False) -> ml_collections.ConfigDict:
+  """Sets the loop's top-level keys (all but data, model, objective, optim, evals) on ``c``.
+
+  ``total_steps`` > 0 overrides ``num_epochs``; ``checkpoint_every_steps`` 0 = only at the end;
+  ``compilation_cache_dir`` '' = off; ``num_devices`` 0 = all devices. Returns ``c``.
+  """
+  c.seed = seed  # the paper's seeds: 1, 100, 350, 631, 872
+  c.num_epochs = num_epochs
+  c.total_steps = total_steps
+  c.log_every_steps = log_every_steps
+  c.checkpoint_every_steps = checkpoint_every_steps
+  c.keep_checkpoints = keep_checkpoints
+  c.compilation_cache_dir = compilation_cache_dir
+  c.num_devices = num_devices
+  c.progress = progress
+  c.distributed = distributed
+  return c
+
+
+def classification_evals(splits: Sequence[str] = ("test", "val"), *,
+                         protocols: Sequence[str] = ("whole",),
+                         curve_splits: Sequence[str] = ("val",)) -> ml_collections.ConfigDict:
+  """``config.evals``: a classification eval ``<split>_<protocol>`` per split and protocol.
+
+  Protocols: 'whole' (the whole tile) | 'corners' (see mtneuro_jax/eval/classification.py).
+  Evals of ``curve_splits`` get ``every_steps = 0`` (only at the end), so a run can ask
+  for curves with ``--config.evals.val_whole.every_steps=N`` on the locked config.
+  """
+  evals = ml_collections.ConfigDict()
+  for split in splits:
+    for protocol in protocols:
+      e = ml_collections.ConfigDict({"kind": "classification", "split": split,
+                                     "protocol": protocol})
+      if split in curve_splits:
+        e.every_steps = 0
+      evals[f"{split}_{protocol}"] = e
+  return evals
+
+
+def apply_size(c: ml_collections.ConfigDict, size: Size | None) -> ml_collections.ConfigDict:
+  """Applies a size preset (QUICK, TINY; None = nothing) to a built config, after its recipe.
+
+  Sets the ``data`` sizes always, ``model.width_multiplier`` and the capped
+  ``optim.weight_decay`` where the config has them, the loop keys for loop configs
+  (those with ``total_steps``) and ``baseline.nmf_max_iter`` for baseline configs.
+  """
+  if size is None:
+    return c
+  c.data.downsample = size.downsample
+  c.data.batch_size = size.batch_size
+  c.data.eval_batch_size = size.eval_batch_size
+  if "model" in c and "width_multiplier" in c.model:
+    c.model.width_multiplier = size.width_multiplier
+  if "optim" in c:
+    c.optim.weight_decay = min(c.optim.weight_decay, size.weight_decay_cap)
+  if "total_steps" in c:
+    c.total_steps = size.total_steps
+    if size.num_epochs is not None:
+      c.num_epochs = size.num_epochs
+    c.log_every_steps = size.log_every_steps
+    c.checkpoint_every_steps = size.checkpoint_every_steps
+    if size.progress is not None:
+      c.progress = size.progress
+  if "baseline" in c and size.nmf_max_iter is not None:
+    c.baseline.nmf_max_iter = size.nmf_max_iter
+  return c
