@@ -176,8 +176,9 @@ def optim_config(*, learning_rate: float, name: str = "sgd", momentum: float = 0
   c.grad_clip_norm = grad_clip_norm
   c.lr_base_batch_size = lr_base_batch_size  # > 0: lr scaled by batch_size / this
   c.freeze = tuple(freeze)
-  # Per-parameter-group options go here, beside `freeze`: optim.param_groups ({param-path
-  # regex: overrides such as a learning-rate scale, weight_decay, freeze}), default none.
+  # Named groups with their own settings, e.g. param_groups.probe = {'pattern': '^probe/',
+  # 'learning_rate': 0.1, 'weight_decay': 0.0} (see train/optim.py); none by default.
+  c.param_groups = ml_collections.ConfigDict()
   return c
 
 
@@ -190,7 +191,9 @@ def loop_defaults(c: ml_collections.ConfigDict, *, num_epochs: float, seed: int 
   """Sets the loop's top-level keys (all but data, model, objective, optim, evals) on ``c``.
 
   ``total_steps`` > 0 overrides ``num_epochs``; ``checkpoint_every_steps`` 0 = only at the end;
-  ``compilation_cache_dir`` '' = off; ``num_devices`` 0 = all devices. Returns ``c``.
+  ``compilation_cache_dir`` '' = off; ``num_devices`` 0 = all devices; ``init_from.workdir``
+  '' = train from scratch (else a fresh run starts from that run's model weights,
+  ``init_from.subtree`` e.g. 'encoder', see train/checkpoint.py). Returns ``c``.
   """
   c.seed = seed  # the paper's seeds: 1, 100, 350, 631, 872
   c.num_epochs = num_epochs
@@ -202,6 +205,7 @@ def loop_defaults(c: ml_collections.ConfigDict, *, num_epochs: float, seed: int 
   c.num_devices = num_devices
   c.progress = progress
   c.distributed = distributed
+  c.init_from = ml_collections.ConfigDict({"workdir": "", "step": 0, "subtree": "", "model_state": True})
   return c
 
 
