@@ -7,6 +7,15 @@ kind is in ``docs/CONTRACTS.md`` and ``docs/data.md``.
 Builder classes are made per task by ``builder_class`` and are not put in TFDS's
 global registry: readers open the datasets from their files
 (``tfds.data_source(task, data_dir=...)`` reads ``dataset_info.json``/``features.json``).
+
+Byte-reproducible shards: TFDS serializes each record as a ``tf.train.Example``,
+whose features are a protobuf *map*; protobuf (upb) writes map entries in an order
+that changes from process to process, so the same records gave shards with other
+bytes on every run. ``CanonicalExampleWriter`` re-serializes every record with
+``deterministic=True`` (map keys sorted) before ArrayRecord writes it. Everything
+else that reaches the bytes is already a pure function of the records: the record
+order (TFDS sorts by a hash of the key), the shard count and names (from the total
+size), zlib (``tfds.features.Tensor`` encoding) and zstd level 3 (ArrayRecord chunks).
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import writer as tfds_writer
+from tensorflow_datasets.proto import tf_example_pb2
 
 from mtneuro_jax.volumes import spec
 
@@ -50,6 +61,21 @@ def features(task: spec.TaskSpec) -> tfds.features.FeaturesDict:
 ExamplesFn = Callable[[str], Iterator[tuple[str, dict]]]
 
 
+def canonical_example(serialized: bytes) -> bytes:
+  """A serialized ``tf.train.Example`` re-encoded deterministically (feature map keys sorted).
+
+  Decodes to the same record; equal records give equal bytes in any process.
+  """
+  return tf_example_pb2.Example.FromString(serialized).SerializeToString(deterministic=True)
+
+
+class CanonicalExampleWriter(tfds_writer.ExampleWriter):
+  """TFDS's example writer (ArrayRecord here), fed canonical record bytes (see module doc)."""
+
+  def write(self, path, examples):
+    return super().write(path, ((key, canonical_example(ex)) for key, ex in examples))
+
+
 class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the per-task builders; ``examples_fn(split)`` yields ``(key, record)``."""
 
@@ -68,6 +94,10 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._examples_fn = examples_fn
     super().__init__(**kwargs)
 
+  def _example_writer(self) -> tfds_writer.ExampleWriter:
+    # TFDS's documented hook for custom writers; see CanonicalExampleWriter.
+    return CanonicalExampleWriter(file_format=self.info.file_format)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self, description=self.TASK.description, features=features(self.TASK),
@@ -77,7 +107,7 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     if self._examples_fn is None:
       raise RuntimeError("this builder only writes when given examples_fn; "
-                         "use `python -m data_prep.export` to export a task")
+                         "use `mtneuro export` to export a task")
     return {tfds_split(s): self._generate_examples(s) for s in self.TASK.splits}
 
   def _generate_examples(self, split: str):

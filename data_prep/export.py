@@ -1,28 +1,33 @@
 """Export MTNeuro tasks from any Source to TFDS ArrayRecord datasets with manifests.
 
-Usage::
+Usage (``python -m data_prep.export`` is the same as ``mtneuro export``)::
 
-  python -m data_prep.export --source phantom --tasks all --out_dir out/data/phantom-seed0
-  python -m data_prep.export --source bossdb --tasks task1_roi_c1,task2_2d_3class
-  python -m data_prep.export verify out/data/phantom-seed0          # every dataset, SHA-256
-  python -m data_prep.export summary out/data/phantom-seed0         # split sizes / exclusions / bytes
+  mtneuro export --source phantom --tasks all --out_dir out/data/phantom-seed0
+  mtneuro export --source bossdb --tasks task1_roi_c1,task2_2d_3class
+  mtneuro verify out/data/phantom-seed0          # every dataset, SHA-256
+  mtneuro summary out/data/phantom-seed0         # split sizes / exclusions / bytes (verifies first)
 
 What one export does, in order (nothing is fetched before the cheap checks pass):
-  1. task lookup; leakage guard (``spec.check_guard_bands``, ``--min_guard_slices``);
+  1. argument checks, task lookup, leakage guard (``spec.check_guard_bands``,
+     ``--min_guard_slices``) and the source's channels (for every requested task first);
   2. sample plan (``spec.iter_samples``, ``--limit_per_split``) and a check that
      every box lies inside the source volume;
-  3. an existing dataset with the same parameters that verifies is a no-op; one with
+  3. the exclusive lock of ``<out_dir>/<task>`` (``mtneuro_jax.dirlock``): a second
+     export of that task into that folder fails at once, naming the holder;
+  4. an existing dataset with the same parameters that verifies is a no-op; one with
      other parameters (or broken) is refused unless ``--overwrite``;
-  4. the output and cache folders must be writable;
-  5. cube chunks are read through the cutout cache (``data_prep.cache``), samples
-     are cut and labelled, TFDS writes shards into ``<out_dir>/.staging/...``;
-  6. the manifest (SHA-256 of every file) is written, then the version folder is
+  5. the output and cache folders must be writable;
+  6. cube chunks are read through the cutout cache (``data_prep.cache``; every cutout
+     value-checked by the source), samples are cut and labelled, TFDS writes shards
+     into ``<out_dir>/.staging/...`` with canonical record bytes (byte-reproducible);
+  7. the manifest (SHA-256 of every file) is written, then the version folder is
      ``os.replace``d to ``<out_dir>/<task>/1.0.0``. A killed export leaves only staging.
+Any problem is one ``error: <problem>; <fix>`` line and exit status 2
+(``mtneuro_jax.errors.run_cli``); nothing that existed before is changed.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -37,8 +42,10 @@ import numpy as np
 
 from data_prep import builder as builder_lib
 from data_prep import cache as cache_lib
+from mtneuro_jax import dirlock
 from mtneuro_jax.data import manifest as manifest_lib
 from mtneuro_jax.data.manifest import DatasetError, verify_dataset  # noqa: F401 - re-exported
+from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
 from mtneuro_jax.volumes import spec
 from mtneuro_jax.volumes.sources import Source, SourceError, make_source
 
@@ -49,8 +56,11 @@ DEFAULT_CACHE_SUBDIR = ".cache"
 RESOLUTION = 0  # coordinates in spec are full resolution; downsampling is the pipeline's job
 
 
-class ExportError(RuntimeError):
-  """An export cannot run; the message names the problem and the fix."""
+class ExportError(UserError, RuntimeError):
+  """An export cannot run; the message names the problem and the fix.
+
+  A ``UserError`` (the CLIs print it as one line); still a ``RuntimeError`` for older callers.
+  """
 
 
 def source_tag(source: Source) -> str:
@@ -90,6 +100,18 @@ def plan_samples(task: spec.TaskSpec, limit_per_split: int | None = None) -> dic
         per_region[s.region] = n + 1
     plan[split] = kept
   return plan
+
+
+def check_export_args(*, limit_per_split: int | None, min_guard_slices: int, chunk_z: int) -> None:
+  """ExportError for a numeric parameter out of range (before anything is read or written)."""
+  if limit_per_split is not None and limit_per_split < 1:
+    raise ExportError(f"--limit_per_split must be >= 1 (got {limit_per_split}); omit it for a full export")
+  if min_guard_slices < 0:
+    raise ExportError(f"--min_guard_slices must be >= 0 (got {min_guard_slices}); the default is "
+                      f"{spec.DEFAULT_MIN_GUARD_SLICES}")
+  if chunk_z < 1:
+    raise ExportError(f"--chunk_z must be >= 1 (got {chunk_z}); the default is {DEFAULT_CHUNK_Z} "
+                      "slices per cached cutout")
 
 
 def check_plan_inside(plan: dict[str, list[spec.SampleRef]], shape_zyx) -> None:
@@ -258,10 +280,12 @@ def companions_for(task_names: Sequence[str]) -> dict[str, tuple[str, ...]]:
   return {k: tuple(sorted(v)) for k, v in sorted(out.items())}
 
 
-def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_guard_slices, progress,
-                 overwrite, chunk_z, companion_channels=None) -> tuple[dict, bool]:
-  """export_task; also says whether anything was written (False for the no-op)."""
-  say = print if progress else (lambda *a, **k: None)
+def prepare_task(source: Source, task_name: str, *, limit_per_split: int | None = None,
+                 min_guard_slices: int = spec.DEFAULT_MIN_GUARD_SLICES, chunk_z: int = DEFAULT_CHUNK_Z
+                 ) -> tuple[spec.TaskSpec, list[dict], dict[str, list[spec.SampleRef]]]:
+  """Every check of one export that needs no disk writes: arguments, task, guard bands,
+  the source's channels and the sample plan inside the volume. Returns (task, bands, plan)."""
+  check_export_args(limit_per_split=limit_per_split, min_guard_slices=min_guard_slices, chunk_z=chunk_z)
   try:
     task = spec.get_task(task_name)
   except KeyError:
@@ -273,10 +297,45 @@ def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_
     raise ExportError(str(e)) from None
   plan = plan_samples(task, limit_per_split)
   check_plan_inside(plan, source.shape())
+  source.check_channels(sorted({*task.channels, _label_channel(task)}))
+  return task, bands, plan
 
+
+def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_guard_slices, progress,
+                 overwrite, chunk_z, companion_channels=None) -> tuple[dict, bool]:
+  """export_task; also says whether anything was written (False for the no-op)."""
+  say = print if progress else (lambda *a, **k: None)
+  task, bands, plan = prepare_task(source, task_name, limit_per_split=limit_per_split,
+                                   min_guard_slices=min_guard_slices, chunk_z=chunk_z)
   out_dir = os.path.abspath(out_dir)
   version_dir = os.path.join(out_dir, task_name, builder_lib.VERSION)
   params = export_parameters(source, task_name, limit_per_split)
+  lock = dirlock.exclusive_lock(os.path.join(out_dir, task_name), what=f"`mtneuro export` of {task_name}")
+  try:
+    check_writable(out_dir, "output folder")
+    lock.acquire()
+  except (ExportError, OSError) as e:
+    # No lock file can be written: fine for a read-only copy that is already complete.
+    if _existing_state(version_dir, params) == "identical" and not overwrite:
+      say(f"{task_name}: identical complete export already at {version_dir} (read-only); nothing to do")
+      return manifest_lib.load_manifest(version_dir), False
+    if isinstance(e, ExportError):
+      raise
+    raise ExportError(f"cannot lock {os.path.join(out_dir, task_name)} ({e.strerror or e}); choose a "
+                      "writable folder with --out_dir or fix its permissions") from None
+  try:
+    return _export_locked(source, task, bands, plan, out_dir, version_dir, params, cache_dir=cache_dir,
+                          limit_per_split=limit_per_split, min_guard_slices=min_guard_slices, say=say,
+                          progress=progress, overwrite=overwrite, chunk_z=chunk_z,
+                          companion_channels=companion_channels)
+  finally:
+    lock.release()
+
+
+def _export_locked(source, task, bands, plan, out_dir, version_dir, params, *, cache_dir, limit_per_split,
+                   min_guard_slices, say, progress, overwrite, chunk_z, companion_channels):
+  """The part of an export that runs under the task folder's lock."""
+  task_name = task.name
   state = _existing_state(version_dir, params)
   if state == "identical" and not overwrite:
     say(f"{task_name}: identical complete export already at {version_dir}; nothing to do")
@@ -300,7 +359,7 @@ def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_
   stats = {s: {"tfds_split": builder_lib.tfds_split(s), "candidates": len(plan[s]), "num_examples": 0,
                "excluded_unannotated": 0, "per_region": {}} for s in plan}
   total = sum(len(v) for v in plan.values())
-  from tqdm.auto import tqdm
+  from tqdm.auto import tqdm  # lazy: only an export draws progress bars
   bar = tqdm(total=total, desc=task_name, unit="sample", disable=not progress, dynamic_ncols=True)
 
   def examples(split: str) -> Iterator[tuple[str, dict]]:
@@ -308,7 +367,11 @@ def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_
     for sample in plan[split]:
       image = reader.read("image", sample)
       labels = reader.read(label_channel, sample)
-      record = make_record(task, sample, image, labels)
+      try:
+        record = make_record(task, sample, image, labels)
+      except ValueError as e:  # an id outside the tables (e.g. a tampered cache file)
+        raise ExportError(f"{task_name}: sample {sample.key}: {e}; check the source's {label_channel} "
+                          "(and delete the cutout cache if it was edited)") from None
       bar.update(1)
       bar.set_postfix(hits=cache.stats.hits, misses=cache.stats.misses, refresh=False)
       if record is None:
@@ -326,13 +389,18 @@ def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_
   t0 = time.time()
   try:
     os.makedirs(staging)
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: slow import, only needed to write
     tfds.display_progress_bar(False)
     b = builder_lib.builder_class(task_name)(
         examples_fn=examples, data_dir=staging, file_format="array_record")
     # TFDS prints "Downloading and preparing..." to stdout; our bar says the same.
     with contextlib.redirect_stdout(io.StringIO()):
-      b.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
+      try:
+        b.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
+      except UserError as e:
+        # TFDS re-raises errors from inside the generator with its own prefix ("Failed to
+        # generate...") and sometimes another type; ours carry the message users need.
+        raise _original_user_error(e) from None
     bar.close()
     built = os.path.join(staging, task_name, builder_lib.VERSION)
     for split, st in stats.items():
@@ -357,6 +425,9 @@ def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_
         "splits": stats,
         "guard_bands": _jsonable(bands),
         "files": files,
+        # One digest over every data file (all but this manifest): equal iff the exports are
+        # byte-identical, so two manifests compare with one string.
+        "content_sha256": manifest_lib.content_digest(files),
         "shard_bytes": sum(v["bytes"] for k, v in files.items() if ".array_record-" in k),
         "export": {
             "min_guard_slices": min_guard_slices, "limit_per_split": limit_per_split,
@@ -389,6 +460,17 @@ def _export_task(source, task_name, out_dir, *, cache_dir, limit_per_split, min_
   return manifest, True
 
 
+def _original_user_error(e: BaseException) -> BaseException:
+  """The first UserError in ``e``'s cause/context chain that TFDS did not prefix (or ``e``)."""
+  seen, cur = set(), e
+  while cur is not None and id(cur) not in seen:
+    seen.add(id(cur))
+    if isinstance(cur, UserError) and not str(cur).startswith("Failed"):
+      return cur
+    cur = cur.__cause__ or cur.__context__
+  return e
+
+
 # ---------------------------------------------------------------------------
 # CLI.
 def _resolve_tasks(arg: str) -> list[str]:
@@ -397,12 +479,21 @@ def _resolve_tasks(arg: str) -> list[str]:
   if unknown or not names:
     raise ExportError(f"unknown task(s) {', '.join(unknown) or repr(arg)}; use 'all' or a comma list of: "
                       f"{', '.join(spec.TASKS)}")
-  return names
+  return list(dict.fromkeys(names))  # a task named twice is exported once
 
 
 def _cmd_export(args) -> int:
   tasks = _resolve_tasks(args.tasks)
+  check_export_args(limit_per_split=args.limit_per_split, min_guard_slices=args.min_guard_slices,
+                    chunk_z=args.chunk_z)
+  for name, value in (("--out_dir", args.out_dir), ("--cache_dir", args.cache_dir)):
+    if value is not None and not value.strip():
+      raise ExportError(f"{name} is empty; give a folder or leave the option out for the default")
   source = make_source(args.source)
+  # Every task's cheap checks before the first one writes anything.
+  for name in tasks:
+    prepare_task(source, name, limit_per_split=args.limit_per_split,
+                 min_guard_slices=args.min_guard_slices, chunk_z=args.chunk_z)
   out_dir = args.out_dir or os.path.join("out", "data", source_tag(source))
   cache_dir = args.cache_dir or os.path.join(out_dir, DEFAULT_CACHE_SUBDIR)
   total = cache_lib.CacheStats()
@@ -422,22 +513,33 @@ def _cmd_export(args) -> int:
   return 0
 
 
-def _cmd_verify(args) -> int:
-  target = os.path.abspath(args.path)
+def dataset_dirs(path: str) -> list[str]:
+  """Version folders to check under ``path`` (an export root or one dataset folder).
+
+  Version folders without a manifest are included (they are incomplete: reported, never
+  skipped silently). DatasetError when ``path`` holds no dataset at all.
+  """
+  target = os.path.abspath(path)
+  if not os.path.isdir(target):
+    raise DatasetError(f"{target} is not a folder; pass an export root (the --out_dir of "
+                       "`mtneuro export`) or one dataset folder")
   if (os.path.isfile(os.path.join(target, manifest_lib.MANIFEST_NAME))
       or os.path.isdir(os.path.join(target, builder_lib.VERSION))
       or os.path.isfile(os.path.join(target, "dataset_info.json"))):
-    vdirs = [manifest_lib.resolve_version_dir(target)]  # one dataset (complete or not)
-  else:
-    vdirs = manifest_lib.find_datasets(target)
-    # Version folders without a manifest are incomplete: report them, never skip silently.
-    for name in sorted(os.listdir(target)) if os.path.isdir(target) else []:
-      v = os.path.join(target, name, builder_lib.VERSION)
-      if not name.startswith(".") and os.path.isdir(v) and v not in vdirs:
-        vdirs.append(v)
-    if not vdirs:
-      raise DatasetError(f"no exported dataset under {target}; export with `python -m data_prep.export`")
-  for vdir in vdirs:
+    return [manifest_lib.resolve_version_dir(target)]  # one dataset (complete or not)
+  vdirs = manifest_lib.find_datasets(target)
+  for name in sorted(os.listdir(target)):
+    v = os.path.join(target, name, builder_lib.VERSION)
+    if not name.startswith(".") and os.path.isdir(v) and v not in vdirs:
+      vdirs.append(v)
+  if not vdirs:
+    raise DatasetError(f"no exported dataset under {target}; export with `mtneuro export --out_dir "
+                       f"{path}` or pass the folder that holds the task folders")
+  return sorted(vdirs)
+
+
+def _cmd_verify(args) -> int:
+  for vdir in dataset_dirs(args.path):
     verify_dataset(vdir)
     m = manifest_lib.load_manifest(vdir)
     nbytes = sum(f["bytes"] for f in m["files"].values())
@@ -445,10 +547,15 @@ def _cmd_verify(args) -> int:
   return 0
 
 
-def summary_rows(out_dir: str) -> list[dict]:
-  """One row per (task, split) of the manifests under ``out_dir``."""
+def summary_rows(out_dir: str, *, verify: bool = True) -> list[dict]:
+  """One row per (task, split) of the datasets under ``out_dir`` (or of one dataset folder).
+
+  ``verify``: check each dataset against its manifest first (DatasetError if it fails).
+  """
   rows = []
-  for vdir in manifest_lib.find_datasets(out_dir):
+  for vdir in dataset_dirs(out_dir):
+    if verify:
+      verify_dataset(vdir)
     m = manifest_lib.load_manifest(vdir)
     for split, st in m["splits"].items():
       rows.append({"task": m["dataset"], "split": split, "examples": st["num_examples"],
@@ -459,58 +566,69 @@ def summary_rows(out_dir: str) -> list[dict]:
 
 
 def _cmd_summary(args) -> int:
-  rows = summary_rows(args.path)
-  if not rows:
-    raise DatasetError(f"no exported dataset under {os.path.abspath(args.path)}; "
-                       "export with `python -m data_prep.export`")
-  print(f"{'task':<17} {'split':<6} {'examples':>8} {'candidates':>10} {'excluded':>8} {'shards MB':>9}  limit")
+  rows = summary_rows(args.path, verify=not args.no_verify)
+  lines = [f"{'task':<17} {'split':<6} {'examples':>8} {'candidates':>10} {'excluded':>8} {'shards MB':>9}  limit"]
   last = None
   for r in rows:
     mb = f"{r['shard_mb']:9.1f}" if r["task"] != last else " " * 9
-    print(f"{r['task']:<17} {r['split']:<6} {r['examples']:>8} {r['candidates']:>10} {r['excluded']:>8} "
-          f"{mb}  {r['limit'] if r['limit'] is not None else '-'}")
+    lines.append(f"{r['task']:<17} {r['split']:<6} {r['examples']:>8} {r['candidates']:>10} "
+                 f"{r['excluded']:>8} {mb}  {r['limit'] if r['limit'] is not None else '-'}")
     last = r["task"]
   srcs = sorted({r["source"] for r in rows})
-  print(f"source: {', '.join(srcs)}" + ("  (SYNTHETIC phantom: not comparable to the paper)"
-                                        if any(s.startswith("phantom") for s in srcs) else ""))
+  lines.append(f"source: {', '.join(srcs)}" + ("  (SYNTHETIC phantom: not comparable to the paper)"
+                                               if any(s.startswith("phantom") for s in srcs) else ""))
+  print("\n".join(lines))  # printed only once every dataset passed
   return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m data_prep.export", description=__doc__.split("\n\n")[0])
-  p.add_argument("--source", default="phantom", help="phantom | phantom:seed=N | local:/path | bossdb[:host=..]")
-  p.add_argument("--tasks", default="all", help="'all' or a comma list of task names")
+def build_parser(prog: str = "mtneuro export") -> ArgumentParser:
+  p = ArgumentParser(prog=prog, description="Export MTNeuro tasks from a volume source to TFDS "
+                     "ArrayRecord datasets with manifests (byte-reproducible; see docs/data.md).")
+  p.add_argument("--source", default="phantom",
+                 help="phantom[:seed=N] | local:/path[,scale=S] | bossdb[:host=..,protocol=..] "
+                      "(default: phantom)")
+  p.add_argument("--tasks", default="all", help="'all' or a comma list of task names (default: all)")
   p.add_argument("--out_dir", default=None, help="export root (TFDS data_dir); default out/data/<source tag>")
   p.add_argument("--cache_dir", default=None, help=f"cutout cache; default <out_dir>/{DEFAULT_CACHE_SUBDIR}")
   p.add_argument("--limit_per_split", type=int, default=None,
                  help="keep the first N candidates per region per split (tests, tiny runs)")
   p.add_argument("--min_guard_slices", type=int, default=spec.DEFAULT_MIN_GUARD_SLICES,
-                 help="refuse splits of one cube closer than this many slices")
-  p.add_argument("--chunk_z", type=int, default=DEFAULT_CHUNK_Z, help="slices per cached cutout")
+                 help=f"refuse splits of one cube closer than this many slices "
+                      f"(default: {spec.DEFAULT_MIN_GUARD_SLICES})")
+  p.add_argument("--chunk_z", type=int, default=DEFAULT_CHUNK_Z,
+                 help=f"slices per cached cutout (default: {DEFAULT_CHUNK_Z})")
   p.add_argument("--overwrite", action="store_true", help="replace existing exports of these tasks")
   p.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
   return p
 
 
+def build_check_parser(command: str) -> ArgumentParser:
+  """Parser of ``mtneuro verify`` / ``mtneuro summary``."""
+  doc = {"verify": "Check every file of each dataset against the SHA-256 and size in its manifest "
+                   "(exit status 0 = all match).",
+         "summary": "Split sizes, exclusions and shard MB of each dataset (each verified first)."}
+  p = ArgumentParser(prog=f"mtneuro {command}", description=doc[command])
+  p.add_argument("path", help="export root (the --out_dir of `mtneuro export`) or one dataset folder")
+  if command == "summary":
+    p.add_argument("--no_verify", action="store_true",
+                   help="skip the SHA-256 check (sizes and split counts only from the manifests)")
+  return p
+
+
+def run(argv: Sequence[str]) -> int:
+  """The CLI without the error wrapper: raises UserError subclasses (``main`` prints them)."""
+  argv = list(argv)
+  if argv and argv[0] in ("verify", "summary"):
+    args = build_check_parser(argv[0]).parse_args(argv[1:])
+    return _cmd_verify(args) if argv[0] == "verify" else _cmd_summary(args)
+  if argv and argv[0] == "export":
+    argv = argv[1:]
+  return _cmd_export(build_parser().parse_args(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry point; returns the exit status (0 ok, 2 a reported problem)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    if argv and argv[0] in ("verify", "summary"):
-      sub = argparse.ArgumentParser(prog=f"python -m data_prep.export {argv[0]}")
-      sub.add_argument("path", help="export root or one dataset folder")
-      args = sub.parse_args(argv[1:])
-      return _cmd_verify(args) if argv[0] == "verify" else _cmd_summary(args)
-    if argv and argv[0] == "export":
-      argv = argv[1:]
-    return _cmd_export(build_parser().parse_args(argv))
-  except (ExportError, SourceError, DatasetError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: {e.strerror or e}: {e.filename or ''}; check the path and its permissions "
-          "(and free disk space)", file=sys.stderr)
-    return 2
+  """CLI entry point; returns the exit status (0 ok, 2 a reported problem: one stderr line)."""
+  return run_cli(run, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -3,38 +3,43 @@
   mtneuro main      the quick benchmark on the embedded phantom (export + Task 1 quick)
   mtneuro export    export task datasets (TFDS ArrayRecord) from a source
   mtneuro verify    check a dataset's shards against its manifest
-  mtneuro summary   per-task split sizes of an export folder
+  mtneuro summary   per-task split sizes of an export folder (verified first)
   mtneuro fidelity  phantom-vs-real fidelity report
   mtneuro serve     serve a volume over the Boss v1 API (for intern-based tools)
   mtneuro train     one training run from a config file
   mtneuro task1     Task 1 tables (methods x settings x seeds)
 
-Each subcommand's ``--help`` lists its options. Imports are lazy so that
-``mtneuro --help`` is instant.
+Each subcommand's ``--help`` lists its options. Bad input of any subcommand is one
+line ``error: <problem>; <fix>`` on stderr and exit status 2 (no traceback);
+``mtneuro --debug <command> ...`` (or ``MTNEURO_DEBUG=1``) also shows the traceback.
+Imports are lazy so that ``mtneuro --help`` is instant.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable
+
+from mtneuro_jax.errors import ArgumentParser, UsageError, run_cli
 
 DEFAULT_PHANTOM_DATA_DIR = "out/data/phantom-seed0"
 
 
 def _export(argv):
   from data_prep import export
-  return export.main(argv)
+  return export.run(argv)
 
 
 def _verify(argv):
   from data_prep import export
-  return export.main(["verify", *argv])
+  return export.run(["verify", *argv])
 
 
 def _summary(argv):
   from data_prep import export
-  return export.main(["summary", *argv])
+  return export.run(["summary", *argv])
 
 
 def _fidelity(argv):
@@ -44,7 +49,7 @@ def _fidelity(argv):
 
 def _serve(argv):
   from mtneuro_jax.volumes import boss_server
-  return boss_server.main(argv)
+  return boss_server.run(argv)
 
 
 def _train(argv):
@@ -57,15 +62,29 @@ def _task1(argv):
   return task1_tables.main(argv)
 
 
+def _check_folder_arg(parser: ArgumentParser, flag: str, path: str) -> None:
+  if not path.strip():
+    parser.error(f"{flag} is empty; give a folder")
+  if os.path.exists(path) and not os.path.isdir(path):
+    parser.error(f"{flag} {path} is a file, not a folder")
+
+
 def _main_job(argv):
   """Quick benchmark on the embedded phantom: export every task, summarise, run Task 1 quick."""
-  import argparse
-  parser = argparse.ArgumentParser(prog="mtneuro main", description=_main_job.__doc__)
-  parser.add_argument("--data_dir", default=DEFAULT_PHANTOM_DATA_DIR)
-  parser.add_argument("--out", default="out/task1_quick")
-  parser.add_argument("--preset", default="quick", help="Task 1 preset (quick | paper | tiny)")
+  from experiments.task1_tables import PRESETS  # light: the heavy imports of task1 are lazy
+  parser = ArgumentParser(prog="mtneuro main", description=_main_job.__doc__)
+  parser.add_argument("--data_dir", default=DEFAULT_PHANTOM_DATA_DIR,
+                      help="export root for the phantom datasets (default: %(default)s)")
+  parser.add_argument("--out", default="out/task1_quick", help="Task 1 tables folder (default: %(default)s)")
+  parser.add_argument("--preset", default="quick",
+                      help=f"Task 1 preset: {' | '.join(sorted(PRESETS))} (default: quick)")
   parser.add_argument("--skip_task1", action="store_true", help="only export and summarise")
   args = parser.parse_args(argv)
+  # Every argument is checked before the (minutes-long) export starts.
+  if args.preset not in PRESETS:
+    parser.error(f"unknown --preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+  _check_folder_arg(parser, "--data_dir", args.data_dir)
+  _check_folder_arg(parser, "--out", args.out)
   t0 = time.time()
   print("== mtneuro main: SYNTHETIC phantom data (not the paper's data; numbers are not comparable)")
   print(f"== [1/3] export all tasks from the phantom -> {args.data_dir}", flush=True)
@@ -94,16 +113,28 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
 }
 
 
+def _dispatch(argv: list[str]) -> int:
+  cmd, rest = argv[0], argv[1:]
+  if cmd not in COMMANDS:
+    raise UsageError(f"unknown command {cmd!r}; run `mtneuro --help` for the list "
+                     f"({', '.join(COMMANDS)})")
+  return int(COMMANDS[cmd](rest) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
+  """``mtneuro [--debug] <command> [options]``; returns the exit status.
+
+  Every command runs through ``mtneuro_jax.errors.run_cli``: a UserError (or an
+  argparse/absl usage error) becomes one ``error: ...`` line and status 2.
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
+  debug = None
+  if argv and argv[0] == "--debug":
+    debug, argv = True, argv[1:]
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(__doc__)
     return 0
-  cmd, rest = argv[0], argv[1:]
-  if cmd not in COMMANDS:
-    print(f"mtneuro: unknown command {cmd!r}; run 'mtneuro --help' for the list", file=sys.stderr)
-    return 2
-  return int(COMMANDS[cmd](rest) or 0)
+  return run_cli(_dispatch, argv, debug=debug)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ it says how well the generator imitates the real volume, nothing about the paper
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as futures
 import json
 import os
@@ -31,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from mtneuro_jax.data.transforms import area_downsample
+from mtneuro_jax.errors import ArgumentParser, run_cli
 from mtneuro_jax.volumes import morphology, phantom, spec
 from mtneuro_jax.volumes.sources import make_source
 
@@ -452,12 +452,18 @@ KNOWN_GAPS = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--out", default="experiments/results/phantom_fidelity")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-  ap.add_argument("--no_progress", action="store_true")
+  ap = ArgumentParser(prog="mtneuro fidelity", description=__doc__.split("\n\n")[0])
+  ap.add_argument("--out", default="experiments/results/phantom_fidelity",
+                  help="output folder for report.md, tables and pictures (default: %(default)s)")
+  ap.add_argument("--seed", type=int, default=0, help="phantom seed (default: 0)")
+  ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                  help="processes rendering cubes in parallel (default: %(default)s)")
+  ap.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = ap.parse_args(argv)
+  if args.workers < 1:
+    ap.error(f"--workers must be >= 1, got {args.workers}")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    ap.error(f"--out {args.out} is a file, not a folder")
   t_start = time.perf_counter()
   os.makedirs(args.out, exist_ok=True)
   source_spec = f"phantom:seed={args.seed}"
@@ -518,4 +524,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  import sys
+  raise SystemExit(run_cli(main, sys.argv[1:]))

@@ -153,5 +153,5 @@ def test_eval_batches_pad_with_invalid_rows(tiny_data_dir, mesh):
 
 
 def test_missing_dataset_names_the_exporter(tmp_path, mesh):
-  with pytest.raises(DatasetError, match=r"python -m data_prep.export --tasks task1_roi_c3"):
+  with pytest.raises(DatasetError, match=r"mtneuro export --tasks task1_roi_c3"):
     pipeline.train_iterator(_cfg(str(tmp_path), task="task1_roi_c3"), seed=0, mesh=mesh, global_batch_size=8)

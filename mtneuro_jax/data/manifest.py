@@ -14,6 +14,9 @@ import os
 import platform
 import re
 import tempfile
+import zlib
+
+from mtneuro_jax.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mtneuro-jax-export/1"
@@ -24,8 +27,11 @@ TFDS_SPLIT_NAMES = {"all": "full"}
 _SHARD_RE = re.compile(r"\.array_record-\d{5}-of-\d{5}$")
 
 
-class DatasetError(ValueError):
-  """A dataset on disk is missing, incomplete, corrupted or does not match its manifest."""
+class DatasetError(UserError, ValueError):
+  """A dataset on disk is missing, incomplete, corrupted or does not match its manifest.
+
+  A ``UserError`` (the CLIs print it as one line); still a ``ValueError`` for older callers.
+  """
 
 
 def tfds_split(split: str) -> str:
@@ -55,10 +61,26 @@ def file_entries(version_dir: str) -> dict[str, dict]:
   return out
 
 
+def content_digest(files: dict[str, dict]) -> str:
+  """SHA-256 over the sorted ``name sha256`` lines of ``files`` (a manifest's ``files``).
+
+  Two exports have the same digest iff every data file (shards, dataset_info.json,
+  features.json) is byte-identical.
+  """
+  lines = "".join(f"{name} {files[name]['sha256']}\n" for name in sorted(files))
+  return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def package_versions() -> dict[str, str]:
-  """Versions of what shaped the bytes on disk (jax is not involved in export)."""
-  out = {"python": platform.python_version()}
-  for dist in ("numpy", "tensorflow-datasets", "array-record", "intern", "grain", "mtneuro-jax"):
+  """Versions of what shaped the bytes on disk (jax is not involved in export).
+
+  The shard bytes depend on: numpy, tensorflow-datasets (record encoding, order, shard
+  count), protobuf (record serialization), array-record (its bundled zstd) and the zlib
+  library Python links against (``tfds.features.Tensor`` encoding).
+  """
+  out = {"python": platform.python_version(), "zlib": zlib.ZLIB_RUNTIME_VERSION}
+  for dist in ("numpy", "tensorflow-datasets", "protobuf", "array-record", "intern", "grain",
+               "mtneuro-jax"):
     try:
       out[dist] = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -100,16 +122,15 @@ def load_manifest(path: str) -> dict:
   vdir = resolve_version_dir(path)
   mpath = os.path.join(vdir, MANIFEST_NAME)
   if not os.path.isdir(vdir):
-    raise DatasetError(f"no dataset at {vdir}; export it with `python -m data_prep.export`")
+    raise DatasetError(f"no dataset at {vdir}; export it with `mtneuro export`")
   if not os.path.isfile(mpath):
     raise DatasetError(f"{vdir} has no {MANIFEST_NAME}, so it is not a complete export; "
-                       "re-run `python -m data_prep.export ... --overwrite`")
+                       "re-run `mtneuro export ... --overwrite`")
   try:
     with open(mpath) as f:
       manifest = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise DatasetError(f"{mpath} is unreadable ({e}); re-run `python -m data_prep.export ... "
-                       "--overwrite`") from None
+    raise DatasetError(f"{mpath} is unreadable ({e}); re-run `mtneuro export ... --overwrite`") from None
   if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
     raise DatasetError(f"{mpath} is not an mtneuro-jax manifest (format "
                        f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
@@ -132,7 +153,7 @@ def verify_dataset(path: str, *, check_hashes: bool = True) -> None:
   """
   vdir = resolve_version_dir(path)
   manifest = load_manifest(vdir)
-  fix = "re-run `python -m data_prep.export ... --overwrite` for this task"
+  fix = "re-run `mtneuro export ... --overwrite` for this task"
   if manifest.get("complete") is not True:
     raise DatasetError(f"{vdir}: manifest is not marked complete; {fix}")
   files = manifest.get("files") or {}
@@ -148,6 +169,10 @@ def verify_dataset(path: str, *, check_hashes: bool = True) -> None:
                          f"(truncated or replaced); {fix}")
     if check_hashes and sha256_file(fpath) != entry["sha256"]:
       raise DatasetError(f"{fpath} fails its SHA-256 check (corrupted or modified); {fix}")
+  digest = manifest.get("content_sha256")
+  if digest is not None and digest != content_digest(files):
+    raise DatasetError(f"{vdir}: manifest content_sha256 does not match its file list (manifest "
+                       f"edited); {fix}")
   for name in os.listdir(vdir):
     if _SHARD_RE.search(name) and name not in files:
       raise DatasetError(f"{os.path.join(vdir, name)} is a shard the manifest does not list; {fix}")

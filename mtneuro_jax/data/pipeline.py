@@ -69,17 +69,17 @@ def dataset_dir(data_dir: str, task: str) -> str:
 def open_manifest(data_dir: str | None, task: str) -> dict:
   """Verifies the dataset (once per process while its files are unchanged) and returns its manifest.
 
-  Raises DatasetError naming ``python -m data_prep.export`` when the dataset is
+  Raises DatasetError naming ``mtneuro export`` when the dataset is
   missing, and naming the broken file when it fails its checks.
   """
   spec.get_task(task)  # unknown task -> KeyError listing the known ones
   if not data_dir:
-    raise DatasetError(f"data_dir is not set; export the data with `python -m data_prep.export "
+    raise DatasetError(f"data_dir is not set; export the data with `mtneuro export "
                        f"--tasks {task} --out_dir DIR` and set config.data.data_dir=DIR")
   vdir = dataset_dir(data_dir, task)
   if not os.path.isfile(os.path.join(vdir, manifest_lib.MANIFEST_NAME)):
     raise DatasetError(f"no complete export of {task} in {os.path.abspath(data_dir)} (missing "
-                       f"{vdir}/manifest.json); create it with `python -m data_prep.export --tasks {task} "
+                       f"{vdir}/manifest.json); create it with `mtneuro export --tasks {task} "
                        f"--out_dir {data_dir}`")
   with _VERIFY_LOCK:
     sig = _signature(vdir)

@@ -43,7 +43,7 @@ Use from Python::
   with serve(make_source("phantom"), faults=FaultPlan(rate=0.2)) as srv:
     src = make_source(f"bossdb:host={srv.host_port},protocol=http")
 
-or the CLI: ``python -m mtneuro_jax.volumes.boss_server --source phantom --port 0``
+or the CLI: ``mtneuro serve --source phantom --port 0`` (= ``python -m mtneuro_jax.volumes.boss_server``)
 (prints ``BOSS_SERVER_URL=http://127.0.0.1:<port>``; ``--faults``, ``--latency_ms``
 to emulate a WAN, ``--memo_mb`` to keep a slow source's cutouts in memory, see
 ``MemoSource``; encoded replies are also kept in a byte-bounded LRU, ``--cache_mb``). Plain intern then works with
@@ -53,7 +53,6 @@ to emulate a WAN, ``--memo_mb`` to keep a slow source's cutouts in memory, see
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -74,8 +73,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import blosc
 import numpy as np
 
+from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
 from mtneuro_jax.volumes import spec
-from mtneuro_jax.volumes.sources import Source, SourceError, make_source
+from mtneuro_jax.volumes.sources import Source, make_source
 
 log = logging.getLogger(__name__)
 
@@ -682,42 +682,65 @@ def serve(source: Source, **kwargs) -> Iterator[BossServer]:
     server.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(
-      prog="python -m mtneuro_jax.volumes.boss_server",
+def build_parser() -> ArgumentParser:
+  ap = ArgumentParser(
+      prog="mtneuro serve",
       description="Serve a Source (phantom, local:/path, ...) through the Boss v1 REST API that intern "
                   "speaks, optionally with injected faults.")
-  ap.add_argument("--source", default="phantom", help="source spec, as data_prep --source (default: phantom)")
+  ap.add_argument("--source", default="phantom", help="source spec, as `mtneuro export --source` (default: phantom)")
   ap.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
   ap.add_argument("--port", type=int, default=0, help="port (0 = pick a free one; the URL is printed)")
   ap.add_argument("--token_env", default=None,
                   help="require the token held in this environment variable (not on the command line, "
                        "where ps shows it); default: accept any token")
   ap.add_argument("--faults", default="", help="fault plan, e.g. 'rate=0.2,kinds=5xx+429+drop,seed=0,delay=2'")
-  ap.add_argument("--cache_mb", type=float, default=256, help="LRU cache of encoded cutouts, MiB")
+  ap.add_argument("--cache_mb", type=float, default=256, help="LRU cache of encoded cutouts, MiB (default 256)")
   ap.add_argument("--max_cutout_mb", type=float, default=MAX_CUTOUT_BYTES / 2**20,
                   help="refuse larger cutouts with 413 (Boss: 500)")
   ap.add_argument("--latency_ms", type=float, default=0, help="added to every cutout reply (emulates a WAN)")
   ap.add_argument("--memo_mb", type=float, default=0,
                   help="keep decoded cutouts of the source in memory (MiB); for slow sources like the phantom")
+  return ap
+
+
+def _check_args(ap: ArgumentParser, args) -> None:
+  """Usage errors for values argparse's types let through (all before the server starts)."""
+  if not 0 <= args.port <= 65535:
+    ap.error(f"--port must be in [0, 65535], got {args.port}")
+  for name in ("cache_mb", "latency_ms", "memo_mb"):
+    value = getattr(args, name)
+    if not (value >= 0 and value != float("inf")):
+      ap.error(f"--{name} must be a finite number >= 0, got {value}")
+  if not args.max_cutout_mb > 0 or args.max_cutout_mb == float("inf"):
+    ap.error(f"--max_cutout_mb must be a finite number > 0, got {args.max_cutout_mb}")
+
+
+def run(argv: Sequence[str]) -> int:
+  """``mtneuro serve`` without the error wrapper (raises UserError; ``main`` prints it)."""
+  ap = build_parser()
   args = ap.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  _check_args(ap, args)
+  try:
+    faults = FaultPlan.parse(args.faults)
+  except (TypeError, ValueError) as e:
+    ap.error(f"--faults {args.faults!r}: {e}")
   token = None
   if args.token_env:
     import os
     token = os.environ.get(args.token_env)
     if not token:
-      ap.error(f"--token_env {args.token_env}: that environment variable is empty")
+      ap.error(f"--token_env {args.token_env}: that environment variable is empty or unset")
+  source = make_source(args.source)
+  if args.memo_mb > 0:
+    source = MemoSource(source, max_bytes=int(args.memo_mb * 2**20), prefetch_channels=source.kind == "phantom")
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
-    source = make_source(args.source)
-    if args.memo_mb > 0:
-      source = MemoSource(source, max_bytes=int(args.memo_mb * 2**20), prefetch_channels=source.kind == "phantom")
-    server = BossServer(source, host=args.bind, port=args.port, token=token,
-                        faults=FaultPlan.parse(args.faults), cache_bytes=int(args.cache_mb * 2**20),
+    server = BossServer(source, host=args.bind, port=args.port, token=token, faults=faults,
+                        cache_bytes=int(args.cache_mb * 2**20),
                         max_cutout_bytes=int(args.max_cutout_mb * 2**20), latency_s=args.latency_ms / 1e3)
-  except (SourceError, ValueError, OSError) as e:
-    print(f"boss_server: {e}", file=sys.stderr)
-    return 2
+  except OSError as e:
+    raise UserError(f"cannot listen on {args.bind}:{args.port} ({e.strerror or e}); pick another "
+                    "--port (0 = any free one) or --bind address") from None
   print(f"BOSS_SERVER_URL={server.url}", flush=True)
   print(f"serving --source {args.source} as Boss API v1; read it with "
         f"--source 'bossdb:host={server.host_port},protocol=http' (Ctrl-C stops)", flush=True)
@@ -729,6 +752,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   server.close()
   print(json.dumps({"boss_server_stats": server.stats()}), flush=True)
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point: exit status 0, or 2 with one ``error: ...`` line for bad input."""
+  return run_cli(run, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,8 @@ def _read_intern_config(path: str, environ: Mapping[str, str]) -> tuple[dict[str
     try:
       parser.read(path)
     except configparser.Error as e:
-      raise SourceError(f"cannot parse intern config {path}: {type(e).__name__}") from None
+      raise SourceError(f"cannot parse intern config {path}: {type(e).__name__}; fix or move that "
+                        "file, or pass host=/token= in the source spec") from None
     # BossRemote reads the cutout service from [Volume Service] when present.
     for section in ("Volume Service", "Default"):
       if parser.has_section(section):
@@ -148,9 +149,9 @@ def resolve_boss_config(host: str | None = None, protocol: str | None = None,
       with open(os.path.expanduser(token_file)) as f:
         token = f.read().strip()
     except OSError as e:
-      raise SourceError(f"cannot read token_file {token_file}: {e.strerror}") from None
+      raise SourceError(f"cannot read token_file {token_file}: {e.strerror}; check the path") from None
     if not token:
-      raise SourceError(f"token_file {token_file} is empty")
+      raise SourceError(f"token_file {token_file} is empty; put the token in it")
   env = {k: environ.get(f"MTNEURO_BOSS_{k.upper()}") or None for k in ("protocol", "host", "token")}
   cfg, cfg_origin = _read_intern_config(intern_cfg, environ)
   levels = [({"host": host, "protocol": protocol, "token": token}, "argument"),
@@ -174,7 +175,8 @@ def resolve_boss_config(host: str | None = None, protocol: str | None = None,
     break
   out["host"] = out["host"].rstrip("/")
   if out["protocol"] not in ("http", "https"):
-    raise SourceError(f"BossDB protocol must be 'http' or 'https', got {out['protocol']!r}")
+    raise SourceError(f"BossDB protocol must be 'http' or 'https', got {out['protocol']!r}; "
+                      "fix protocol= (or MTNEURO_BOSS_PROTOCOL)")
   if "://" in out["host"] or "/" in out["host"]:
     raise SourceError(f"BossDB host must be 'name[:port]' without scheme or path, got {out['host']!r}; "
                       "pass the scheme as protocol=http|https")
@@ -334,7 +336,8 @@ def parse_chunk(text: str | Sequence[int] | None) -> tuple[int, int, int]:
   except (TypeError, ValueError):
     chunk = ()
   if len(chunk) != 3 or min(chunk) < 1:
-    raise SourceError(f"chunk must be three positive ZYX sizes like '32x512x512', got {text!r}")
+    raise SourceError(f"chunk must be three positive ZYX sizes like '32x512x512', got {text!r}; "
+                      "fix the chunk= option")
   return chunk  # type: ignore[return-value]
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from mtneuro_jax.errors import UserError
 
-class SourceError(ValueError):
-  """A source cannot serve a request; the message names the problem and the fix."""
+
+class SourceError(UserError, ValueError):
+  """A source cannot serve a request; the message names the problem and the fix.
+
+  A ``UserError`` (the CLIs print it as one line); still a ``ValueError`` for older callers.
+  """
