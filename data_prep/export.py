@@ -567,7 +567,8 @@ def summary_rows(out_dir: str, *, verify: bool = True) -> list[dict]:
 
 def _cmd_summary(args) -> int:
   rows = summary_rows(args.path, verify=not args.no_verify)
-  lines = [f"{'task':<17} {'split':<6} {'examples':>8} {'candidates':>10} {'excluded':>8} {'shards MB':>9}  limit"]
+  lines = [f"{'task':<17} {'split':<6} {'examples':>8} {'candidates':>10} {'excluded':>8} "
+           f"{'shards MB':>9}  limit"]
   last = None
   for r in rows:
     mb = f"{r['shard_mb']:9.1f}" if r["task"] != last else " " * 9

@@ -1,4 +1,4 @@
-"""mtneuro_jax.dirlock: one writer per folder, holder named, stale locks taken over only when provably dead."""
+"""mtneuro_jax.dirlock: one writer per folder, the holder named, stale locks taken over only if dead."""
 import json
 import os
 import socket
@@ -32,7 +32,8 @@ def test_second_lock_fails_at_once_naming_the_holder(tmp_path):
     assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
     assert holder["what"] == "export of t1" and holder["started_utc"].endswith("Z")
     t0 = time.monotonic()
-    with pytest.raises(dirlock.LockedError, match=rf"in use by export of t1 \(pid {os.getpid()} on host ") as e:
+    pid = os.getpid()
+    with pytest.raises(dirlock.LockedError, match=rf"in use by export of t1 \(pid {pid} on host ") as e:
       dirlock.exclusive_lock(folder, what="other").acquire()  # not re-entrant, even in one process
     assert time.monotonic() - t0 < 1 and isinstance(e.value, UserError) and "delete" in str(e.value)
     assert e.value.holder["pid"] == os.getpid()

@@ -170,7 +170,8 @@ def test_canonical_example_fixes_the_feature_map_order():
   assert ab != ba
   assert tf_example_pb2.Example.FromString(ab) == tf_example_pb2.Example.FromString(ba)
   assert builder_lib.canonical_example(ab) == builder_lib.canonical_example(ba)
-  assert tf_example_pb2.Example.FromString(builder_lib.canonical_example(ba)) == tf_example_pb2.Example.FromString(ab)
+  decoded = tf_example_pb2.Example.FromString(builder_lib.canonical_example(ba))
+  assert decoded == tf_example_pb2.Example.FromString(ab)
 
 
 def test_same_export_twice_gives_identical_bytes(tiny_data_dir, tmp_path):

@@ -687,14 +687,16 @@ def build_parser() -> ArgumentParser:
       prog="mtneuro serve",
       description="Serve a Source (phantom, local:/path, ...) through the Boss v1 REST API that intern "
                   "speaks, optionally with injected faults.")
-  ap.add_argument("--source", default="phantom", help="source spec, as `mtneuro export --source` (default: phantom)")
+  ap.add_argument("--source", default="phantom",
+                  help="source spec, as `mtneuro export --source` (default: phantom)")
   ap.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
   ap.add_argument("--port", type=int, default=0, help="port (0 = pick a free one; the URL is printed)")
   ap.add_argument("--token_env", default=None,
                   help="require the token held in this environment variable (not on the command line, "
                        "where ps shows it); default: accept any token")
   ap.add_argument("--faults", default="", help="fault plan, e.g. 'rate=0.2,kinds=5xx+429+drop,seed=0,delay=2'")
-  ap.add_argument("--cache_mb", type=float, default=256, help="LRU cache of encoded cutouts, MiB (default 256)")
+  ap.add_argument("--cache_mb", type=float, default=256,
+                  help="LRU cache of encoded cutouts, MiB (default 256)")
   ap.add_argument("--max_cutout_mb", type=float, default=MAX_CUTOUT_BYTES / 2**20,
                   help="refuse larger cutouts with 413 (Boss: 500)")
   ap.add_argument("--latency_ms", type=float, default=0, help="added to every cutout reply (emulates a WAN)")
@@ -732,8 +734,8 @@ def run(argv: Sequence[str]) -> int:
       ap.error(f"--token_env {args.token_env}: that environment variable is empty or unset")
   source = make_source(args.source)
   if args.memo_mb > 0:
-    source = MemoSource(source, max_bytes=int(args.memo_mb * 2**20), prefetch_channels=source.kind == "phantom")
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+    source = MemoSource(source, max_bytes=int(args.memo_mb * 2**20),
+                        prefetch_channels=source.kind == "phantom")
   try:
     server = BossServer(source, host=args.bind, port=args.port, token=token, faults=faults,
                         cache_bytes=int(args.cache_mb * 2**20),
@@ -741,6 +743,7 @@ def run(argv: Sequence[str]) -> int:
   except OSError as e:
     raise UserError(f"cannot listen on {args.bind}:{args.port} ({e.strerror or e}); pick another "
                     "--port (0 = any free one) or --bind address") from None
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
   print(f"BOSS_SERVER_URL={server.url}", flush=True)
   print(f"serving --source {args.source} as Boss API v1; read it with "
         f"--source 'bossdb:host={server.host_port},protocol=http' (Ctrl-C stops)", flush=True)

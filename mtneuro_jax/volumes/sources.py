@@ -316,6 +316,11 @@ class LocalSource(Source):
   def _open_array(self, channel: str):
     npy = os.path.join(self.path, channel + ".npy")
     if os.path.isfile(npy):
+      with open(npy, "rb") as f:
+        magic = f.read(6)
+      if magic != b"\x93NUMPY":  # np.load would try it as a pickle and say so, confusingly
+        raise SourceError(f"{npy} is not a .npy file (no NUMPY header); write it with numpy.save "
+                          "(a numeric ZYX array)")
       try:
         return np.load(npy, mmap_mode="r", allow_pickle=False)
       except (OSError, ValueError, EOFError) as e:
@@ -402,7 +407,7 @@ class BossDBSource(Source):
 
     bossdb                                     https://api.bossdb.io, public read-only token
     bossdb:host=127.0.0.1:8123,protocol=http   a local server, e.g.
-                                               ``python -m mtneuro_jax.volumes.boss_server --source phantom``
+                                               ``mtneuro serve --source phantom``
     bossdb:token_file=~/.bossdb/token          a private token read from a file
 
   The MTNeuro channels are public, so the real BossDB needs no setup: plain
@@ -516,7 +521,8 @@ class BossDBSource(Source):
     remote = self.volume_provider().get_channel(c.channel, c.collection, c.experiment)
     if remote.datatype != c.dtype:
       raise SourceError(f"{self.protocol}://{self.host} serves {c.uri} as {remote.datatype}, "
-                        f"expected {c.dtype}: is this the MTNeuro volume?")
+                        f"expected {c.dtype}; is this the MTNeuro volume? point host= at a server "
+                        "that holds it")
     self._checked.add(channel)
 
   def check_channels(self, channels) -> None:
@@ -547,7 +553,8 @@ class BossDBSource(Source):
     self._check_channel(channel)
     boxes = list(boxes)
     outs = self.volume_provider().get_cutouts(_channel_resource(spec.CHANNELS[channel]), resolution, boxes)
-    return [to_channel_dtype(channel, a, where=f"{self.where()}, box {b}") for a, b in zip(outs, boxes, strict=True)]
+    return [to_channel_dtype(channel, a, where=f"{self.where()}, box {b}")
+            for a, b in zip(outs, boxes, strict=True)]
 
   def fetch_stats(self) -> dict[str, Any]:
     """Requests, bytes, retries and faults by kind so far (JSON-able)."""
