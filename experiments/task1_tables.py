@@ -53,6 +53,7 @@ import traceback
 from typing import Any, Sequence
 
 from experiments import paper_reference as paper
+from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
 from mtneuro_jax import configlib
 
 METHODS = ("supervised", "mixup", "pca", "nmf")
@@ -340,7 +341,9 @@ def _data_info(data_dir: str) -> dict:
            for t in ("task1_roi_c1", "task1_roi_c2", "task1_roi_c3")}
   sources = {i["source"] for i in infos.values()}
   if len(sources) > 1:
-    raise ValueError(f"the three Task 1 exports in {data_dir} come from different sources: {sorted(sources)}")
+    raise UserError(f"the three Task 1 exports in {data_dir} come from different sources: {sorted(sources)}; "
+                    "export all three from one source (`mtneuro export --tasks task1_roi_c1,task1_roi_c2,"
+                    "task1_roi_c3 ...`)")
   first = infos["task1_roi_c1"]
   return {"source": first["source"], "synthetic": any(i["synthetic"] for i in infos.values()),
           "limit_per_split": next((i["limit_per_split"] for i in infos.values() if i["limit_per_split"]), None),
@@ -348,8 +351,8 @@ def _data_info(data_dir: str) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="mtneuro task1", description=__doc__.split("\n\n")[0],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
   parser.add_argument("--data_dir", default="out/data/phantom-seed0", help="export root (TFDS data_dir)")
   parser.add_argument("--out", default=None, help="output folder (default experiments/results/task1_<preset>)")
@@ -364,7 +367,12 @@ def main(argv=None) -> int:
   bad = [m for m in methods if m not in METHODS]
   if bad:
     parser.error(f"unknown methods {bad}; known: {METHODS}")
-  seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else preset.seeds
+  try:
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else preset.seeds
+  except ValueError:
+    parser.error(f"--seeds={args.seeds!r} must be comma-separated integers, e.g. 1,100")
+  if not seeds:
+    parser.error("--seeds is empty; give at least one seed, e.g. 1")
   runs = plan_runs(preset, methods, seeds)
   if args.dry_run:
     for r in runs:
@@ -387,6 +395,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
       res = execute(run, preset, args.data_dir, out)
+    except UserError:
+      raise  # bad input (data, config, a locked workdir) is the same for every run: stop at once
     except Exception as e:  # keep going: one broken run must not lose the others
       failed.append((run, repr(e)))
       print(f"[task1] [{i}/{len(runs)}] {run.label()}: FAILED {e!r}", flush=True)
@@ -417,4 +427,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(main, sys.argv[1:]))

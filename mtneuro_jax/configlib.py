@@ -45,7 +45,7 @@ from typing import Sequence
 
 import ml_collections
 
-from mtneuro_jax.errors import UserError
+from mtneuro_jax.errors import ConfigError
 
 # Dataset facts shared by every task: the X-ray volume's intensity statistics on [0, 1].
 XRAY_MEAN = 0.4894
@@ -88,7 +88,7 @@ SIZES = {"quick": QUICK, "tiny": TINY}
 
 # ---------------------------------------------------------------------------
 # arg parsing.
-class ConfigArgError(UserError, ValueError):
+class ConfigArgError(ConfigError):
   """A config ``arg`` with an unknown word or two words of one kind (CLIs print it as one line)."""
 
 

@@ -28,6 +28,10 @@ class UsageError(UserError):
   """Bad command-line arguments (unknown option, missing or malformed value)."""
 
 
+class ConfigError(UserError, ValueError):
+  """A config value the code cannot run with (the message names the key and a valid value)."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """``argparse.ArgumentParser`` whose usage errors raise ``UsageError`` (one line via ``run_cli``).
 

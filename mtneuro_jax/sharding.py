@@ -13,6 +13,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtneuro_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -44,8 +46,8 @@ def process_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """Per-process share of a global batch; it must split evenly over devices."""
   n = mesh.devices.size
   if global_batch_size % n:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"{n} devices of the mesh; pick a multiple of {n}")
+    raise ConfigError(f"global batch size {global_batch_size} is not divisible by the "
+                      f"{n} devices of the mesh; pick a multiple of {n}")
   return global_batch_size // jax.process_count()
 
 

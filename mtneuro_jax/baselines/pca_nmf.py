@@ -252,16 +252,21 @@ def fit_and_evaluate(config, workdir: str | None, *, data=None) -> dict[str, Any
   return results
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
   """CLI: ``python -m mtneuro_jax.baselines.pca_nmf --config FILE[:ARG] --workdir DIR``."""
-  from mtneuro_jax.train.loop import run_config_cli
+  from mtneuro_jax.train.loop import parse_config_cli
 
-  def _run(config, workdir):
-    res = fit_and_evaluate(config, workdir)
-    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1, sort_keys=True))
-
-  run_config_cli(_run, argv)
+  args = parse_config_cli(argv, workdir_help="output directory (results.json, config.json, eval/)")
+  if args is None:
+    return 0
+  res = fit_and_evaluate(args["config"], args["workdir"])
+  print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1, sort_keys=True))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  import sys
+
+  from mtneuro_jax.errors import run_cli
+
+  sys.exit(run_cli(main, ["python -m mtneuro_jax.baselines.pca_nmf", *sys.argv[1:]]))

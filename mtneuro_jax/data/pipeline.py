@@ -33,6 +33,7 @@ from mtneuro_jax.data import manifest as manifest_lib
 from mtneuro_jax.data.manifest import DatasetError, tfds_split
 from mtneuro_jax.data.transforms import TARGET_KEYS, RecordTransform, num_target_classes
 from mtneuro_jax import sharding
+from mtneuro_jax.errors import ConfigError
 from mtneuro_jax.volumes import spec
 
 _MISSING = object()
@@ -156,7 +157,7 @@ class TrainIterator:
     self.local_batch_size = sharding.process_batch_size(self.global_batch_size, mesh)
     self.steps_per_epoch = self.num_examples // self.global_batch_size
     if self.steps_per_epoch == 0:
-      raise ValueError(f"{self.task}/{self.split} has {self.num_examples} examples, fewer than one global "
+      raise ConfigError(f"{self.task}/{self.split} has {self.num_examples} examples, fewer than one global "
                        f"batch of {self.global_batch_size}; lower the batch size")
     self.transform = make_transform(data_cfg, self.task, train=True)
     G, L, n, pid = self.global_batch_size, self.local_batch_size, self.num_examples, jax.process_index()
@@ -265,7 +266,7 @@ def dataset_info(data_cfg: Any, task: str | None = None) -> dict:
   manifest = open_manifest(_get(data_cfg, "data_dir", None), task)
   f = int(_get(data_cfg, "downsample", 1))
   if f not in spec.DOWNSAMPLE_FACTORS:
-    raise ValueError(f"downsample must be one of {spec.DOWNSAMPLE_FACTORS}, got {f}")
+    raise ConfigError(f"downsample must be one of {spec.DOWNSAMPLE_FACTORS}, got {f}")
   tile = spec.QUADRANT if t.kind == "task3" else spec.TILE
   yx = (tile // f, tile // f)
   image_shape = ((t.window,) if t.kind == "task2" and t.window > 1 else ()) + yx + (1,)

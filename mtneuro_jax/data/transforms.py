@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from mtneuro_jax.errors import ConfigError
 from mtneuro_jax.volumes import spec
 
 # Which record key holds the target, and how many classes it has, per task kind.
@@ -67,7 +68,7 @@ def crop_window(rng: np.random.Generator, shape_yx: tuple[int, int], size: int) 
   """Top-left corner of a uniformly placed ``size x size`` window inside ``shape_yx``."""
   h, w = shape_yx
   if size > h or size > w:
-    raise ValueError(f"random_crop {size} is larger than the (downsampled) image {h}x{w}")
+    raise ConfigError(f"random_crop {size} is larger than the (downsampled) image {h}x{w}")
   return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
 
 
@@ -99,11 +100,11 @@ class RecordTransform:
 
   def __post_init__(self):
     if self.downsample not in spec.DOWNSAMPLE_FACTORS:
-      raise ValueError(f"downsample must be one of {spec.DOWNSAMPLE_FACTORS}, got {self.downsample}")
+      raise ConfigError(f"downsample must be one of {spec.DOWNSAMPLE_FACTORS}, got {self.downsample}")
     if self.std <= 0:
-      raise ValueError(f"image_std must be > 0, got {self.std}")
+      raise ConfigError(f"image_std must be > 0, got {self.std}")
     if self.random_crop < 0:
-      raise ValueError(f"random_crop must be >= 0 (0 = off), got {self.random_crop}")
+      raise ConfigError(f"random_crop must be >= 0 (0 = off), got {self.random_crop}")
 
   def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
     tkey = TARGET_KEYS[self.kind]

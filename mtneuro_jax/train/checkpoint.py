@@ -57,9 +57,11 @@ def state_digest(state: Any) -> tuple[str, list[str]]:
   """(SHA-256 over every leaf's path, dtype, shape and bytes, paths of non-finite float leaves)."""
   h = hashlib.sha256()
   bad = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+  # Sorted by path: the same arrays give the same digest whether they sit in a TrainState
+  # (field order) or in the nested dicts a checkpoint reads back as (key order).
+  leaves = sorted((_path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0])
+  for key, leaf in leaves:
     a = np.ascontiguousarray(_host(leaf))
-    key = _path_str(path)
     h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
     h.update(a.tobytes())
     if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
@@ -98,7 +100,9 @@ class Checkpointer:
     self.directory = directory = os.path.abspath(directory)
     # cleanup_tmp_directories: drop half-written saves of a killed run before resuming
     # (never in another run's folder, which ``read_only`` opens for init_from).
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+    # create=False: the folder appears with the first save, so a run refused at start-up
+    # leaves nothing behind.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                            cleanup_tmp_directories=not read_only, read_only=read_only,
                                            enable_async_checkpointing=async_save)
     self._mgr = ocp.CheckpointManager(directory, options=options)
@@ -118,6 +122,7 @@ class Checkpointer:
     digest, bad = state_digest(state)
     if bad:
       raise FloatingPointError(f"refusing to checkpoint step {step}: non-finite values in {bad[:5]}")
+    os.makedirs(self.directory, exist_ok=True)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({"per_process": gather_json(data_state)}),
@@ -144,42 +149,64 @@ class Checkpointer:
                        f"this run has {jax.process_count()}")
     return out.state, per_process[jax.process_index()], dict(out.meta or {})
 
+  def saved_layout(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{'/'-joined leaf path: (shape, dtype)} of the state saved at ``step``, from its metadata."""
+    md = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+    tree = getattr(md, "item_metadata", md)
+    return {_path_str(p): (tuple(leaf.shape), np.dtype(leaf.dtype).str)
+            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
   def restore_verified(self, target: Any) -> tuple[int, Any, Any, dict] | None:
-    """The newest checkpoint that restores onto ``target`` and passes its integrity check.
+    """The newest checkpoint that fits ``target`` and passes its integrity check.
 
     Returns (step, state, this process's data state, meta), or None if the directory holds
-    no checkpoint. A corrupt checkpoint (restore error, digest mismatch, non-finite values) is
-    logged, moved aside and skipped. Raises CheckpointError when checkpoints exist but none
-    verifies, or when they do not fit ``target`` (another model or config).
+    no checkpoint. A corrupt checkpoint (unreadable, digest mismatch, non-finite values) newer
+    than the verified one is logged and moved aside. Raises CheckpointError (and moves
+    nothing) when checkpoints exist but none verifies; if none even fits ``target``'s tree
+    (another model, objective or optimizer), the message says so.
     """
-    problems = []
+    want = {_path_str(p): (tuple(x.shape), np.dtype(x.dtype).str)
+            for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    problems, misfits, corrupt = [], [], []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        state, data_state, meta = self.restore(step, target)
-      except Exception as e:  # noqa: BLE001 - any failure to read it back means: not usable
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        if _is_structure_mismatch(e):
-          raise CheckpointError(f"the checkpoint at step {step} in {self.directory} does not fit this "
-                                f"run's model/objective/optimizer ({reason}); use another workdir, or "
-                                "rerun with the config that wrote it") from e
-      else:
-        digest, bad = state_digest(state)
-        want = meta.get("state_sha256")
-        if bad:
-          reason = f"non-finite values in {bad[:3]}"
-        elif want is not None and want != digest:
-          reason = "its arrays do not match the SHA-256 recorded at save (corrupted on disk)"
+        have = self.saved_layout(step)
+      except Exception as e:  # noqa: BLE001 - unreadable metadata: corrupt
+        have, reason = None, f"unreadable metadata ({type(e).__name__})"
+      if have is not None and have != want:
+        diff = sorted(set(have.items()) ^ set(want.items()))[:2]
+        misfits.append(f"step {step}: {diff}")
+        continue
+      if have is not None:
+        try:
+          state, data_state, meta = self.restore(step, target)
+        except Exception as e:  # noqa: BLE001 - any failure to read it back means: not usable
+          reason = f"{type(e).__name__}: {_first_line(e)}"[:300]
         else:
-          if want is None:
-            logging.warning("checkpoint %d in %s has no integrity record (older format); only "
-                            "finiteness was checked", step, self.directory)
-          return step, state, data_state, meta
+          digest, bad = state_digest(state)
+          recorded = meta.get("state_sha256")
+          if bad:
+            reason = f"non-finite values in {bad[:3]}"
+          elif recorded is not None and recorded != digest:
+            reason = "its arrays do not match the SHA-256 recorded at save (corrupted on disk)"
+          else:
+            if recorded is None:
+              logging.warning("checkpoint %d in %s has no integrity record (older format); only "
+                              "finiteness was checked", step, self.directory)
+            if misfits:
+              logging.warning("checkpoints that do not fit this run were skipped: %s", misfits)
+            for bad_step, why in corrupt:  # out of the way, so this run can save those steps again
+              self._quarantine(bad_step, why)
+            return step, state, data_state, meta
       problems.append(f"step {step}: {reason}")
-      self._quarantine(step, reason)
-    if problems:
-      raise CheckpointError(f"no checkpoint in {self.directory} could be verified ({'; '.join(problems)}); "
-                            f"the corrupt ones were moved to {self._quarantine_dir()}. Start a new "
-                            "workdir, or delete the checkpoints folder to train this one from scratch")
+      corrupt.append((step, reason))
+    if misfits and not problems:
+      raise CheckpointError(f"the checkpoints in {self.directory} were written by another model, objective or "
+                            f"optimizer (first differences: {misfits[0]}); use a new workdir, or rerun with "
+                            "the config that wrote them")
+    if problems or misfits:
+      raise CheckpointError(f"no checkpoint in {self.directory} could be verified ({'; '.join(problems + misfits)}); "
+                            "use a new workdir, or delete that checkpoints folder to train this one from scratch")
     return None
 
   def _quarantine_dir(self) -> str:
@@ -218,11 +245,9 @@ class Checkpointer:
     self._mgr.close()
 
 
-def _is_structure_mismatch(e: Exception) -> bool:
-  """Orbax's error for a checkpoint tree that differs from the target's (not corruption)."""
-  text = str(e).lower()
-  return isinstance(e, (ValueError, KeyError)) and any(
-      s in text for s in ("tree structure", "does not match", "shape mismatch", "mismatch", "not found in"))
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else ""
 
 
 def load_pretrained(init_from, fresh_variables: Any) -> dict:

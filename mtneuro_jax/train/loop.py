@@ -32,17 +32,21 @@ MTNEURO_PROCESS_ID -> jax.distributed.initialize(...) before anything touches JA
 from __future__ import annotations
 
 import functools
+import contextlib
 import json
 import logging as std_logging
 import math
 import os
+import re
+import sys
 import time
 from typing import Any
 
 import jax
 from absl import logging
 
-from mtneuro_jax import sharding
+from mtneuro_jax import dirlock, sharding
+from mtneuro_jax.errors import ConfigError, UsageError, UserError, run_cli
 from mtneuro_jax.eval.common import EvalContext
 from mtneuro_jax.eval.registry import check_kinds, run_evals
 from mtneuro_jax.models import MODELS
@@ -118,31 +122,106 @@ def make_eval_context(predict_fn, data, config, mesh) -> EvalContext:
   return EvalContext(predict_fn=predict_fn, open_batches=open_batches, dataset_info=dataset_info)
 
 
-def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
+# Keys that may differ when a run resumes: they change logging, speed, evaluation or where
+# files are, not the training maths. Everything else must match the saved config.json.
+RESUME_FREE_KEYS = re.compile(
+    r"^(log_every_steps|checkpoint_every_steps|keep_checkpoints|compilation_cache_dir|progress|"
+    r"distributed|num_devices|data\.(eval_batch_size|read_threads|prefetch_batches)|evals(\..*)?|"
+    r"init_from(\..*)?)$")
+
+
+class ConfigChangedError(UserError):
+  """A run resumed with a config whose training maths differ from the saved one."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out if out or not prefix else {prefix[:-1]: {}}
+  return {prefix[:-1]: d}
+
+
+def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (saved value, current value)} for keys that change the maths (see RESUME_FREE_KEYS)."""
+  a, b = _flatten(saved), _flatten(current)
+  missing = object()
+  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+          if not RESUME_FREE_KEYS.match(k) and a.get(k, missing) != b.get(k, missing)}
+
+
+def validate_config(config) -> None:
+  """One clear UserError for values the loop cannot run with (before anything is written)."""
+  bs = config.data.get("batch_size", 0)
+  ebs = config.data.get("eval_batch_size", bs)
+  for key, v in (("data.batch_size", bs), ("data.eval_batch_size", ebs)):
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      raise ConfigError(f"config.{key}={v!r} must be a positive integer; set e.g. --config.{key}=32")
+  total = config.get("total_steps", 0) or 0
+  if total < 0:
+    raise ConfigError(f"config.total_steps={total} is negative; use a positive step count, or 0 to "
+                      "train for config.num_epochs")
+  if total == 0 and not float(config.get("num_epochs", 0) or 0) > 0:
+    raise ConfigError(f"config.total_steps=0 and config.num_epochs={config.get('num_epochs', None)}: the run "
+                      "would not train; set --config.total_steps=N or --config.num_epochs=E > 0")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "num_devices"):
+    v = config.get(key, 0) or 0
+    if v < 0:
+      raise ConfigError(f"config.{key}={v} is negative; use 0 or a positive integer")
+  optim_lib.make_optimizer(config.optim, steps_per_epoch=1, total_steps=1, batch_size=1)  # raises ConfigError
+
+
+def train_and_evaluate(config, workdir: str, *, data=None, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains per ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
   Args:
     config: ml_collections ConfigDict (see module docstring).
-    workdir: output directory.
+    workdir: output directory. Locked for the run (``<workdir>/.lock``): a second run in the
+      same workdir fails at once with ``dirlock.LockedError``.
     data: a data module with ``train_iterator``, ``eval_batches`` and
       ``dataset_info`` (default ``mtneuro_jax.data.pipeline``); tests pass fakes.
+    allow_config_change: resume even if keys that change the training maths differ from the
+      saved ``config.json`` (the change is logged in metrics.jsonl); otherwise that raises
+      ``ConfigChangedError`` listing them.
 
   Returns:
     Final eval metrics {'<eval name>/<metric>': value, 'step': total steps}, also
     written to ``<workdir>/results.json``.
 
   Raises:
+    UserError subclasses for bad input (config values, data, checkpoints, a locked workdir).
     metrics.NonFiniteLossError: loss or gradient norm became NaN/Inf. Checkpoints
       written before that step are kept; the bad state is never saved.
   """
   maybe_initialize_distributed(config)
+  validate_config(config)
   enable_compilation_cache(config.get("compilation_cache_dir", DEFAULT_CACHE_DIR))
-  data = data or _default_data_module()
+  # Only process 0 writes the workdir's files, so it alone holds the lock.
+  lock = dirlock.exclusive_lock(workdir, what="training run") if jax.process_index() == 0 else (
+      contextlib.nullcontext())
+  with lock:
+    return _train_and_evaluate(config, os.path.abspath(workdir), data or _default_data_module(),
+                               allow_config_change)
+
+
+def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               keep=int(config.get("keep_checkpoints", 2) or 0) or None)
+  config_path = os.path.join(workdir, "config.json")
+  changes = {}
+  if ckpt.latest_step() is not None and os.path.exists(config_path):
+    with open(config_path) as f:
+      saved = json.load(f)
+    changes = config_differences(saved, json.loads(config.to_json_best_effort()))
+    if changes and not allow_config_change:
+      listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:8])
+      more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
+      raise ConfigChangedError(f"{workdir} holds a run with another config ({listed}{more}); resume it with "
+                               f"its own config ({config_path}), use a new workdir, or pass "
+                               "--allow_config_change")
 
   mesh = sharding.make_mesh(config.get("num_devices", 0) or None)
   info = data.dataset_info(config.data)
@@ -151,9 +230,13 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
   # (num_classes 0, e.g. for SSL or an objective that owns its head) has nothing to match.
   if model_kwargs.get("num_classes") and info.get("num_classes") and model_kwargs["num_classes"] != info[
       "num_classes"]:
-    raise ValueError(f"config.model.num_classes={model_kwargs['num_classes']} but the dataset has "
-                     f"{info['num_classes']} classes")
-  model = MODELS[config.model_name](**model_kwargs)
+    raise ConfigError(f"config.model.num_classes={model_kwargs['num_classes']} but {info.get('task')} has "
+                      f"{info['num_classes']} classes; set --config.model.num_classes={info['num_classes']}")
+  try:
+    model = MODELS[config.model_name](**model_kwargs)
+  except TypeError as e:  # an unknown or missing model kwarg
+    raise ConfigError(f"config.model does not fit model {config.model_name!r} ({e}); fix the config.model "
+                      "keys") from e
   objective = OBJECTIVES[config.objective_name]
   objective_cfg = config.get("objective", None)
   evals = {name: ecfg for name, ecfg in (config.get("evals", None) or {}).items()}
@@ -170,8 +253,6 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
   # unless a checkpoint resets the iterator below.
   first_batch = next(train_it)
   example = jax.ShapeDtypeStruct((1,) + tuple(first_batch["image"].shape[1:]), first_batch["image"].dtype)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               keep=int(config.get("keep_checkpoints", 2) or 0) or None)
   last_saved = ckpt.latest_step()
   initial = None
   init_from = config.get("init_from", None)
@@ -188,13 +269,19 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
 
   state = jax.jit(init, out_shardings=sharding.replicated_sharding(mesh))(initial)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  if last_saved is not None:
-    state, data_state, _ = ckpt.restore(last_saved, state)
+  restored = ckpt.restore_verified(state) if last_saved is not None else None
+  if restored is not None:
+    last_saved, state, data_state, _ = restored
     train_it.set_state(data_state)
     first_batch = None
     writer.truncate_after(last_saved)
+    if changes:
+      writer.write(last_saved, {"config_change": {k: list(v) for k, v in changes.items()}})
     logging.info("resumed from %s at step %d", ckpt.directory, last_saved)
   start = int(state.step)
+  if is_main:  # written only once the resume check passed and everything was built
+    with open(config_path, "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   logging.info("model %s: %d params; %d steps (%d/epoch, batch %d) on %d devices, %d processes",
                config.model_name, param_count(state.params), total_steps, steps_per_epoch, batch_size,
                mesh.devices.size, jax.process_count())
@@ -260,8 +347,14 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
         flush(*pending)
         pending = None
       if save_now:
-        ckpt.save(done, state, train_it.get_state(), meta={"total_steps": total_steps,
-                                                           "steps_per_epoch": steps_per_epoch})
+        try:
+          ckpt.save(done, state, train_it.get_state(), meta={"total_steps": total_steps,
+                                                             "steps_per_epoch": steps_per_epoch})
+        except FloatingPointError as e:  # finite loss but diverged state: stop like the NaN guard
+          raise metrics_lib.NonFiniteLossError(
+              f"{e}; stopping the run. The last good checkpoint is kept "
+              f"({f'step {last_saved} in {ckpt.directory}' if last_saved is not None else 'none written yet'})"
+          ) from e
         last_saved = done
       if due_evals:
         res = run_evals(due_evals, make_eval_context(functools.partial(p_predict, state), data, config, mesh),
@@ -285,39 +378,91 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
   return results
 
 
-def run_config_cli(run_fn, argv=None, *, workdir_help: str = "Output directory.") -> None:
-  """absl CLI shared by every config-driven entry point.
+CONFIG_CLI_HELP = """usage: {prog} --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]{extra_usage}
 
-  ``--config FILE[:ARG]`` (a locked ``get_config(arg)`` file; ``--config.key=value``
-  overrides, a typo fails) and ``--workdir DIR``; calls ``run_fn(config, workdir)``.
+  --config FILE[:ARG]     an experiment config file (configs/*.py); ARG picks its variants,
+                          e.g. configs/task1_supervised.py:quick (see the file's docstring)
+  --config.KEY=VALUE      override any key of the locked config, e.g. --config.seed=100,
+                          --config.optim.learning_rate=0.01, --config.data.data_dir=out/data/x
+                          (a key that does not exist is an error)
+  --workdir DIR           {workdir_help}{extra_help}
+  -h, --help              this help
+  (`mtneuro --debug train ...` shows the traceback of an error)
+"""
+
+
+def parse_config_cli(argv, *, workdir_help: str = "Output directory.",
+                     allow_config_change: bool = False) -> dict[str, Any] | None:
+  """Parses ``[prog, --config FILE[:ARG], --config.key=value ..., --workdir DIR]``.
+
+  Returns {'config': locked ConfigDict, 'workdir': str, 'allow_config_change': bool}, or None
+  after printing the help for ``-h``/``--help``. Bad arguments (missing flags, a config file
+  that does not load, an unknown or ill-typed override) raise ``UsageError`` (one line).
   """
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "get_config() file[:arg].", lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", None, workdir_help)
-  flags.mark_flags_as_required(["config", "workdir"])
+  argv = list(argv if argv is not None else sys.argv)
+  prog = argv[0] if argv else "mtneuro train"
+  if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
+    extra = ("\n  --allow_config_change   resume although keys that change the training maths differ "
+             "from\n                          the workdir's config.json" if allow_config_change else "")
+    print(CONFIG_CLI_HELP.format(prog=prog, workdir_help=workdir_help, extra_help=extra,
+                                 extra_usage=" [--allow_config_change]" if allow_config_change else ""))
+    return None
+  fv = flags.FlagValues()  # a private flag set: no clash with other absl users, callable twice
+  # sys_argv: config_flags reads the --config.* overrides from it (by default from sys.argv).
+  config_flag = config_flags.DEFINE_config_file("config", None, "get_config() file[:arg].", flag_values=fv,
+                                                lock_config=True, sys_argv=[prog, *argv[1:]])
+  workdir_flag = flags.DEFINE_string("workdir", None, workdir_help, flag_values=fv)
+  allow_flag = (flags.DEFINE_boolean("allow_config_change", False, "resume with another config", flag_values=fv)
+                if allow_config_change else None)
+  try:
+    rest = fv([prog, *argv[1:]])
+    config = config_flag.value
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - absl wraps a config file's own errors in its flag errors
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, UserError):
+      # ml_collections re-raises the config's error with the traceback in its text: keep the
+      # original message (the last line, after "module.ErrorType: ").
+      last = [x for x in str(cause).splitlines() if x.strip()][-1]
+      raise type(cause)(last.split(f"{type(cause).__name__}: ", 1)[-1]) from e
+    raise UsageError(f"{prog}: {_one_line(e)}; see `{prog} --help`") from e
+  if len(rest) > 1:
+    raise UsageError(f"{prog}: unexpected arguments {rest[1:]}; see `{prog} --help`")
+  missing = [f"--{n}" for n, v in (("config", config), ("workdir", workdir_flag.value)) if v is None]
+  if missing:
+    raise UsageError(f"{prog}: {' and '.join(missing)} required; see `{prog} --help`")
+  return {"config": config, "workdir": workdir_flag.value,
+          "allow_config_change": bool(allow_flag.value) if allow_flag is not None else False}
 
-  def _main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run_fn(config_flag.value, workdir_flag.value)
 
-  app.run(_main, argv)
+def _one_line(e: Exception) -> str:
+  return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
-def main(argv=None) -> None:
-  """CLI: ``python -m mtneuro_jax.train.loop --config FILE[:ARG] --workdir DIR [--config.key=value]``."""
+def quiet_logging() -> None:
+  """INFO logs of our own; Orbax logs every save step at INFO, keep only its warnings."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_logger().addFilter(
+      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
 
-  def _run(config, workdir):
-    logging.set_verbosity(logging.INFO)
-    # Orbax logs every save step at INFO; keep its warnings, drop the chatter.
-    logging.get_absl_logger().addFilter(
-        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
-    train_and_evaluate(config, workdir)
 
-  run_config_cli(_run, argv, workdir_help="Output directory (resumes if it holds checkpoints).")
+def main(argv=None) -> int:
+  """CLI: ``python -m mtneuro_jax.train.loop --config FILE[:ARG] --workdir DIR [--config.key=value]``.
+
+  Raises UserError on bad input (``run_cli`` turns it into one line and exit 2).
+  """
+  args = parse_config_cli(argv, workdir_help="output directory (resumes if it holds checkpoints)",
+                          allow_config_change=True)
+  if args is None:
+    return 0
+  quiet_logging()
+  train_and_evaluate(args["config"], args["workdir"], allow_config_change=args["allow_config_change"])
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run_cli(main, ["python -m mtneuro_jax.train.loop", *sys.argv[1:]]))

@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence
 import jax
 import optax
 
+from mtneuro_jax.errors import ConfigError
+
 
 def _get(cfg, key, default):
   return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
@@ -69,7 +71,7 @@ def make_schedule(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: in
       return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
                                   [warmup])
     return optax.constant_schedule(peak)
-  raise ValueError(f"unknown schedule {kind!r}; known: 'cosine', 'constant'")
+  raise ConfigError(f"unknown schedule {kind!r}; known: 'cosine', 'constant'")
 
 
 def _path_str(path) -> str:
@@ -110,9 +112,9 @@ def _update_chain(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: in
   wd = float(_get(cfg, "weight_decay", 0.0))
   mode = _get(cfg, "weight_decay_mode", "decoupled" if name == "adamw" else "coupled")
   if mode not in ("coupled", "decoupled"):
-    raise ValueError(f"weight_decay_mode must be 'coupled' or 'decoupled', got {mode!r}")
+    raise ConfigError(f"weight_decay_mode must be 'coupled' or 'decoupled', got {mode!r}")
   if name == "adamw" and mode != "decoupled":
-    raise ValueError("adamw is decoupled weight decay by definition; use 'adam' for coupled L2")
+    raise ConfigError("adamw is decoupled weight decay by definition; use 'adam' for coupled L2")
   decay_all = bool(_get(cfg, "decay_bias_and_norm", True))
   # Mask: True where weight decay applies (all params, or only >= 2-D kernels).
   mask = None if decay_all else (lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
@@ -132,7 +134,7 @@ def _update_chain(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: in
     chain.append(optax.scale_by_adam(b1=float(_get(cfg, "b1", 0.9)), b2=float(_get(cfg, "b2", 0.999)),
                                      eps=float(_get(cfg, "eps", 1e-8))))
   else:
-    raise ValueError(f"unknown optimizer {name!r}; known: 'sgd', 'adam', 'adamw'")
+    raise ConfigError(f"unknown optimizer {name!r}; known: 'sgd', 'adam', 'adamw'")
   if wd and mode == "decoupled":
     chain.append(optax.add_decayed_weights(wd, mask))
   chain.append(optax.scale_by_learning_rate(schedule))
@@ -149,9 +151,9 @@ def make_optimizer(cfg, *, steps_per_epoch: int, total_steps: int,
   for gname, gcfg in groups_cfg.items():
     gcfg = dict(gcfg)
     if "pattern" not in gcfg:
-      raise ValueError(f"optim.param_groups.{gname} has no 'pattern' (a regex over param paths)")
+      raise ConfigError(f"optim.param_groups.{gname} has no 'pattern' (a regex over param paths)")
     if gname in ("train", "frozen"):
-      raise ValueError(f"optim.param_groups.{gname}: 'train' and 'frozen' are reserved group names")
+      raise ConfigError(f"optim.param_groups.{gname}: 'train' and 'frozen' are reserved group names")
     groups.append((gname, gcfg))
   if not groups:
     tx, schedule = _update_chain(cfg, clip=True, **sizes)
