@@ -256,6 +256,26 @@ def _source_line(info: dict) -> tuple[str, str, bool]:
   return (f"Data source: **{src}**{lim}.", src + ("" if comparable else " (limited export)"), comparable)
 
 
+def machine_info() -> dict:
+  """What made the numbers: CPU model, cores, accelerator, library versions (see the README's
+  reproducibility note: bit for bit on the same CPU model and versions, seed noise elsewhere)."""
+  import platform
+
+  import jax
+  import jaxlib
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+  except OSError:
+    pass
+  dev = jax.devices()[0]
+  return {"cpu": cpu, "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
+          "device_kind": dev.device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "python": platform.python_version()}
+
+
 def build_tables(results: dict, runs: list[Run], preset_name: str, preset: Preset, methods: Sequence[str],
                  seeds: Sequence[int], info: dict, timings: dict) -> tuple[dict, dict]:
   header, row_source, comparable = _source_line(info)
@@ -281,7 +301,8 @@ def build_tables(results: dict, runs: list[Run], preset_name: str, preset: Prese
   common = {"preset": preset_name, "preset_description": preset.description, "seeds": list(seeds),
             "data_source": info.get("source"), "synthetic": bool(info.get("synthetic")),
             "comparable_to_paper": comparable, "source_note": header, "paper_source": paper.PAPER_SOURCE,
-            "metric": "test accuracy, whole tiles; mean ± sample sd over seeds", "timings_s": timings}
+            "metric": "test accuracy, whole tiles; mean ± sample sd over seeds", "timings_s": timings,
+            "machine": machine_info()}
   t1 = {**common, "table": "Table 1", "downsample": d1, "paper_downsample": 2, "rows": t1_rows}
   a3 = {**common, "table": "Table A3 (ROI-C1 by downsampling)", "rows": a3_rows}
   return t1, a3
@@ -303,7 +324,8 @@ def table1_markdown(t1: dict) -> str:
            f"Ours: {_ds_name(d)} downsampling, seeds {t1['seeds']}, mean ± sample sd; {t1['preset_description']}. "
            f"Paper: {t1['paper_source']}, 2x downsampling, seeds {list(paper.PAPER_SEEDS)}."
            + (" **Downsampling differs from the paper's.**" if d != 2 else ""),
-           "Mixup: p chosen per setting on the validation accuracy (mean over seeds), never on test.", "",
+           "Mixup: p chosen per setting on the validation accuracy (mean over seeds), never on test.",
+           _machine_line(t1), "",
            "| method | data | " + " | ".join(f"{s} ours | {s} paper" for s in SETTINGS) + " | notes |",
            "|---|---|" + "---|---|" * len(SETTINGS) + "---|"]
   lines += [_row_markdown(row, [(s, s) for s in SETTINGS]) for row in t1["rows"]]
@@ -321,11 +343,18 @@ def _row_markdown(row: dict, columns: list[tuple[str, str]]) -> str:
   return f"| {row['label']} | {row['data_source']} | " + " | ".join(cells) + f" | {'; '.join(notes)} |"
 
 
+def _machine_line(table: dict) -> str:
+  m = table.get("machine") or {}
+  return (f"Made on: {m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores), {m.get('backend', '?')} "
+          f"({m.get('device_kind', '?')}), jax {m.get('jax', '?')}. Reruns reproduce these numbers bit for "
+          "bit on the same CPU model and library versions; another CPU model agrees only within seed noise.")
+
+
 def a3_markdown(a3: dict) -> str:
   lines = [f"# Task 1 — Table A3: ROI-C1 test accuracy by downsampling (preset `{a3['preset']}`)", "",
            a3["source_note"], "",
            f"Ours: seeds {a3['seeds']}, mean ± sample sd; {a3['preset_description']}. "
-           f"Paper: {a3['paper_source']} (no sd reported).", "",
+           f"Paper: {a3['paper_source']} (no sd reported).", _machine_line(a3), "",
            "| method | data | " + " | ".join(f"{_ds_name(d)} ours | {_ds_name(d)} paper" for d in paper.DOWNSAMPLINGS)
            + " | notes |",
            "|---|---|" + "---|---|" * len(paper.DOWNSAMPLINGS) + "---|"]
