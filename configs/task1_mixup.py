@@ -46,18 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   configlib.loop_defaults(c, seed=1, num_epochs=100.0)
   c.evals = configlib.classification_evals(("test", "val"))
 
-  if a.recipe == "ref":  # the reference script's recipe, as in task1_supervised
-    c.data.downsample = 1
-    c.data.image_mean = 0.0
-    c.data.image_std = 1.0
-    c.data.batch_size = 8
-    c.data.eval_batch_size = 8
-    c.model.dropout = 0.0
-    c.optim.learning_rate = 0.01
-    c.optim.momentum = 0.0
-    c.optim.weight_decay = 0.0
-    c.optim.schedule = "constant"
-    c.num_epochs = 1.0
+  if a.recipe == "ref":
+    configlib.apply_task1_ref_recipe(c)
   configlib.apply_size(c, a.size)
 
   c.lock()

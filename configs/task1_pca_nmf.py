@@ -48,12 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.baseline.classifier_max_iter = 2000
   c.evals = configlib.classification_evals(("test", "val"), curve_splits=())
 
-  if a.recipe == "ref":  # the reference script's data, as in task1_supervised
-    c.data.downsample = 1
-    c.data.image_mean = 0.0
-    c.data.image_std = 1.0
-    c.data.batch_size = 8
-    c.data.eval_batch_size = 8
+  if a.recipe == "ref":
+    configlib.apply_task1_ref_recipe(c)
   configlib.apply_size(c, a.size)
 
   c.lock()

@@ -57,17 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evals = configlib.classification_evals(("test", "val"))
 
   if a.recipe == "ref":
-    c.data.downsample = 1
-    c.data.image_mean = 0.0  # the reference feeds ToTensor() output ([0, 1]) unnormalised
-    c.data.image_std = 1.0
-    c.data.batch_size = 8
-    c.data.eval_batch_size = 8
-    c.model.dropout = 0.0
-    c.optim.learning_rate = 0.01
-    c.optim.momentum = 0.0
-    c.optim.weight_decay = 0.0
-    c.optim.schedule = "constant"
-    c.num_epochs = 1.0
+    configlib.apply_task1_ref_recipe(c)
   configlib.apply_size(c, a.size)
 
   c.lock()

@@ -229,6 +229,30 @@ def classification_evals(splits: Sequence[str] = ("test", "val"), *,
   return evals
 
 
+def apply_task1_ref_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The reference code's Task 1 script (task1_sup.py) as a recipe, applied before any size.
+
+  Full-resolution 256x256 tiles fed as ToTensor() output ([0, 1], unnormalised), batch 8;
+  where the config has them: no dropout, plain SGD lr 0.01 without momentum, decay or
+  schedule, one epoch. Returns ``c``.
+  """
+  c.data.downsample = 1
+  c.data.image_mean = 0.0
+  c.data.image_std = 1.0
+  c.data.batch_size = 8
+  c.data.eval_batch_size = 8
+  if "model" in c and "dropout" in c.model:
+    c.model.dropout = 0.0
+  if "optim" in c:
+    c.optim.learning_rate = 0.01
+    c.optim.momentum = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.schedule = "constant"
+  if "num_epochs" in c:
+    c.num_epochs = 1.0
+  return c
+
+
 def apply_size(c: ml_collections.ConfigDict, size: Size | None) -> ml_collections.ConfigDict:
   """Applies a size preset (QUICK, TINY; None = nothing) to a built config, after its recipe.
 
