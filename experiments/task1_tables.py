@@ -7,7 +7,7 @@ Usage:
   (--methods supervised,pca  --seeds 1,100  --dry_run  to narrow or list the runs)
 
 Needs the exports task1_roi_c1, task1_roi_c2 and task1_roi_c3 in ``--data_dir``
-(``python -m data_prep.export --source phantom --tasks all --out_dir DIR``).
+(``mtneuro export --source phantom --tasks all --out_dir DIR``).
 
 What runs:
 * methods: ``supervised`` (configs/task1_supervised.py), ``mixup`` (configs/task1_mixup.py,
