@@ -20,6 +20,7 @@ lambda ~ U(lambda_min, lambda_max) = U(0, 0.5), as kornia's RandomMixUp in the r
 the best (experiments/task1_tables.py picks it on the validation split, never on test).
 tests/test_configs.py checks that only the objective differs from task1_supervised.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -41,8 +42,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({"num_classes": 4, "width_multiplier": 1.0, "dropout": 0.2})
   c.objective_name = "mixup"
   c.objective = ml_collections.ConfigDict({"p": 0.3, "lambda_min": 0.0, "lambda_max": 0.5})
-  c.optim = configlib.optim_config(name="sgd", learning_rate=0.03, momentum=0.9, weight_decay=0.3,
-                                   weight_decay_mode="coupled", schedule="cosine")
+  c.optim = configlib.optim_config(
+    name="sgd",
+    learning_rate=0.03,
+    momentum=0.9,
+    weight_decay=0.3,
+    weight_decay_mode="coupled",
+    schedule="cosine",
+  )
   configlib.loop_defaults(c, seed=1, num_epochs=100.0)
   c.evals = configlib.classification_evals(("test", "val"))
 

@@ -20,6 +20,7 @@ configs/task1_supervised.py for the same recipe and size, so the baselines see e
 networks' inputs and are scored alike (tests/test_configs.py checks it). Only 'whole'-tile
 evals apply (the embedding is fitted at the tile's size).
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -27,8 +28,22 @@ import ml_collections
 from mtneuro_jax import configlib
 
 RUNNER = "baseline"  # mtneuro_jax.baselines.pca_nmf.fit_and_evaluate
-ARGS = ("pca", "nmf", "paper", "ref", "quick", "tiny", "pca,quick", "nmf,quick", "pca,tiny",
-        "nmf,tiny", "pca,ref", "nmf,ref", "pca,ref,quick", "nmf,ref,tiny")
+ARGS = (
+  "pca",
+  "nmf",
+  "paper",
+  "ref",
+  "quick",
+  "tiny",
+  "pca,quick",
+  "nmf,quick",
+  "pca,tiny",
+  "nmf,tiny",
+  "pca,ref",
+  "nmf,ref",
+  "pca,ref,quick",
+  "nmf,ref,tiny",
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

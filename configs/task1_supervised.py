@@ -31,6 +31,7 @@ sizes ``quick`` and ``tiny`` set):
   quick | tiny  the size presets (configlib.QUICK / configlib.TINY), applied after the
          recipe: 'ref,tiny' is the reference recipe at test size.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -51,8 +52,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({"num_classes": 4, "width_multiplier": 1.0, "dropout": 0.2})
   c.objective_name = "supervised"
   c.objective = ml_collections.ConfigDict({"label_smoothing": 0.0})
-  c.optim = configlib.optim_config(name="sgd", learning_rate=0.03, momentum=0.9, weight_decay=0.3,
-                                   weight_decay_mode="coupled", schedule="cosine")
+  c.optim = configlib.optim_config(
+    name="sgd",
+    learning_rate=0.03,
+    momentum=0.9,
+    weight_decay=0.3,
+    weight_decay_mode="coupled",
+    schedule="cosine",
+  )
   configlib.loop_defaults(c, seed=1, num_epochs=100.0)
   c.evals = configlib.classification_evals(("test", "val"))
 

@@ -53,8 +53,9 @@ def features(task: spec.TaskSpec) -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict({"image": tensor(shape), "mask": tensor(shape), **meta})
   if task.kind == "task3":
     quad = (spec.QUADRANT, spec.QUADRANT)
-    return tfds.features.FeaturesDict({
-        "image": tensor(quad), "pixel_labels": tensor(quad), "quadrant": _scalar(), **meta})
+    return tfds.features.FeaturesDict(
+      {"image": tensor(quad), "pixel_labels": tensor(quad), "quadrant": _scalar(), **meta}
+    )
   raise ValueError(f"unknown task kind {task.kind!r}")
 
 
@@ -100,14 +101,18 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=self.TASK.description, features=features(self.TASK),
-        homepage="https://mtneuro.github.io",
-        citation="Quesada, Sathidevi et al., MTNeuro, NeurIPS 2022 Datasets and Benchmarks.")
+      builder=self,
+      description=self.TASK.description,
+      features=features(self.TASK),
+      homepage="https://mtneuro.github.io",
+      citation="Quesada, Sathidevi et al., MTNeuro, NeurIPS 2022 Datasets and Benchmarks.",
+    )
 
   def _split_generators(self, dl_manager):
     if self._examples_fn is None:
-      raise RuntimeError("this builder only writes when given examples_fn; "
-                         "use `mtneuro export` to export a task")
+      raise RuntimeError(
+        "this builder only writes when given examples_fn; use `mtneuro export` to export a task"
+      )
     return {tfds_split(s): self._generate_examples(s) for s in self.TASK.splits}
 
   def _generate_examples(self, split: str):

@@ -87,8 +87,10 @@ class CacheStats:
     return dataclasses.asdict(self)
 
   def line(self) -> str:
-    return (f"cache: {self.hits} hits, {self.misses} misses, fetched {self.fetched_bytes / 1e6:.1f} MB "
-            f"from the source, stored {self.stored_bytes / 1e6:.1f} MB")
+    return (
+      f"cache: {self.hits} hits, {self.misses} misses, fetched {self.fetched_bytes / 1e6:.1f} MB "
+      f"from the source, stored {self.stored_bytes / 1e6:.1f} MB"
+    )
 
 
 class CutoutCache:
@@ -119,8 +121,9 @@ class CutoutCache:
       return None
     uri_path = spec.CHANNELS[channel].uri.split("://", 1)[1]
     z0, z1, y0, y1, x0, x1 = box.as_tuple()
-    return os.path.join(self.root, uri_path, f"r{self.resolution}",
-                        f"z{z0}-{z1}_y{y0}-{y1}_x{x0}-{x1}.npy")
+    return os.path.join(
+      self.root, uri_path, f"r{self.resolution}", f"z{z0}-{z1}_y{y0}-{y1}_x{x0}-{x1}.npy"
+    )
 
   def _load(self, path: str, box: spec.Box) -> np.ndarray | None:
     try:
@@ -133,8 +136,13 @@ class CutoutCache:
       self.stats.corrupt_refetched += 1
       return None
     if arr.shape != box.shape or arr.dtype not in _UINTS:
-      log.warning("cache file %s has shape %s dtype %s, expected %s; fetching it again",
-                  path, arr.shape, arr.dtype, box.shape)
+      log.warning(
+        "cache file %s has shape %s dtype %s, expected %s; fetching it again",
+        path,
+        arr.shape,
+        arr.dtype,
+        box.shape,
+      )
       self.stats.corrupt_refetched += 1
       return None
     return arr
@@ -168,8 +176,12 @@ class CutoutCache:
     return arr
 
 
-def chunk_boxes(z_range: tuple[int, int], xy: tuple[int, int, int, int], chunk_z: int,
-                volume_z: int = spec.VOLUME_SHAPE_ZYX[0]) -> list[spec.Box]:
+def chunk_boxes(
+  z_range: tuple[int, int],
+  xy: tuple[int, int, int, int],
+  chunk_z: int,
+  volume_z: int = spec.VOLUME_SHAPE_ZYX[0],
+) -> list[spec.Box]:
   """Aligned chunks covering ``z_range`` of one cube window ``xy = (x0, x1, y0, y1)``.
 
   Chunk k covers z ``[k * chunk_z, (k + 1) * chunk_z)`` clipped to the volume: the grid
@@ -196,8 +208,13 @@ class ChunkReader:
   renders all channels of a box at once; BossDB costs the same either way).
   """
 
-  def __init__(self, cache: CutoutCache, chunk_z: int, keep: int = 6,
-               companions: dict[str, tuple[str, ...]] | None = None):
+  def __init__(
+    self,
+    cache: CutoutCache,
+    chunk_z: int,
+    keep: int = 6,
+    companions: dict[str, tuple[str, ...]] | None = None,
+  ):
     if chunk_z < 1:
       raise ValueError(f"chunk_z must be >= 1, got {chunk_z}")
     self.cache = cache
@@ -230,7 +247,7 @@ class ChunkReader:
     for cb in chunk_boxes((b.z0, b.z1), xy, self.chunk_z, self.volume_z):
       arr = self._chunk(channel, cb, f"{sample.cube_set}:{sample.region}")
       lo, hi = max(b.z0, cb.z0) - cb.z0, min(b.z1, cb.z1) - cb.z0
-      parts.append(arr[lo:hi, b.y0 - y0:b.y1 - y0, b.x0 - x0:b.x1 - x0])
+      parts.append(arr[lo:hi, b.y0 - y0 : b.y1 - y0, b.x0 - x0 : b.x1 - x0])
     out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     if out.shape != b.shape:  # a sample outside its cube window is a planning bug
       raise SourceError(f"sample {sample.key} box {b} is not inside cube window {xy}")

@@ -29,36 +29,43 @@ DEFAULT_PHANTOM_DATA_DIR = "out/data/phantom-seed0"
 
 def _export(argv):
   from data_prep import export
+
   return export.run(argv)
 
 
 def _verify(argv):
   from data_prep import export
+
   return export.run(["verify", *argv])
 
 
 def _summary(argv):
   from data_prep import export
+
   return export.run(["summary", *argv])
 
 
 def _fidelity(argv):
   from experiments import phantom_fidelity
+
   return phantom_fidelity.main(argv)
 
 
 def _serve(argv):
   from mtneuro_jax.volumes import boss_server
+
   return boss_server.run(argv)
 
 
 def _train(argv):
   from mtneuro_jax.train import loop
+
   return loop.main(["mtneuro train", *argv])
 
 
 def _task1(argv):
   from experiments import task1_tables
+
   return task1_tables.main(argv)
 
 
@@ -72,12 +79,21 @@ def _check_folder_arg(parser: ArgumentParser, flag: str, path: str) -> None:
 def _main_job(argv):
   """Quick benchmark on the embedded phantom: export every task, summarise, run Task 1 quick."""
   from experiments.task1_tables import PRESETS  # light: the heavy imports of task1 are lazy
+
   parser = ArgumentParser(prog="mtneuro main", description=_main_job.__doc__)
-  parser.add_argument("--data_dir", default=DEFAULT_PHANTOM_DATA_DIR,
-                      help="export root for the phantom datasets (default: %(default)s)")
-  parser.add_argument("--out", default="out/task1_quick", help="Task 1 tables folder (default: %(default)s)")
-  parser.add_argument("--preset", default="quick",
-                      help=f"Task 1 preset: {' | '.join(sorted(PRESETS))} (default: quick)")
+  parser.add_argument(
+    "--data_dir",
+    default=DEFAULT_PHANTOM_DATA_DIR,
+    help="export root for the phantom datasets (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--out", default="out/task1_quick", help="Task 1 tables folder (default: %(default)s)"
+  )
+  parser.add_argument(
+    "--preset",
+    default="quick",
+    help=f"Task 1 preset: {' | '.join(sorted(PRESETS))} (default: quick)",
+  )
   parser.add_argument("--skip_task1", action="store_true", help="only export and summarise")
   args = parser.parse_args(argv)
   # Every argument is checked before the (minutes-long) export starts.
@@ -86,7 +102,9 @@ def _main_job(argv):
   _check_folder_arg(parser, "--data_dir", args.data_dir)
   _check_folder_arg(parser, "--out", args.out)
   t0 = time.time()
-  print("== mtneuro main: SYNTHETIC phantom data (not the paper's data; numbers are not comparable)")
+  print(
+    "== mtneuro main: SYNTHETIC phantom data (not the paper's data; numbers are not comparable)"
+  )
   print(f"== [1/3] export all tasks from the phantom -> {args.data_dir}", flush=True)
   rc = _export(["--source", "phantom", "--tasks", "all", "--out_dir", args.data_dir])
   if rc:
@@ -95,29 +113,32 @@ def _main_job(argv):
   rc = _summary([args.data_dir])
   if rc or args.skip_task1:
     return rc
-  print(f"== [3/3] Task 1 '{args.preset}' tables -> {args.out} ({time.time() - t0:.0f}s)", flush=True)
+  print(
+    f"== [3/3] Task 1 '{args.preset}' tables -> {args.out} ({time.time() - t0:.0f}s)", flush=True
+  )
   rc = _task1(["--preset", args.preset, "--data_dir", args.data_dir, "--out", args.out])
   print(f"== done in {time.time() - t0:.0f}s", flush=True)
   return rc
 
 
 COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
-    "main": _main_job,
-    "export": _export,
-    "verify": _verify,
-    "summary": _summary,
-    "fidelity": _fidelity,
-    "serve": _serve,
-    "train": _train,
-    "task1": _task1,
+  "main": _main_job,
+  "export": _export,
+  "verify": _verify,
+  "summary": _summary,
+  "fidelity": _fidelity,
+  "serve": _serve,
+  "train": _train,
+  "task1": _task1,
 }
 
 
 def _dispatch(argv: list[str]) -> int:
   cmd, rest = argv[0], argv[1:]
   if cmd not in COMMANDS:
-    raise UsageError(f"unknown command {cmd!r}; run `mtneuro --help` for the list "
-                     f"({', '.join(COMMANDS)})")
+    raise UsageError(
+      f"unknown command {cmd!r}; run `mtneuro --help` for the list ({', '.join(COMMANDS)})"
+    )
   return int(COMMANDS[cmd](rest) or 0)
 
 

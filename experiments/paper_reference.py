@@ -9,6 +9,7 @@ accuracy on the real BossDB volume; mean and sd over the seeds
 
 These are the only copies of the paper's numbers in the code; tables import them.
 """
+
 from __future__ import annotations
 
 import types
@@ -20,7 +21,8 @@ SETTINGS = ("ROI-C1", "ROI-C2", "ROI-C3")
 DOWNSAMPLINGS = (4, 2, 1)  # Table A3 column order: 4x, 2x, full resolution
 
 # Method keys as used by experiments/task1_tables.py -> the paper's row label.
-METHOD_LABELS: Mapping[str, str] = types.MappingProxyType({
+METHOD_LABELS: Mapping[str, str] = types.MappingProxyType(
+  {
     "supervised": "Supervised",
     "mixup": "Sup w/ Mixup",
     "byol": "BYOL",
@@ -28,21 +30,39 @@ METHOD_LABELS: Mapping[str, str] = types.MappingProxyType({
     "myow_merged": "MYOW-m",
     "pca": "PCA",
     "nmf": "NMF",
-})
+  }
+)
 
 # Table 1: accuracy at 2x downsampling, per setting.
-TABLE1: Mapping[str, Mapping[str, tuple[float, float | None]]] = types.MappingProxyType({
-    "supervised": types.MappingProxyType({"ROI-C1": (0.88, 0.03), "ROI-C2": (0.77, 0.03), "ROI-C3": (0.88, 0.02)}),
-    "mixup": types.MappingProxyType({"ROI-C1": (0.90, 0.04), "ROI-C2": (0.78, 0.03), "ROI-C3": (0.90, 0.02)}),
-    "byol": types.MappingProxyType({"ROI-C1": (0.88, 0.02), "ROI-C2": (0.76, 0.02), "ROI-C3": (0.97, 0.01)}),
-    "myow": types.MappingProxyType({"ROI-C1": (0.90, 0.02), "ROI-C2": (0.78, 0.05), "ROI-C3": (0.98, 0.01)}),
-    "myow_merged": types.MappingProxyType({"ROI-C1": (0.94, 0.02), "ROI-C2": (0.78, 0.03), "ROI-C3": (0.98, 0.01)}),
-    "pca": types.MappingProxyType({"ROI-C1": (0.59, None), "ROI-C2": (0.25, None), "ROI-C3": (0.07, None)}),
-    "nmf": types.MappingProxyType({"ROI-C1": (0.62, None), "ROI-C2": (0.27, None), "ROI-C3": (0.50, None)}),
-})
+TABLE1: Mapping[str, Mapping[str, tuple[float, float | None]]] = types.MappingProxyType(
+  {
+    "supervised": types.MappingProxyType(
+      {"ROI-C1": (0.88, 0.03), "ROI-C2": (0.77, 0.03), "ROI-C3": (0.88, 0.02)}
+    ),
+    "mixup": types.MappingProxyType(
+      {"ROI-C1": (0.90, 0.04), "ROI-C2": (0.78, 0.03), "ROI-C3": (0.90, 0.02)}
+    ),
+    "byol": types.MappingProxyType(
+      {"ROI-C1": (0.88, 0.02), "ROI-C2": (0.76, 0.02), "ROI-C3": (0.97, 0.01)}
+    ),
+    "myow": types.MappingProxyType(
+      {"ROI-C1": (0.90, 0.02), "ROI-C2": (0.78, 0.05), "ROI-C3": (0.98, 0.01)}
+    ),
+    "myow_merged": types.MappingProxyType(
+      {"ROI-C1": (0.94, 0.02), "ROI-C2": (0.78, 0.03), "ROI-C3": (0.98, 0.01)}
+    ),
+    "pca": types.MappingProxyType(
+      {"ROI-C1": (0.59, None), "ROI-C2": (0.25, None), "ROI-C3": (0.07, None)}
+    ),
+    "nmf": types.MappingProxyType(
+      {"ROI-C1": (0.62, None), "ROI-C2": (0.27, None), "ROI-C3": (0.50, None)}
+    ),
+  }
+)
 
 # Table A3: ROI-C1 accuracy by downsampling factor (keys 4, 2, 1 = full resolution); no sd given.
-TABLE_A3: Mapping[str, Mapping[int, tuple[float, float | None]]] = types.MappingProxyType({
+TABLE_A3: Mapping[str, Mapping[int, tuple[float, float | None]]] = types.MappingProxyType(
+  {
     "supervised": types.MappingProxyType({4: (0.83, None), 2: (0.88, None), 1: (0.87, None)}),
     "mixup": types.MappingProxyType({4: (0.85, None), 2: (0.90, None), 1: (0.91, None)}),
     "byol": types.MappingProxyType({4: (0.83, None), 2: (0.88, None), 1: (0.98, None)}),
@@ -50,7 +70,8 @@ TABLE_A3: Mapping[str, Mapping[int, tuple[float, float | None]]] = types.Mapping
     "myow_merged": types.MappingProxyType({4: (0.84, None), 2: (0.94, None), 1: (0.99, None)}),
     "pca": types.MappingProxyType({4: (0.59, None), 2: (0.59, None), 1: (0.59, None)}),
     "nmf": types.MappingProxyType({4: (0.55, None), 2: (0.62, None), 1: (0.54, None)}),
-})
+  }
+)
 
 # Table 1 is measured at 2x; its ROI-C1 column must agree with Table A3's 2x column.
 assert all(TABLE1[m]["ROI-C1"][0] == TABLE_A3[m][2][0] for m in TABLE1)

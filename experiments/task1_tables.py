@@ -40,6 +40,7 @@ Outputs in ``--out``: table1.{md,json}, table_a3.{md,json}, runs/<method>[-p<p>]
 Every table names its data source in the header and in every row; numbers from
 the synthetic phantom are marked as never comparable to the paper's (real data).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,11 @@ METHODS = ("supervised", "mixup", "pca", "nmf")
 SETTINGS = ("ROI-C1", "ROI-C2", "ROI-C3")
 # Training task of each setting; ROI-C2 reuses the ROI-C1 training run.
 TRAIN_TASK = {"c12": "task1_roi_c1", "c3": "task1_roi_c3"}
-SETTING_RUN = {"ROI-C1": ("c12", "test_c1"), "ROI-C2": ("c12", "test_c2"), "ROI-C3": ("c3", "test_c3")}
+SETTING_RUN = {
+  "ROI-C1": ("c12", "test_c1"),
+  "ROI-C2": ("c12", "test_c2"),
+  "ROI-C3": ("c3", "test_c3"),
+}
 TEST_TASK = {"test_c1": "task1_roi_c1", "test_c2": "task1_roi_c2", "test_c3": "task1_roi_c3"}
 _Q = configlib.QUICK  # what `quick` means, defined once
 
@@ -79,15 +84,35 @@ class Preset:
 
 
 PRESETS = {
-    "paper": Preset("paper", paper.PAPER_SEEDS, (0.01, 0.1, 0.3, 0.5, 0.7), 2, (4, 2, 1),
-                    description="the paper's protocol (accelerator)"),
-    "quick": Preset("quick", (1, 100), (0.5,), 4, (4,),
-                    description=(f"CPU smoke run: {_Q.downsample}x, "
-                                 f"width 1/{round(1 / _Q.width_multiplier)}, "
-                                 f"{_Q.total_steps} steps x {_Q.batch_size}, 2 seeds, p = 0.5 only")),
-    "tiny": Preset("tiny", (1,), (0.1, 0.5), 4, (4,),
-                   baseline_overrides=(("baseline.n_components", 8), ("baseline.nmf_max_iter", 50)),
-                   description="test preset (seconds)"),
+  "paper": Preset(
+    "paper",
+    paper.PAPER_SEEDS,
+    (0.01, 0.1, 0.3, 0.5, 0.7),
+    2,
+    (4, 2, 1),
+    description="the paper's protocol (accelerator)",
+  ),
+  "quick": Preset(
+    "quick",
+    (1, 100),
+    (0.5,),
+    4,
+    (4,),
+    description=(
+      f"CPU smoke run: {_Q.downsample}x, "
+      f"width 1/{round(1 / _Q.width_multiplier)}, "
+      f"{_Q.total_steps} steps x {_Q.batch_size}, 2 seeds, p = 0.5 only"
+    ),
+  ),
+  "tiny": Preset(
+    "tiny",
+    (1,),
+    (0.1, 0.5),
+    4,
+    (4,),
+    baseline_overrides=(("baseline.n_components", 8), ("baseline.nmf_max_iter", 50)),
+    description="test preset (seconds)",
+  ),
 }
 
 
@@ -105,7 +130,9 @@ class Run:
     return self.method if self.p is None else f"{self.method}-p{self.p:g}"
 
   def workdir(self, out: str) -> str:
-    return os.path.join(out, "runs", self.variant, f"{self.setting}-ds{self.downsample}", f"seed{self.seed}")
+    return os.path.join(
+      out, "runs", self.variant, f"{self.setting}-ds{self.downsample}", f"seed{self.seed}"
+    )
 
   def label(self) -> str:
     return f"{self.variant} {self.setting} {self.downsample}x seed {self.seed}"
@@ -119,8 +146,13 @@ def plan_runs(preset: Preset, methods: Sequence[str], seeds: Sequence[int]) -> l
     for p in variants:
       for seed in seeds:
         d1 = preset.table1_downsample
-        cands = [Run(method, p, "c12", d1, seed, ("test_c1", "test_c2")), Run(method, p, "c3", d1, seed, ("test_c3",))]
-        cands += [Run(method, p, "c12", d, seed, ("test_c1",)) for d in preset.a3_downsamplings if d != d1]
+        cands = [
+          Run(method, p, "c12", d1, seed, ("test_c1", "test_c2")),
+          Run(method, p, "c3", d1, seed, ("test_c3",)),
+        ]
+        cands += [
+          Run(method, p, "c12", d, seed, ("test_c1",)) for d in preset.a3_downsamplings if d != d1
+        ]
         for r in cands:
           runs.setdefault((r.method, r.p, r.setting, r.downsample, r.seed), r)
   return list(runs.values())
@@ -139,6 +171,7 @@ def build_config(run: Run, preset: Preset, data_dir: str):
   import ml_collections
 
   from configs import task1_mixup, task1_pca_nmf, task1_supervised
+
   if run.method == "supervised":
     c = task1_supervised.get_config(preset.config_arg)
   elif run.method == "mixup":
@@ -153,13 +186,19 @@ def build_config(run: Run, preset: Preset, data_dir: str):
   c.data.downsample = int(run.downsample)
   if "progress" in c:
     c.progress = False  # the driver prints one line per run instead
-  for k, v in (preset.baseline_overrides if run.method in ("pca", "nmf") else preset.overrides):
+  for k, v in preset.baseline_overrides if run.method in ("pca", "nmf") else preset.overrides:
     _set(c, k, v)
   evals = ml_collections.ConfigDict()
   for name in ("val",) + run.evals:
-    evals[name] = ml_collections.ConfigDict({
-        "kind": "classification", "split": "val" if name == "val" else "test", "protocol": "whole",
-        "task": TRAIN_TASK[run.setting] if name == "val" else TEST_TASK[name], "name": name})
+    evals[name] = ml_collections.ConfigDict(
+      {
+        "kind": "classification",
+        "split": "val" if name == "val" else "test",
+        "protocol": "whole",
+        "task": TRAIN_TASK[run.setting] if name == "val" else TEST_TASK[name],
+        "name": name,
+      }
+    )
   c.evals = evals
   c.lock()
   return c
@@ -175,8 +214,10 @@ def execute(run: Run, preset: Preset, data_dir: str, out: str) -> dict:
   cfg = build_config(run, preset, data_dir)
   if run.method in ("pca", "nmf"):
     from mtneuro_jax.baselines import pca_nmf
+
     return pca_nmf.fit_and_evaluate(cfg, wd)
   from mtneuro_jax.train import loop
+
   return loop.train_and_evaluate(cfg, wd)
 
 
@@ -203,11 +244,18 @@ def fmt(cell: dict | None) -> str:
   return s
 
 
-def select_p(results: dict, runs: list[Run], setting: str, downsample: int, seeds: Sequence[int]) -> tuple:
+def select_p(
+  results: dict, runs: list[Run], setting: str, downsample: int, seeds: Sequence[int]
+) -> tuple:
   """The mixup p with the best mean validation accuracy (ties -> smaller p), and every p's mean."""
   by_p: dict[float, list[float]] = {}
   for r in runs:
-    if r.method == "mixup" and r.setting == setting and r.downsample == downsample and r.seed in seeds:
+    if (
+      r.method == "mixup"
+      and r.setting == setting
+      and r.downsample == downsample
+      and r.seed in seeds
+    ):
       res = results.get(r)
       if res and "val/accuracy" in res:
         by_p.setdefault(r.p, []).append(res["val/accuracy"])
@@ -218,8 +266,15 @@ def select_p(results: dict, runs: list[Run], setting: str, downsample: int, seed
   return best, means
 
 
-def cell_for(results: dict, runs: list[Run], method: str, setting: str, downsample: int, test: str,
-             seeds: Sequence[int]) -> dict:
+def cell_for(
+  results: dict,
+  runs: list[Run],
+  method: str,
+  setting: str,
+  downsample: int,
+  test: str,
+  seeds: Sequence[int],
+) -> dict:
   extra = {}
   p = None
   if method == "mixup":
@@ -229,8 +284,14 @@ def cell_for(results: dict, runs: list[Run], method: str, setting: str, downsamp
     extra = {"p_selected": p, "val_accuracy_by_p": {f"{k:g}": v for k, v in sorted(means.items())}}
   vals, found = [], False
   for r in runs:
-    if (r.method == method and r.p == p and r.setting == setting and r.downsample == downsample
-        and r.seed in seeds and test in r.evals):
+    if (
+      r.method == method
+      and r.p == p
+      and r.setting == setting
+      and r.downsample == downsample
+      and r.seed in seeds
+      and test in r.evals
+    ):
       found = True
       res = results.get(r)
       if res and f"{test}/accuracy" in res:
@@ -249,11 +310,18 @@ def _source_line(info: dict) -> tuple[str, str, bool]:
   limit = info.get("limit_per_split")
   lim = f", export limited to {limit} samples per region and split" if limit else ""
   if info.get("synthetic"):
-    return (f"Data source: **{src}** — SYNTHETIC phantom volume{lim}. These numbers are NEVER comparable "
-            "to the paper's, which come from the real BossDB X-ray volume; they only check the machinery.",
-            f"{src} (synthetic; not comparable)", False)
+    return (
+      f"Data source: **{src}** — SYNTHETIC phantom volume{lim}. These numbers are NEVER comparable "
+      "to the paper's, which come from the real BossDB X-ray volume; they only check the machinery.",
+      f"{src} (synthetic; not comparable)",
+      False,
+    )
   comparable = not limit
-  return (f"Data source: **{src}**{lim}.", src + ("" if comparable else " (limited export)"), comparable)
+  return (
+    f"Data source: **{src}**{lim}.",
+    src + ("" if comparable else " (limited export)"),
+    comparable,
+  )
 
 
 def machine_info() -> dict:
@@ -267,23 +335,45 @@ def machine_info() -> dict:
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+      cpu = next(
+        (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+      )
   except OSError:
     pass
   dev = jax.devices()[0]
-  return {"cpu": cpu, "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-          "device_kind": dev.device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-          "python": platform.python_version()}
+  return {
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "backend": jax.default_backend(),
+    "device_kind": dev.device_kind,
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "python": platform.python_version(),
+  }
 
 
-def build_tables(results: dict, runs: list[Run], preset_name: str, preset: Preset, methods: Sequence[str],
-                 seeds: Sequence[int], info: dict, timings: dict) -> tuple[dict, dict]:
+def build_tables(
+  results: dict,
+  runs: list[Run],
+  preset_name: str,
+  preset: Preset,
+  methods: Sequence[str],
+  seeds: Sequence[int],
+  info: dict,
+  timings: dict,
+) -> tuple[dict, dict]:
   header, row_source, comparable = _source_line(info)
   d1 = preset.table1_downsample
   t1_rows = []
   for m in methods:
-    row = {"method": m, "label": paper.METHOD_LABELS[m], "data_source": row_source, "comparable": comparable,
-           "downsample": d1, "cells": {}}
+    row = {
+      "method": m,
+      "label": paper.METHOD_LABELS[m],
+      "data_source": row_source,
+      "comparable": comparable,
+      "downsample": d1,
+      "cells": {},
+    }
     for s in SETTINGS:
       setting, test = SETTING_RUN[s]
       ours = cell_for(results, runs, m, setting, d1, test, seeds)
@@ -291,18 +381,34 @@ def build_tables(results: dict, runs: list[Run], preset_name: str, preset: Prese
     t1_rows.append(row)
   a3_rows = []
   for m in methods:
-    row = {"method": m, "label": paper.METHOD_LABELS[m], "data_source": row_source, "comparable": comparable,
-           "cells": {}}
+    row = {
+      "method": m,
+      "label": paper.METHOD_LABELS[m],
+      "data_source": row_source,
+      "comparable": comparable,
+      "cells": {},
+    }
     for d in paper.DOWNSAMPLINGS:
-      ours = (cell_for(results, runs, m, "c12", d, "test_c1", seeds)
-              if d in preset.a3_downsamplings or d == d1 else {"mean": None, "note": f"not run ({preset_name})"})
+      ours = (
+        cell_for(results, runs, m, "c12", d, "test_c1", seeds)
+        if d in preset.a3_downsamplings or d == d1
+        else {"mean": None, "note": f"not run ({preset_name})"}
+      )
       row["cells"][str(d)] = {"ours": ours, "paper": _paper_cell(paper.TABLE_A3[m][d], paper_ds=d)}
     a3_rows.append(row)
-  common = {"preset": preset_name, "preset_description": preset.description, "seeds": list(seeds),
-            "data_source": info.get("source"), "synthetic": bool(info.get("synthetic")),
-            "comparable_to_paper": comparable, "source_note": header, "paper_source": paper.PAPER_SOURCE,
-            "metric": "test accuracy, whole tiles; mean ± sample sd over seeds", "timings_s": timings,
-            "machine": machine_info()}
+  common = {
+    "preset": preset_name,
+    "preset_description": preset.description,
+    "seeds": list(seeds),
+    "data_source": info.get("source"),
+    "synthetic": bool(info.get("synthetic")),
+    "comparable_to_paper": comparable,
+    "source_note": header,
+    "paper_source": paper.PAPER_SOURCE,
+    "metric": "test accuracy, whole tiles; mean ± sample sd over seeds",
+    "timings_s": timings,
+    "machine": machine_info(),
+  }
   t1 = {**common, "table": "Table 1", "downsample": d1, "paper_downsample": 2, "rows": t1_rows}
   a3 = {**common, "table": "Table A3 (ROI-C1 by downsampling)", "rows": a3_rows}
   return t1, a3
@@ -319,15 +425,20 @@ def _ds_name(d: int) -> str:
 
 def table1_markdown(t1: dict) -> str:
   d = t1["downsample"]
-  lines = [f"# Task 1 — Table 1: test accuracy by setting (preset `{t1['preset']}`)", "",
-           t1["source_note"], "",
-           f"Ours: {_ds_name(d)} downsampling, seeds {t1['seeds']}, mean ± sample sd; {t1['preset_description']}. "
-           f"Paper: {t1['paper_source']}, 2x downsampling, seeds {list(paper.PAPER_SEEDS)}."
-           + (" **Downsampling differs from the paper's.**" if d != 2 else ""),
-           "Mixup: p chosen per setting on the validation accuracy (mean over seeds), never on test.",
-           _machine_line(t1), "",
-           "| method | data | " + " | ".join(f"{s} ours | {s} paper" for s in SETTINGS) + " | notes |",
-           "|---|---|" + "---|---|" * len(SETTINGS) + "---|"]
+  lines = [
+    f"# Task 1 — Table 1: test accuracy by setting (preset `{t1['preset']}`)",
+    "",
+    t1["source_note"],
+    "",
+    f"Ours: {_ds_name(d)} downsampling, seeds {t1['seeds']}, mean ± sample sd; {t1['preset_description']}. "
+    f"Paper: {t1['paper_source']}, 2x downsampling, seeds {list(paper.PAPER_SEEDS)}."
+    + (" **Downsampling differs from the paper's.**" if d != 2 else ""),
+    "Mixup: p chosen per setting on the validation accuracy (mean over seeds), never on test.",
+    _machine_line(t1),
+    "",
+    "| method | data | " + " | ".join(f"{s} ours | {s} paper" for s in SETTINGS) + " | notes |",
+    "|---|---|" + "---|---|" * len(SETTINGS) + "---|",
+  ]
   lines += [_row_markdown(row, [(s, s) for s in SETTINGS]) for row in t1["rows"]]
   return "\n".join(lines) + "\n"
 
@@ -340,25 +451,38 @@ def _row_markdown(row: dict, columns: list[tuple[str, str]]) -> str:
     cells += [fmt(c["ours"]), paper.format_paper((c["paper"]["mean"], c["paper"]["sd"]))]
     if "p_selected" in c["ours"]:
       notes.append(f"{name}: p={c['ours']['p_selected']:g}")
-  return f"| {row['label']} | {row['data_source']} | " + " | ".join(cells) + f" | {'; '.join(notes)} |"
+  return (
+    f"| {row['label']} | {row['data_source']} | " + " | ".join(cells) + f" | {'; '.join(notes)} |"
+  )
 
 
 def _machine_line(table: dict) -> str:
   m = table.get("machine") or {}
-  return (f"Made on: {m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores), {m.get('backend', '?')} "
-          f"({m.get('device_kind', '?')}), jax {m.get('jax', '?')}. Reruns reproduce these numbers bit for "
-          "bit on the same CPU model and library versions; another CPU model agrees only within seed noise.")
+  return (
+    f"Made on: {m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores), {m.get('backend', '?')} "
+    f"({m.get('device_kind', '?')}), jax {m.get('jax', '?')}. Reruns reproduce these numbers bit for "
+    "bit on the same CPU model and library versions; another CPU model agrees only within seed noise."
+  )
 
 
 def a3_markdown(a3: dict) -> str:
-  lines = [f"# Task 1 — Table A3: ROI-C1 test accuracy by downsampling (preset `{a3['preset']}`)", "",
-           a3["source_note"], "",
-           f"Ours: seeds {a3['seeds']}, mean ± sample sd; {a3['preset_description']}. "
-           f"Paper: {a3['paper_source']} (no sd reported).", _machine_line(a3), "",
-           "| method | data | " + " | ".join(f"{_ds_name(d)} ours | {_ds_name(d)} paper" for d in paper.DOWNSAMPLINGS)
-           + " | notes |",
-           "|---|---|" + "---|---|" * len(paper.DOWNSAMPLINGS) + "---|"]
-  lines += [_row_markdown(row, [(str(d), _ds_name(d)) for d in paper.DOWNSAMPLINGS]) for row in a3["rows"]]
+  lines = [
+    f"# Task 1 — Table A3: ROI-C1 test accuracy by downsampling (preset `{a3['preset']}`)",
+    "",
+    a3["source_note"],
+    "",
+    f"Ours: seeds {a3['seeds']}, mean ± sample sd; {a3['preset_description']}. "
+    f"Paper: {a3['paper_source']} (no sd reported).",
+    _machine_line(a3),
+    "",
+    "| method | data | "
+    + " | ".join(f"{_ds_name(d)} ours | {_ds_name(d)} paper" for d in paper.DOWNSAMPLINGS)
+    + " | notes |",
+    "|---|---|" + "---|---|" * len(paper.DOWNSAMPLINGS) + "---|",
+  ]
+  lines += [
+    _row_markdown(row, [(str(d), _ds_name(d)) for d in paper.DOWNSAMPLINGS]) for row in a3["rows"]
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -366,25 +490,42 @@ def a3_markdown(a3: dict) -> str:
 def _data_info(data_dir: str) -> dict:
   """Source facts from the exports; raises naming the export command if one is missing."""
   from mtneuro_jax.data import pipeline
-  infos = {t: pipeline.dataset_info({"data_dir": data_dir, "task": t, "downsample": 1})
-           for t in ("task1_roi_c1", "task1_roi_c2", "task1_roi_c3")}
+
+  infos = {
+    t: pipeline.dataset_info({"data_dir": data_dir, "task": t, "downsample": 1})
+    for t in ("task1_roi_c1", "task1_roi_c2", "task1_roi_c3")
+  }
   sources = {i["source"] for i in infos.values()}
   if len(sources) > 1:
-    raise UserError(f"the three Task 1 exports in {data_dir} come from different sources: {sorted(sources)}; "
-                    "export all three from one source (`mtneuro export --tasks task1_roi_c1,task1_roi_c2,"
-                    "task1_roi_c3 ...`)")
+    raise UserError(
+      f"the three Task 1 exports in {data_dir} come from different sources: {sorted(sources)}; "
+      "export all three from one source (`mtneuro export --tasks task1_roi_c1,task1_roi_c2,"
+      "task1_roi_c3 ...`)"
+    )
   first = infos["task1_roi_c1"]
-  return {"source": first["source"], "synthetic": any(i["synthetic"] for i in infos.values()),
-          "limit_per_split": next((i["limit_per_split"] for i in infos.values() if i["limit_per_split"]), None),
-          "num_examples": {t: i["num_examples"] for t, i in infos.items()}}
+  return {
+    "source": first["source"],
+    "synthetic": any(i["synthetic"] for i in infos.values()),
+    "limit_per_split": next(
+      (i["limit_per_split"] for i in infos.values() if i["limit_per_split"]), None
+    ),
+    "num_examples": {t: i["num_examples"] for t, i in infos.items()},
+  }
 
 
 def main(argv=None) -> int:
-  parser = ArgumentParser(prog="mtneuro task1", description=__doc__.split("\n\n")[0],
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(
+    prog="mtneuro task1",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  parser.add_argument("--data_dir", default="out/data/phantom-seed0", help="export root (TFDS data_dir)")
-  parser.add_argument("--out", default=None, help="output folder (default experiments/results/task1_<preset>)")
+  parser.add_argument(
+    "--data_dir", default="out/data/phantom-seed0", help="export root (TFDS data_dir)"
+  )
+  parser.add_argument(
+    "--out", default=None, help="output folder (default experiments/results/task1_<preset>)"
+  )
   parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
   parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
   parser.add_argument("--dry_run", action="store_true", help="list the runs and exit")
@@ -413,8 +554,11 @@ def main(argv=None) -> int:
   os.makedirs(out, exist_ok=True)
   t_start = time.time()
   src_note = "SYNTHETIC phantom — not comparable to the paper" if info["synthetic"] else "real data"
-  print(f"[task1] preset {args.preset} ({preset.description}); data {info['source']} ({src_note}); "
-        f"{len(runs)} runs -> {out}", flush=True)
+  print(
+    f"[task1] preset {args.preset} ({preset.description}); data {info['source']} ({src_note}); "
+    f"{len(runs)} runs -> {out}",
+    flush=True,
+  )
   results: dict[Run, dict] = {}
   timings: dict[str, float] = {}
   failed = []
@@ -438,9 +582,13 @@ def main(argv=None) -> int:
       done_time, done_n = done_time + dt, done_n + 1
     todo = len(runs) - i
     eta = f", ~{done_time / done_n * todo / 60:.1f} min left" if done_n and todo else ""
-    accs = ", ".join(f"{k.split('/')[0]} {res[k]:.3f}" for k in sorted(res) if k.endswith("/accuracy"))
-    print(f"[task1] [{i}/{len(runs)}] {run.label()}: {'cached' if cached else f'{dt:.0f}s'}; {accs}{eta}",
-          flush=True)
+    accs = ", ".join(
+      f"{k.split('/')[0]} {res[k]:.3f}" for k in sorted(res) if k.endswith("/accuracy")
+    )
+    print(
+      f"[task1] [{i}/{len(runs)}] {run.label()}: {'cached' if cached else f'{dt:.0f}s'}; {accs}{eta}",
+      flush=True,
+    )
   timings["total"] = round(time.time() - t_start, 1)
 
   t1, a3 = build_tables(results, runs, args.preset, preset, methods, seeds, info, timings)
@@ -450,8 +598,11 @@ def main(argv=None) -> int:
     with open(os.path.join(out, f"{name}.md"), "w") as f:
       f.write(md)
     print(md, flush=True)
-  print(f"[task1] done in {timings['total'] / 60:.1f} min; tables in {out}"
-        + (f"; {len(failed)} run(s) FAILED" if failed else ""), flush=True)
+  print(
+    f"[task1] done in {timings['total'] / 60:.1f} min; tables in {out}"
+    + (f"; {len(failed)} run(s) FAILED" if failed else ""),
+    flush=True,
+  )
   return 1 if failed else 0
 
 

@@ -38,6 +38,7 @@ weight decay *cap*, applied once to the recipe's value when the config is built.
 This module imports only ml_collections, the standard library and mtneuro_jax/errors.py
 (configs must load without JAX).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,12 +78,34 @@ class Size:
 # 96 steps: 32 left the supervised nets undertrained (eval-mode BN collapsed to one class on
 # ROI-C3); 96 (~30 s per run at width 1/8 on 2 cores) train to val 1.0 on the phantom.
 # NMF at 200+ iterations dominated the quick tables; 50 keeps it under half a minute.
-QUICK = Size(name="quick", downsample=4, batch_size=32, eval_batch_size=128, width_multiplier=0.125,
-             weight_decay_cap=5e-4, total_steps=96, num_epochs=3.0, log_every_steps=8,
-             checkpoint_every_steps=0, progress=None, nmf_max_iter=50)
-TINY = Size(name="tiny", downsample=4, batch_size=8, eval_batch_size=16, width_multiplier=1 / 16,
-            weight_decay_cap=5e-4, total_steps=2, num_epochs=None, log_every_steps=1,
-            checkpoint_every_steps=1, progress=False, nmf_max_iter=None)
+QUICK = Size(
+  name="quick",
+  downsample=4,
+  batch_size=32,
+  eval_batch_size=128,
+  width_multiplier=0.125,
+  weight_decay_cap=5e-4,
+  total_steps=96,
+  num_epochs=3.0,
+  log_every_steps=8,
+  checkpoint_every_steps=0,
+  progress=None,
+  nmf_max_iter=50,
+)
+TINY = Size(
+  name="tiny",
+  downsample=4,
+  batch_size=8,
+  eval_batch_size=16,
+  width_multiplier=1 / 16,
+  weight_decay_cap=5e-4,
+  total_steps=2,
+  num_epochs=None,
+  log_every_steps=1,
+  checkpoint_every_steps=1,
+  progress=False,
+  nmf_max_iter=None,
+)
 SIZES = {"quick": QUICK, "tiny": TINY}
 
 
@@ -101,8 +124,9 @@ class Arg:
   method: str | None
 
 
-def parse_arg(arg: str | None, *, recipes: Sequence[str] = ("paper", "ref"),
-              methods: Sequence[str] = ()) -> Arg:
+def parse_arg(
+  arg: str | None, *, recipes: Sequence[str] = ("paper", "ref"), methods: Sequence[str] = ()
+) -> Arg:
   """Parses ``arg`` (e.g. ``'ref,tiny'``, ``'nmf,quick'``).
 
   Defaults: the first recipe, the first method, full size.
@@ -120,8 +144,10 @@ def parse_arg(arg: str | None, *, recipes: Sequence[str] = ("paper", "ref"),
     known = [f"recipes {', '.join(recipes)}", f"sizes {', '.join(SIZES)}"]
     if methods:
       known.append(f"methods {', '.join(methods)}")
-    raise ConfigArgError(f"unknown config arg word(s) {unknown} in {arg!r}; known: "
-                         f"{'; '.join(known)} (comma-separated, at most one of each kind)")
+    raise ConfigArgError(
+      f"unknown config arg word(s) {unknown} in {arg!r}; known: "
+      f"{'; '.join(known)} (comma-separated, at most one of each kind)"
+    )
   picked: dict[str, list[str]] = {}
   for w in words:
     if w not in picked.setdefault(kinds[w], []):
@@ -130,17 +156,29 @@ def parse_arg(arg: str | None, *, recipes: Sequence[str] = ("paper", "ref"),
     if len(ws) > 1:
       raise ConfigArgError(f"config arg {arg!r} names more than one {kind}: {ws}; pick one")
   size = picked.get("size", [None])[0]
-  return Arg(recipe=picked.get("recipe", [recipes[0]])[0], size=SIZES[size] if size else None,
-             method=picked.get("method", [methods[0] if methods else None])[0])
+  return Arg(
+    recipe=picked.get("recipe", [recipes[0]])[0],
+    size=SIZES[size] if size else None,
+    method=picked.get("method", [methods[0] if methods else None])[0],
+  )
 
 
 # ---------------------------------------------------------------------------
 # Sub-configs.
-def data_config(task: str, *, downsample: int, batch_size: int, eval_batch_size: int,
-                image_mean: float = XRAY_MEAN, image_std: float = XRAY_STD, random_crop: int = 0,
-                data_dir: str = DEFAULT_DATA_DIR) -> ml_collections.ConfigDict:
+def data_config(
+  task: str,
+  *,
+  downsample: int,
+  batch_size: int,
+  eval_batch_size: int,
+  image_mean: float = XRAY_MEAN,
+  image_std: float = XRAY_STD,
+  random_crop: int = 0,
+  data_dir: str = DEFAULT_DATA_DIR,
+) -> ml_collections.ConfigDict:
   """``config.data``: the pipeline's data_cfg (docs/CONTRACTS.md, "Pipeline API")."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "data_dir": data_dir,
       "task": task,
       "downsample": downsample,
@@ -149,15 +187,25 @@ def data_config(task: str, *, downsample: int, batch_size: int, eval_batch_size:
       "random_crop": random_crop,  # 0 = off
       "batch_size": batch_size,
       "eval_batch_size": eval_batch_size,
-  })
+    }
+  )
 
 
-def optim_config(*, learning_rate: float, name: str = "sgd", momentum: float = 0.9,
-                 nesterov: bool = False, weight_decay: float = 0.0,
-                 weight_decay_mode: str = "coupled", decay_bias_and_norm: bool = True,
-                 schedule: str = "cosine", warmup_epochs: float = 0.0, grad_clip_norm: float = 0.0,
-                 lr_base_batch_size: int = 0,
-                 freeze: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def optim_config(
+  *,
+  learning_rate: float,
+  name: str = "sgd",
+  momentum: float = 0.9,
+  nesterov: bool = False,
+  weight_decay: float = 0.0,
+  weight_decay_mode: str = "coupled",
+  decay_bias_and_norm: bool = True,
+  schedule: str = "cosine",
+  warmup_epochs: float = 0.0,
+  grad_clip_norm: float = 0.0,
+  lr_base_batch_size: int = 0,
+  freeze: Sequence[str] = (),
+) -> ml_collections.ConfigDict:
   """``config.optim``: every key ``mtneuro_jax/train/optim.py`` reads, in one place.
 
   ``weight_decay_mode`` 'coupled' = torch.optim.SGD(weight_decay=...) semantics;
@@ -182,12 +230,20 @@ def optim_config(*, learning_rate: float, name: str = "sgd", momentum: float = 0
   return c
 
 
-def loop_defaults(c: ml_collections.ConfigDict, *, num_epochs: float, seed: int = 1,
-                  total_steps: int = 0, log_every_steps: int = 10,
-                  checkpoint_every_steps: int = 500, keep_checkpoints: int = 2,
-                  compilation_cache_dir: str = DEFAULT_CACHE_DIR,
-                  num_devices: int = 0, progress: bool = True,
-                  distributed: bool = False) -> ml_collections.ConfigDict:
+def loop_defaults(
+  c: ml_collections.ConfigDict,
+  *,
+  num_epochs: float,
+  seed: int = 1,
+  total_steps: int = 0,
+  log_every_steps: int = 10,
+  checkpoint_every_steps: int = 500,
+  keep_checkpoints: int = 2,
+  compilation_cache_dir: str = DEFAULT_CACHE_DIR,
+  num_devices: int = 0,
+  progress: bool = True,
+  distributed: bool = False,
+) -> ml_collections.ConfigDict:
   """Sets the loop's top-level keys (all but data, model, objective, optim, evals) on ``c``.
 
   ``total_steps`` > 0 overrides ``num_epochs``; ``checkpoint_every_steps`` 0 = only at the end;
@@ -205,13 +261,18 @@ def loop_defaults(c: ml_collections.ConfigDict, *, num_epochs: float, seed: int 
   c.num_devices = num_devices
   c.progress = progress
   c.distributed = distributed
-  c.init_from = ml_collections.ConfigDict({"workdir": "", "step": 0, "subtree": "", "model_state": True})
+  c.init_from = ml_collections.ConfigDict(
+    {"workdir": "", "step": 0, "subtree": "", "model_state": True}
+  )
   return c
 
 
-def classification_evals(splits: Sequence[str] = ("test", "val"), *,
-                         protocols: Sequence[str] = ("whole",),
-                         curve_splits: Sequence[str] = ("val",)) -> ml_collections.ConfigDict:
+def classification_evals(
+  splits: Sequence[str] = ("test", "val"),
+  *,
+  protocols: Sequence[str] = ("whole",),
+  curve_splits: Sequence[str] = ("val",),
+) -> ml_collections.ConfigDict:
   """``config.evals``: a classification eval ``<split>_<protocol>`` per split and protocol.
 
   Protocols: 'whole' (the whole tile) | 'corners' (see mtneuro_jax/eval/classification.py).
@@ -221,8 +282,9 @@ def classification_evals(splits: Sequence[str] = ("test", "val"), *,
   evals = ml_collections.ConfigDict()
   for split in splits:
     for protocol in protocols:
-      e = ml_collections.ConfigDict({"kind": "classification", "split": split,
-                                     "protocol": protocol})
+      e = ml_collections.ConfigDict(
+        {"kind": "classification", "split": split, "protocol": protocol}
+      )
       if split in curve_splits:
         e.every_steps = 0
       evals[f"{split}_{protocol}"] = e

@@ -82,8 +82,10 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
   """``"export of task1_roi_c1 (pid 123 on host h, started 2024-05-01T10:00:00Z)"``."""
   if not holder:
     return "an unknown process"
-  return (f"{holder.get('what') or 'a process'} (pid {holder.get('pid', '?')} on host "
-          f"{holder.get('host', '?')}, started {holder.get('started_utc', '?')})")
+  return (
+    f"{holder.get('what') or 'a process'} (pid {holder.get('pid', '?')} on host "
+    f"{holder.get('host', '?')}, started {holder.get('started_utc', '?')})"
+  )
 
 
 def read_holder(folder: str) -> dict[str, Any] | None:
@@ -136,8 +138,10 @@ class DirLock:
 
   def _refuse(self, holder: dict[str, Any] | None, why: str = "") -> LockedError:
     return LockedError(
-        f"{self.folder} is in use by {describe_holder(holder)}{why}; wait for it to finish, or "
-        f"if that process is not running any more, delete {self.path}", holder)
+      f"{self.folder} is in use by {describe_holder(holder)}{why}; wait for it to finish, or "
+      f"if that process is not running any more, delete {self.path}",
+      holder,
+    )
 
   def acquire(self) -> "DirLock":
     """Takes the lock or raises LockedError at once (never waits)."""
@@ -151,9 +155,14 @@ class DirLock:
       raise
 
   def _acquire(self) -> "DirLock":
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "started": time.time(),
-          "what": self.what, "argv": list(sys.argv)}
+    me = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "started": time.time(),
+      "what": self.what,
+      "argv": list(sys.argv),
+    }
     for _ in range(100):  # retried only when the file was replaced under us (a release raced)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
@@ -194,8 +203,11 @@ class DirLock:
       raise self._refuse(holder, ", on another host (its liveness cannot be checked from here)")
     if not isinstance(pid, int) or (pid != os.getpid() and _pid_alive(pid)):
       raise self._refuse(holder, ", whose pid is alive")
-    log.warning("taking over the stale lock %s of %s: that process is no longer running",
-                self.path, describe_holder(holder))
+    log.warning(
+      "taking over the stale lock %s of %s: that process is no longer running",
+      self.path,
+      describe_holder(holder),
+    )
 
   def release(self) -> None:
     """Drops the lock and deletes the lock file (and the empty folders ``acquire`` created)."""

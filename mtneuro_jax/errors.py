@@ -64,8 +64,9 @@ def _usage_error_types() -> tuple[type[BaseException], ...]:
   return tuple(out)
 
 
-def run_cli(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str], *,
-            debug: bool | None = None) -> int:
+def run_cli(
+  fn: Callable[[Sequence[str]], int | None], argv: Sequence[str], *, debug: bool | None = None
+) -> int:
   """Runs ``fn(argv)`` and turns bad input into one stderr line; returns the exit status.
 
   - ``UserError`` (incl. ``UsageError``, ``SourceError``, ``DatasetError``, ...) and absl
@@ -91,8 +92,11 @@ def run_cli(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str], *,
     return report(str(e), 2)
   except OSError as e:
     where = f": {e.filename}" if getattr(e, "filename", None) else ""
-    return report(f"{e.strerror or e}{where}; check the path, its permissions and the free disk "
-                  "space (`mtneuro --debug ...` shows the traceback)", 2)
+    return report(
+      f"{e.strerror or e}{where}; check the path, its permissions and the free disk "
+      "space (`mtneuro --debug ...` shows the traceback)",
+      2,
+    )
   except KeyboardInterrupt:
     return report("interrupted (Ctrl-C); rerun the command to continue", 130)
   except SystemExit as e:

@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices for sharded code (must be set before jax imports)."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -27,7 +28,14 @@ def tiny_data_dir(tmp_path_factory):
   for task in TINY_TASKS:
     # chunk_z=8: the tiny plans touch few slices; small chunks avoid reading unused ones.
     # Companions: each chunk is fetched once for all four tasks, like `--tasks a,b,c`.
-    export_task(source, task, str(root / "data"), cache_dir=str(root / "cache"),
-                limit_per_split=TINY_LIMIT, progress=False, chunk_z=8,
-                companion_channels=companions_for(TINY_TASKS))
+    export_task(
+      source,
+      task,
+      str(root / "data"),
+      cache_dir=str(root / "cache"),
+      limit_per_split=TINY_LIMIT,
+      progress=False,
+      chunk_z=8,
+      companion_channels=companions_for(TINY_TASKS),
+    )
   return str(root / "data")

@@ -1,4 +1,5 @@
 """Bad input: one clear stderr line naming problem and fix, exit 2, nothing existing overwritten."""
+
 import json
 import os
 import shutil
@@ -38,8 +39,11 @@ def _run(argv, capsys):
 
 
 def _snapshot(root):
-  return {os.path.relpath(os.path.join(d, n), root): manifest_lib.sha256_file(os.path.join(d, n))
-          for d, _, names in os.walk(root) for n in names}
+  return {
+    os.path.relpath(os.path.join(d, n), root): manifest_lib.sha256_file(os.path.join(d, n))
+    for d, _, names in os.walk(root)
+    for n in names
+  }
 
 
 @pytest.fixture
@@ -62,8 +66,10 @@ def test_box_outside_volume(tmp_path, capsys):
   vol = tmp_path / "vol"
   vol.mkdir()
   np.save(vol / "image.npy", np.zeros((200, 64, 64), np.uint8))
-  rc, _, err = _run(["--source", f"local:{vol}", "--tasks", "task1_roi_c1", "--out_dir", str(tmp_path / "o")],
-                    capsys)
+  rc, _, err = _run(
+    ["--source", f"local:{vol}", "--tasks", "task1_roi_c1", "--out_dir", str(tmp_path / "o")],
+    capsys,
+  )
   assert rc == 2 and len(err) == 1
   assert "train-A-CTX-z110" in err[0] and "outside the volume on y" in err[0]
   assert "(200, 64, 64)" in err[0] and "MTNeuro extent" in err[0]
@@ -72,8 +78,12 @@ def test_box_outside_volume(tmp_path, capsys):
 
 def test_unknown_task_or_source(tmp_path, capsys):
   rc, _, err = _run(["--tasks", "task9", "--out_dir", str(tmp_path / "o")], capsys)
-  assert rc == 2 and len(err) == 1 and "unknown task(s) task9" in err[0] and "task1_roi_c1" in err[0]
-  rc, _, err = _run(["--source", "s3bucket", "--tasks", "task1_roi_c1", "--out_dir", str(tmp_path / "o")], capsys)
+  assert (
+    rc == 2 and len(err) == 1 and "unknown task(s) task9" in err[0] and "task1_roi_c1" in err[0]
+  )
+  rc, _, err = _run(
+    ["--source", "s3bucket", "--tasks", "task1_roi_c1", "--out_dir", str(tmp_path / "o")], capsys
+  )
   assert rc == 2 and len(err) == 1 and "unknown source 's3bucket'" in err[0] and "phantom" in err[0]
   with pytest.raises(SourceError):
     make_source("phantom:seed")
@@ -87,7 +97,9 @@ def test_truncated_shard(dataset_copy, capsys, mesh):
   rc, _, err = _run(["verify", root], capsys)
   assert rc == 2 and len(err) == 1 and "truncated" in err[0] and "--overwrite" in err[0]
   with pytest.raises(DatasetError, match="truncated"):
-    pipeline.train_iterator({"data_dir": root, "task": "task1_roi_c1"}, seed=0, mesh=mesh, global_batch_size=8)
+    pipeline.train_iterator(
+      {"data_dir": root, "task": "task1_roi_c1"}, seed=0, mesh=mesh, global_batch_size=8
+    )
 
 
 def test_flipped_byte_detected_by_verify_and_pipeline(dataset_copy, capsys, mesh):
@@ -113,7 +125,11 @@ def test_manifest_mismatch(dataset_copy, capsys):
   m["splits"]["test"]["num_examples"] += 1
   json.dump(m, open(mpath, "w"))
   rc, _, err = _run(["verify", root], capsys)
-  assert rc == 2 and len(err) == 1 and "split 'test' has 16 examples in dataset_info.json but 17" in err[0]
+  assert (
+    rc == 2
+    and len(err) == 1
+    and "split 'test' has 16 examples in dataset_info.json but 17" in err[0]
+  )
   # An extra shard that the manifest does not list.
   m["splits"]["test"]["num_examples"] -= 1
   json.dump(m, open(mpath, "w"))
@@ -145,14 +161,23 @@ def test_unwritable_output_checked_before_fetching(tmp_path, capsys):
   blocker.write_text("x")
   src = CountingSource()
   with pytest.raises(export_lib.ExportError, match="not writable.*--out_dir"):
-    export_lib.export_task(src, "task1_roi_c1", str(blocker / "out"), limit_per_split=1, progress=False)
+    export_lib.export_task(
+      src, "task1_roi_c1", str(blocker / "out"), limit_per_split=1, progress=False
+    )
   assert src.reads == 0
-  rc, _, err = _run(["--tasks", "task1_roi_c1", "--out_dir", str(blocker / "out"), "--limit_per_split", "1"],
-                    capsys)
+  rc, _, err = _run(
+    ["--tasks", "task1_roi_c1", "--out_dir", str(blocker / "out"), "--limit_per_split", "1"], capsys
+  )
   assert rc == 2 and len(err) == 1 and "not writable" in err[0]
   with pytest.raises(export_lib.ExportError, match="cache folder .* not writable.*--cache_dir"):
-    export_lib.export_task(src, "task1_roi_c1", str(tmp_path / "o"), cache_dir=str(blocker / "c"),
-                           limit_per_split=1, progress=False)
+    export_lib.export_task(
+      src,
+      "task1_roi_c1",
+      str(tmp_path / "o"),
+      cache_dir=str(blocker / "c"),
+      limit_per_split=1,
+      progress=False,
+    )
   assert src.reads == 0
 
 
@@ -162,7 +187,9 @@ def test_read_only_output_dir(tmp_path, capsys):
   ro.mkdir()
   ro.chmod(0o500)
   try:
-    rc, _, err = _run(["--tasks", "task1_roi_c1", "--out_dir", str(ro), "--limit_per_split", "1"], capsys)
+    rc, _, err = _run(
+      ["--tasks", "task1_roi_c1", "--out_dir", str(ro), "--limit_per_split", "1"], capsys
+    )
     assert rc == 2 and len(err) == 1 and "not writable" in err[0]
   finally:
     ro.chmod(0o700)
@@ -171,13 +198,25 @@ def test_read_only_output_dir(tmp_path, capsys):
 def test_failed_runs_overwrite_nothing(dataset_copy, capsys):
   root, _ = dataset_copy
   before = _snapshot(root)
-  for argv in (["--tasks", "task1_roi_c1", "--out_dir", root, "--limit_per_split", "2", "--cache_dir",
-                os.path.join(os.path.dirname(root), "c")],
-               ["--tasks", "task1_roi_c1", "--out_dir", root, "--min_guard_slices", "5"]):
+  for argv in (
+    [
+      "--tasks",
+      "task1_roi_c1",
+      "--out_dir",
+      root,
+      "--limit_per_split",
+      "2",
+      "--cache_dir",
+      os.path.join(os.path.dirname(root), "c"),
+    ],
+    ["--tasks", "task1_roi_c1", "--out_dir", root, "--min_guard_slices", "5"],
+  ):
     rc, _, err = _run(argv, capsys)
     assert rc == 2 and len(err) == 1
-  assert "other parameters" in _run(
-      ["--tasks", "task1_roi_c1", "--out_dir", root, "--limit_per_split", "3"], capsys)[2][0]
+  assert (
+    "other parameters"
+    in _run(["--tasks", "task1_roi_c1", "--out_dir", root, "--limit_per_split", "3"], capsys)[2][0]
+  )
   assert _snapshot(root) == before
 
 

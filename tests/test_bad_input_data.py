@@ -6,6 +6,7 @@ traceback, and that no file that existed before changed (SHA-256 of the whole wo
 which holds a complete tiny export, broken copies of it and the bad volumes), with no lock
 or staging folder left behind.
 """
+
 import json
 import os
 import shutil
@@ -52,16 +53,26 @@ def ws(tiny_data_dir, tmp_path_factory):
   (v / "manifest.json").write_text(json.dumps(m))
   locked = root / "locked" / TASK
   locked.mkdir(parents=True)
-  (locked / dirlock.LOCK_NAME).write_text(json.dumps(
-      {"pid": 4242, "host": "other-host.example", "started_utc": "2024-01-01T00:00:00Z",
-       "what": "`mtneuro export` of task1_roi_c1"}))
+  (locked / dirlock.LOCK_NAME).write_text(
+    json.dumps(
+      {
+        "pid": 4242,
+        "host": "other-host.example",
+        "started_utc": "2024-01-01T00:00:00Z",
+        "what": "`mtneuro export` of task1_roi_c1",
+      }
+    )
+  )
   (root / "empty").mkdir()
   (root / "afile").write_text("not a folder")
 
   vols = root / "vols"
-  for name, arr in {"small": np.zeros((200, 64, 64), np.uint8), "flat": np.zeros((64, 64), np.uint8),
-                    "float": np.full((4, 4, 4), 0.5, np.float32), "complex": np.zeros((2, 2, 2), np.complex64)
-                    }.items():
+  for name, arr in {
+    "small": np.zeros((200, 64, 64), np.uint8),
+    "flat": np.zeros((64, 64), np.uint8),
+    "float": np.full((4, 4, 4), 0.5, np.float32),
+    "complex": np.zeros((2, 2, 2), np.complex64),
+  }.items():
     (vols / name).mkdir(parents=True)
     np.save(vols / name / "image.npy", arr)
   (vols / "garbage").mkdir()
@@ -74,13 +85,13 @@ def ws(tiny_data_dir, tmp_path_factory):
   np.save(vols / "pickled" / "image.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
   u8, f32 = (np.uint8, 100), (np.float32, 0.25)
   for name, arrays in {
-      "int16_300": {"image": (np.int16, 300), "roi_labels": (np.uint8, 1)},
-      "roi9": {"image": u8, "roi_labels": (np.uint16, 9)},
-      "pix_neg": {"image": u8, "pixel_labels": (np.int8, -1)},
-      "pix_frac": {"image": u8, "pixel_labels": (np.float32, 0.5)},
-      "float2": {"image": (np.float32, 2.0), "roi_labels": (np.uint8, 1)},
-      "nan": {"image": (np.float32, float("nan")), "roi_labels": (np.uint8, 1)},
-      "no_roi": {"image": f32},
+    "int16_300": {"image": (np.int16, 300), "roi_labels": (np.uint8, 1)},
+    "roi9": {"image": u8, "roi_labels": (np.uint16, 9)},
+    "pix_neg": {"image": u8, "pixel_labels": (np.int8, -1)},
+    "pix_frac": {"image": u8, "pixel_labels": (np.float32, 0.5)},
+    "float2": {"image": (np.float32, 2.0), "roi_labels": (np.uint8, 1)},
+    "nan": {"image": (np.float32, float("nan")), "roi_labels": (np.uint8, 1)},
+    "no_roi": {"image": f32},
   }.items():
     make_zarr_volume(vols / name, arrays)
   shape_vol = make_zarr_volume(vols / "roi_shape", {"image": u8})
@@ -89,8 +100,11 @@ def ws(tiny_data_dir, tmp_path_factory):
 
 
 def _snapshot(root) -> dict[str, str]:
-  return {os.path.relpath(os.path.join(d, n), root): manifest_lib.sha256_file(os.path.join(d, n))
-          for d, _, names in os.walk(root) for n in names}
+  return {
+    os.path.relpath(os.path.join(d, n), root): manifest_lib.sha256_file(os.path.join(d, n))
+    for d, _, names in os.walk(root)
+    for n in names
+  }
 
 
 def _leftovers(root, before) -> list[str]:
@@ -112,114 +126,184 @@ def _busy_port():
 
 
 def _exp(*args, limit="1", task=TASK, out="{ws}/o"):
-  return ["export", "--tasks", task, "--limit_per_split", limit, "--chunk_z", "8", "--quiet",
-          "--out_dir", out, *args]
+  return [
+    "export",
+    "--tasks",
+    task,
+    "--limit_per_split",
+    limit,
+    "--chunk_z",
+    "8",
+    "--quiet",
+    "--out_dir",
+    out,
+    *args,
+  ]
 
 
 # (case id, argv with {ws} for the workspace, what the line must name)
 CASES = [
-    # export: source specs
-    ("phantom-seed-abc", _exp("--source", "phantom:seed=abc"), "seed must be an integer"),
-    ("phantom-seed-no-value", _exp("--source", "phantom:seed"), "expected key=value"),
-    ("phantom-unknown-option", _exp("--source", "phantom:colour=red"),
-     "unknown option(s) colour"),
-    ("unknown-source", _exp("--source", "s3bucket"), "unknown source 's3bucket'"),
-    ("bossdb-empty-host", _exp("--source", "bossdb:host="), "option host is empty"),
-    ("bossdb-host-twice", _exp("--source", "bossdb:host=a.org,host=b.org"),
-     "given twice"),
-    ("bossdb-concurrency-0", _exp("--source", "bossdb:concurrency=0"),
-     "concurrency must be >= 1"),
-    ("bossdb-retries-text", _exp("--source", "bossdb:retries=many"),
-     "retries must be an integer"),
-    ("bossdb-protocol-ftp", _exp("--source", "bossdb:protocol=ftp"),
-     "protocol must be 'http' or 'https'"),
-    ("bossdb-host-with-scheme", _exp("--source", "bossdb:host=https://x.org"),
-     "without scheme"),
-    ("bossdb-bad-chunk", _exp("--source", "bossdb:chunk=1x2"), "three positive ZYX"),
-    ("bossdb-token-file-missing", _exp("--source", "bossdb:token_file={ws}/nope"),
-     "cannot read token_file"),
-    ("local-no-path", _exp("--source", "local:"), "needs a path"),
-    ("local-missing", _exp("--source", "local:{ws}/vols/none"), "does not exist"),
-    ("local-scale-text", _exp("--source", "local:{ws}/vols/float2,scale=abc"),
-     "scale must be a positive number"),
-    ("local-scale-zero", _exp("--source", "local:{ws}/vols/float2,scale=0"),
-     "scale must be a positive number"),
-    # export: bad volumes
-    ("local-garbage-npy", _exp("--source", "local:{ws}/vols/garbage"),
-     "is not a .npy file"),
-    ("local-truncated-npy", _exp("--source", "local:{ws}/vols/truncnpy"),
-     "is not a readable .npy array"),
-    ("local-pickled-npy", _exp("--source", "local:{ws}/vols/pickled"),
-     "is not a readable .npy array"),
-    ("local-2d-image", _exp("--source", "local:{ws}/vols/flat"), "must be 3D ZYX"),
-    ("local-complex-image", _exp("--source", "local:{ws}/vols/complex"),
-     "not a numeric array"),
-    ("local-too-small", _exp("--source", "local:{ws}/vols/small"), "outside the volume"),
-    ("local-float-image", _exp("--source", "local:{ws}/vols/float"),
-     "channel image is float32"),
-    ("local-float-over-scale", _exp("--source", "local:{ws}/vols/float2,scale=255"),
-     "scale=255 maps to [510, 510], outside uint8"),
-    ("local-nan-image", _exp("--source", "local:{ws}/vols/nan,scale=255"), "non-finite"),
-    ("local-int16-wraps", _exp("--source", "local:{ws}/vols/int16_300"),
-     "int16 with values in [300, 300], outside uint8"),
-    ("local-unknown-roi-id", _exp("--source", "local:{ws}/vols/roi9"),
-     "ids 9 that are not MTNeuro ROI ids"),
-    ("local-negative-pixel-id", _exp("--source", "local:{ws}/vols/pix_neg",
-                                     task="task2_2d_3class"), "ids -1 that are not MTNeuro pixel ids"),
-    ("local-fractional-labels", _exp("--source", "local:{ws}/vols/pix_frac",
-                                     task="task3"), "non-integer values"),
-    ("local-missing-channel", _exp("--source", "local:{ws}/vols/no_roi,scale=255"),
-     "no readable channel 'roi_labels'"),
-    ("local-channel-shape", _exp("--source", "local:{ws}/vols/roi_shape"),
-     "roi_labels has shape (2, 2, 2)"),
-    # export: arguments and folders
-    ("chunk-z-0", _exp("--chunk_z", "0"), "--chunk_z must be >= 1"),
-    ("chunk-z-text", _exp("--chunk_z", "abc"), "invalid int value: 'abc'"),
-    ("limit-0", _exp(limit="0"), "--limit_per_split must be >= 1"),
-    ("guard-negative", _exp("--min_guard_slices", "-1"), "--min_guard_slices must be >= 0"),
-    ("guard-leaky-split", _exp("--min_guard_slices", "5"), "slice(s) apart (minimum 5)"),
-    ("unknown-task", ["export", "--tasks", "task9", "--out_dir", "{ws}/o"], "unknown task(s) task9"),
-    ("empty-tasks", ["export", "--tasks", " , ", "--out_dir", "{ws}/o"], "unknown task(s)"),
-    ("unknown-flag", ["export", "--bogus"], "unrecognized arguments: --bogus"),
-    ("out-dir-is-a-file", _exp(out="{ws}/afile"), "not writable"),
-    ("out-dir-empty", _exp(out=""), "--out_dir is empty"),
-    ("cache-dir-is-a-file", _exp("--cache_dir", "{ws}/afile/c"), "cache folder"),
-    ("other-parameters", _exp(out="{ws}/good", limit="2"), "other parameters (limit_per_split: 4 -> 2"),
-    ("broken-existing", _exp(out="{ws}/nomanifest", limit="4"), "is not a valid export"),
-    ("locked-by-other-host", _exp(out="{ws}/locked"), "in use by `mtneuro export` of task1_roi_c1 "
-                                                                "(pid 4242 on host other-host.example"),
-    # verify
-    ("verify-missing-path", ["verify", "{ws}/nope"], "is not a folder"),
-    ("verify-no-dataset", ["verify", "{ws}/empty"], "no exported dataset under"),
-    ("verify-flipped-byte", ["verify", "{ws}/flipped"], "fails its SHA-256 check"),
-    ("verify-truncated", ["verify", "{ws}/truncated"], "(truncated or replaced)"),
-    ("verify-no-manifest", ["verify", "{ws}/nomanifest"], "not a complete export"),
-    ("verify-manifest-not-json", ["verify", "{ws}/badjson"], "is unreadable"),
-    ("verify-unlisted-shard", ["verify", "{ws}/extra"], "a shard the manifest does not list"),
-    ("verify-split-count", ["verify", "{ws}/splits"],
-     "split 'val' has 16 examples in dataset_info.json but 19"),
-    ("verify-no-argument", ["verify"], "the following arguments are required: path"),
-    # summary
-    ("summary-flipped-byte", ["summary", "{ws}/flipped"], "fails its SHA-256 check"),
-    ("summary-no-manifest", ["summary", "{ws}/nomanifest/" + TASK], "not a complete export"),
-    ("summary-missing-path", ["summary", "{ws}/nope"], "is not a folder"),
-    ("summary-a-file", ["summary", "{ws}/afile"], "is not a folder"),
-    # serve
-    ("serve-port-range", ["serve", "--port", "70000"], "--port must be in [0, 65535]"),
-    ("serve-port-busy", ["serve", "--port", "{port}"], "cannot listen on 127.0.0.1"),
-    ("serve-bad-faults", ["serve", "--faults", "rate=2"], "fault rate must be in [0, 1]"),
-    ("serve-unknown-fault-option", ["serve", "--faults", "often=yes"], "bad fault option 'often=yes'"),
-    ("serve-bad-source", ["serve", "--source", "phantom:seed=x"], "seed must be an integer"),
-    ("serve-token-env-unset", ["serve", "--token_env", "MTNEURO_TEST_UNSET_VAR"],
-     "environment variable is empty"),
-    ("serve-negative-cache", ["serve", "--cache_mb", "-1"], "--cache_mb must be a finite number >= 0"),
-    # main and the dispatcher
-    ("main-bogus-preset", ["main", "--preset", "bogus", "--data_dir", "{ws}/main-data"],
-     "unknown --preset 'bogus'"),
-    ("main-data-dir-file", ["main", "--data_dir", "{ws}/afile"], "--data_dir {ws}/afile is a file"),
-    ("main-unknown-flag", ["main", "--fast"], "unrecognized arguments: --fast"),
-    ("fidelity-workers-0", ["fidelity", "--workers", "0", "--out", "{ws}/fid"], "--workers must be >= 1"),
-    ("unknown-command", ["exprot"], "unknown command 'exprot'"),
+  # export: source specs
+  ("phantom-seed-abc", _exp("--source", "phantom:seed=abc"), "seed must be an integer"),
+  ("phantom-seed-no-value", _exp("--source", "phantom:seed"), "expected key=value"),
+  ("phantom-unknown-option", _exp("--source", "phantom:colour=red"), "unknown option(s) colour"),
+  ("unknown-source", _exp("--source", "s3bucket"), "unknown source 's3bucket'"),
+  ("bossdb-empty-host", _exp("--source", "bossdb:host="), "option host is empty"),
+  ("bossdb-host-twice", _exp("--source", "bossdb:host=a.org,host=b.org"), "given twice"),
+  ("bossdb-concurrency-0", _exp("--source", "bossdb:concurrency=0"), "concurrency must be >= 1"),
+  ("bossdb-retries-text", _exp("--source", "bossdb:retries=many"), "retries must be an integer"),
+  (
+    "bossdb-protocol-ftp",
+    _exp("--source", "bossdb:protocol=ftp"),
+    "protocol must be 'http' or 'https'",
+  ),
+  ("bossdb-host-with-scheme", _exp("--source", "bossdb:host=https://x.org"), "without scheme"),
+  ("bossdb-bad-chunk", _exp("--source", "bossdb:chunk=1x2"), "three positive ZYX"),
+  (
+    "bossdb-token-file-missing",
+    _exp("--source", "bossdb:token_file={ws}/nope"),
+    "cannot read token_file",
+  ),
+  ("local-no-path", _exp("--source", "local:"), "needs a path"),
+  ("local-missing", _exp("--source", "local:{ws}/vols/none"), "does not exist"),
+  (
+    "local-scale-text",
+    _exp("--source", "local:{ws}/vols/float2,scale=abc"),
+    "scale must be a positive number",
+  ),
+  (
+    "local-scale-zero",
+    _exp("--source", "local:{ws}/vols/float2,scale=0"),
+    "scale must be a positive number",
+  ),
+  # export: bad volumes
+  ("local-garbage-npy", _exp("--source", "local:{ws}/vols/garbage"), "is not a .npy file"),
+  (
+    "local-truncated-npy",
+    _exp("--source", "local:{ws}/vols/truncnpy"),
+    "is not a readable .npy array",
+  ),
+  (
+    "local-pickled-npy",
+    _exp("--source", "local:{ws}/vols/pickled"),
+    "is not a readable .npy array",
+  ),
+  ("local-2d-image", _exp("--source", "local:{ws}/vols/flat"), "must be 3D ZYX"),
+  ("local-complex-image", _exp("--source", "local:{ws}/vols/complex"), "not a numeric array"),
+  ("local-too-small", _exp("--source", "local:{ws}/vols/small"), "outside the volume"),
+  ("local-float-image", _exp("--source", "local:{ws}/vols/float"), "channel image is float32"),
+  (
+    "local-float-over-scale",
+    _exp("--source", "local:{ws}/vols/float2,scale=255"),
+    "scale=255 maps to [510, 510], outside uint8",
+  ),
+  ("local-nan-image", _exp("--source", "local:{ws}/vols/nan,scale=255"), "non-finite"),
+  (
+    "local-int16-wraps",
+    _exp("--source", "local:{ws}/vols/int16_300"),
+    "int16 with values in [300, 300], outside uint8",
+  ),
+  (
+    "local-unknown-roi-id",
+    _exp("--source", "local:{ws}/vols/roi9"),
+    "ids 9 that are not MTNeuro ROI ids",
+  ),
+  (
+    "local-negative-pixel-id",
+    _exp("--source", "local:{ws}/vols/pix_neg", task="task2_2d_3class"),
+    "ids -1 that are not MTNeuro pixel ids",
+  ),
+  (
+    "local-fractional-labels",
+    _exp("--source", "local:{ws}/vols/pix_frac", task="task3"),
+    "non-integer values",
+  ),
+  (
+    "local-missing-channel",
+    _exp("--source", "local:{ws}/vols/no_roi,scale=255"),
+    "no readable channel 'roi_labels'",
+  ),
+  (
+    "local-channel-shape",
+    _exp("--source", "local:{ws}/vols/roi_shape"),
+    "roi_labels has shape (2, 2, 2)",
+  ),
+  # export: arguments and folders
+  ("chunk-z-0", _exp("--chunk_z", "0"), "--chunk_z must be >= 1"),
+  ("chunk-z-text", _exp("--chunk_z", "abc"), "invalid int value: 'abc'"),
+  ("limit-0", _exp(limit="0"), "--limit_per_split must be >= 1"),
+  ("guard-negative", _exp("--min_guard_slices", "-1"), "--min_guard_slices must be >= 0"),
+  ("guard-leaky-split", _exp("--min_guard_slices", "5"), "slice(s) apart (minimum 5)"),
+  ("unknown-task", ["export", "--tasks", "task9", "--out_dir", "{ws}/o"], "unknown task(s) task9"),
+  ("empty-tasks", ["export", "--tasks", " , ", "--out_dir", "{ws}/o"], "unknown task(s)"),
+  ("unknown-flag", ["export", "--bogus"], "unrecognized arguments: --bogus"),
+  ("out-dir-is-a-file", _exp(out="{ws}/afile"), "not writable"),
+  ("out-dir-empty", _exp(out=""), "--out_dir is empty"),
+  ("cache-dir-is-a-file", _exp("--cache_dir", "{ws}/afile/c"), "cache folder"),
+  (
+    "other-parameters",
+    _exp(out="{ws}/good", limit="2"),
+    "other parameters (limit_per_split: 4 -> 2",
+  ),
+  ("broken-existing", _exp(out="{ws}/nomanifest", limit="4"), "is not a valid export"),
+  (
+    "locked-by-other-host",
+    _exp(out="{ws}/locked"),
+    "in use by `mtneuro export` of task1_roi_c1 (pid 4242 on host other-host.example",
+  ),
+  # verify
+  ("verify-missing-path", ["verify", "{ws}/nope"], "is not a folder"),
+  ("verify-no-dataset", ["verify", "{ws}/empty"], "no exported dataset under"),
+  ("verify-flipped-byte", ["verify", "{ws}/flipped"], "fails its SHA-256 check"),
+  ("verify-truncated", ["verify", "{ws}/truncated"], "(truncated or replaced)"),
+  ("verify-no-manifest", ["verify", "{ws}/nomanifest"], "not a complete export"),
+  ("verify-manifest-not-json", ["verify", "{ws}/badjson"], "is unreadable"),
+  ("verify-unlisted-shard", ["verify", "{ws}/extra"], "a shard the manifest does not list"),
+  (
+    "verify-split-count",
+    ["verify", "{ws}/splits"],
+    "split 'val' has 16 examples in dataset_info.json but 19",
+  ),
+  ("verify-no-argument", ["verify"], "the following arguments are required: path"),
+  # summary
+  ("summary-flipped-byte", ["summary", "{ws}/flipped"], "fails its SHA-256 check"),
+  ("summary-no-manifest", ["summary", "{ws}/nomanifest/" + TASK], "not a complete export"),
+  ("summary-missing-path", ["summary", "{ws}/nope"], "is not a folder"),
+  ("summary-a-file", ["summary", "{ws}/afile"], "is not a folder"),
+  # serve
+  ("serve-port-range", ["serve", "--port", "70000"], "--port must be in [0, 65535]"),
+  ("serve-port-busy", ["serve", "--port", "{port}"], "cannot listen on 127.0.0.1"),
+  ("serve-bad-faults", ["serve", "--faults", "rate=2"], "fault rate must be in [0, 1]"),
+  (
+    "serve-unknown-fault-option",
+    ["serve", "--faults", "often=yes"],
+    "bad fault option 'often=yes'",
+  ),
+  ("serve-bad-source", ["serve", "--source", "phantom:seed=x"], "seed must be an integer"),
+  (
+    "serve-token-env-unset",
+    ["serve", "--token_env", "MTNEURO_TEST_UNSET_VAR"],
+    "environment variable is empty",
+  ),
+  (
+    "serve-negative-cache",
+    ["serve", "--cache_mb", "-1"],
+    "--cache_mb must be a finite number >= 0",
+  ),
+  # main and the dispatcher
+  (
+    "main-bogus-preset",
+    ["main", "--preset", "bogus", "--data_dir", "{ws}/main-data"],
+    "unknown --preset 'bogus'",
+  ),
+  ("main-data-dir-file", ["main", "--data_dir", "{ws}/afile"], "--data_dir {ws}/afile is a file"),
+  ("main-unknown-flag", ["main", "--fast"], "unrecognized arguments: --fast"),
+  (
+    "fidelity-workers-0",
+    ["fidelity", "--workers", "0", "--out", "{ws}/fid"],
+    "--workers must be >= 1",
+  ),
+  ("unknown-command", ["exprot"], "unknown command 'exprot'"),
 ]
 
 
@@ -229,7 +313,9 @@ def test_enough_distinct_cases():
 
 
 @pytest.mark.parametrize("case,argv,names", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, case, argv, names, capfd, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+  ws, case, argv, names, capfd, monkeypatch
+):
   monkeypatch.delenv("MTNEURO_TEST_UNSET_VAR", raising=False)
   monkeypatch.delenv("MTNEURO_DEBUG", raising=False)
   busy = _busy_port()
@@ -270,12 +356,24 @@ def test_help_lists_the_options(command, capfd):
   assert cli.main([command, "--help"]) == 0
   out = capfd.readouterr().out
   assert f"usage: mtneuro {command}" in out
-  want = {"export": ["--source", "--tasks", "--out_dir", "--cache_dir", "--limit_per_split",
-                     "--min_guard_slices", "--chunk_z", "--overwrite", "--quiet"],
-          "verify": ["path"], "summary": ["path", "--no_verify"],
-          "serve": ["--source", "--bind", "--port", "--token_env", "--faults", "--cache_mb", "--memo_mb"],
-          "main": ["--data_dir", "--out", "--preset", "--skip_task1"],
-          "fidelity": ["--out", "--seed", "--workers", "--no_progress"]}[command]
+  want = {
+    "export": [
+      "--source",
+      "--tasks",
+      "--out_dir",
+      "--cache_dir",
+      "--limit_per_split",
+      "--min_guard_slices",
+      "--chunk_z",
+      "--overwrite",
+      "--quiet",
+    ],
+    "verify": ["path"],
+    "summary": ["path", "--no_verify"],
+    "serve": ["--source", "--bind", "--port", "--token_env", "--faults", "--cache_mb", "--memo_mb"],
+    "main": ["--data_dir", "--out", "--preset", "--skip_task1"],
+    "fidelity": ["--out", "--seed", "--workers", "--no_progress"],
+  }[command]
   for opt in want:
     assert opt in out, opt
 

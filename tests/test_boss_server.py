@@ -43,16 +43,22 @@ def clean(server):
 
 
 def test_intern_array_reads_metadata_and_cutouts(clean, phantom):
-  vp = _BossDBVolumeProvider(BossRemote({"protocol": "http", "host": clean.host_port, "token": "public"}))
+  vp = _BossDBVolumeProvider(
+    BossRemote({"protocol": "http", "host": clean.host_port, "token": "public"})
+  )
   for name, ch in spec.CHANNELS.items():
-    arr = intern_array(ch.uri, volume_provider=vp)  # a URI string: intern fetches the channel itself
+    arr = intern_array(
+      ch.uri, volume_provider=vp
+    )  # a URI string: intern fetches the channel itself
     assert arr.shape == spec.VOLUME_SHAPE_ZYX and arr.dtype == ch.dtype
     assert arr.voxel_size == (spec.VOXEL_SIZE_UM,) * 3 and arr.available_resolutions == [0]
-    got = arr[BOX.z0:BOX.z1, BOX.y0:BOX.y1, BOX.x0:BOX.x1]
+    got = arr[BOX.z0 : BOX.z1, BOX.y0 : BOX.y1, BOX.x0 : BOX.x1]
     np.testing.assert_array_equal(got, phantom.read(name, BOX))
     assert got.dtype == np.dtype(ch.dtype)
   st = clean.stats()
-  assert st["cutout_requests"] == 3 and st["requests"]["channel"] == 3 and st["requests"]["coord"] >= 3
+  assert (
+    st["cutout_requests"] == 3 and st["requests"]["channel"] == 3 and st["requests"]["coord"] >= 3
+  )
 
 
 def test_plain_intern_configured_by_environment(clean, phantom, tmp_path, monkeypatch):
@@ -63,29 +69,45 @@ def test_plain_intern_configured_by_environment(clean, phantom, tmp_path, monkey
   monkeypatch.setenv("INTERN_TOKEN", "public")
   with pytest.warns(ImportWarning):  # intern notes that CloudVolume is absent
     arr = intern_array("bossdb://prasad/prasad_analysis/pixel_labels")
-  np.testing.assert_array_equal(arr[BOX.z0:BOX.z1, BOX.y0:BOX.y1, BOX.x0:BOX.x1],
-                                phantom.read("pixel_labels", BOX))
+  np.testing.assert_array_equal(
+    arr[BOX.z0 : BOX.z1, BOX.y0 : BOX.y1, BOX.x0 : BOX.x1], phantom.read("pixel_labels", BOX)
+  )
 
 
 # Server fault -> what the client must count it as.
-CLIENT_KIND = {"delay": "timeout", "5xx": "http_5xx", "429": "http_429", "drop": "connection",
-               "truncate": "truncated", "wrong_size": "wrong_size", "wrong_dtype": "wrong_size",
-               "corrupt": "undecodable", "zeros": "all_zero"}
+CLIENT_KIND = {
+  "delay": "timeout",
+  "5xx": "http_5xx",
+  "429": "http_429",
+  "drop": "connection",
+  "truncate": "truncated",
+  "wrong_size": "wrong_size",
+  "wrong_dtype": "wrong_size",
+  "corrupt": "undecodable",
+  "zeros": "all_zero",
+}
 
 
 @pytest.mark.parametrize("kind", boss_server.FAULT_KINDS)
 def test_each_injected_fault_is_detected_and_recovered(clean, phantom, kind):
   assert set(CLIENT_KIND) == set(boss_server.FAULT_KINDS)
-  clean.set_faults(boss_server.FaultPlan(rate=1.0, kinds=(kind,), max_per_path=2, delay_s=1.5,
-                                         retry_after_s=0.01))
-  src = make_source(clean.source_spec(timeout=1.0, backoff=0.01, max_backoff=0.05, chunk="4x128x256"))
+  clean.set_faults(
+    boss_server.FaultPlan(rate=1.0, kinds=(kind,), max_per_path=2, delay_s=1.5, retry_after_s=0.01)
+  )
+  src = make_source(
+    clean.source_spec(timeout=1.0, backoff=0.01, max_backoff=0.05, chunk="4x128x256")
+  )
   channel = "image" if kind != "wrong_dtype" else "roi_labels"  # both dtypes exercised
   got = src.read(channel, BOX)
   np.testing.assert_array_equal(got, phantom.read(channel, BOX))
   st = src.fetch_stats()
   # Two requests (y halves), each faulted twice, then served.
   assert clean.stats()["injected"] == {kind: 4}
-  assert st["faults_by_kind"] == {CLIENT_KIND[kind]: 4} and st["retries"] == 4 and st["failures_by_kind"] == {}
+  assert (
+    st["faults_by_kind"] == {CLIENT_KIND[kind]: 4}
+    and st["retries"] == 4
+    and st["failures_by_kind"] == {}
+  )
   assert sum(clean.state.served.values()) == 2
 
 
@@ -95,13 +117,21 @@ def test_persistent_fault_ends_in_clear_error(clean):
   with pytest.raises(bossdb.BossFetchError) as ei:
     src.read("image", BOX)
   msg = str(ei.value)
-  assert "after 3 attempts" in msg and "connection x3" in msg and str(BOX) in msg and clean.host_port in msg
+  assert (
+    "after 3 attempts" in msg
+    and "connection x3" in msg
+    and str(BOX) in msg
+    and clean.host_port in msg
+  )
   assert clean.stats()["injected"] == {"drop": 3}
 
 
 def test_metadata_faults_are_retried(clean):
-  clean.set_faults(boss_server.FaultPlan(rate=1.0, kinds=("5xx", "drop", "truncate"), max_per_path=2,
-                                         cutouts_only=False))
+  clean.set_faults(
+    boss_server.FaultPlan(
+      rate=1.0, kinds=("5xx", "drop", "truncate"), max_per_path=2, cutouts_only=False
+    )
+  )
   src = make_source(clean.source_spec(backoff=0.01, max_backoff=0.02))
   assert src.shape() == spec.VOLUME_SHAPE_ZYX
   assert src.fetch_stats()["retries"] >= 2 and clean.stats()["injected_total"] >= 2
@@ -122,9 +152,12 @@ def test_fault_plan_is_deterministic_and_respects_rate():
 
 
 def test_fault_plan_parse():
-  plan = boss_server.FaultPlan.parse("rate=0.25,kinds=5xx+drop,seed=3,delay=1.5,max_per_path=2,fail_after=9")
-  assert plan == boss_server.FaultPlan(rate=0.25, kinds=("5xx", "drop"), seed=3, delay_s=1.5,
-                                       max_per_path=2, fail_after=9)
+  plan = boss_server.FaultPlan.parse(
+    "rate=0.25,kinds=5xx+drop,seed=3,delay=1.5,max_per_path=2,fail_after=9"
+  )
+  assert plan == boss_server.FaultPlan(
+    rate=0.25, kinds=("5xx", "drop"), seed=3, delay_s=1.5, max_per_path=2, fail_after=9
+  )
   for bad in ("rate=2", "kinds=nope", "speed=1", "rate"):
     with pytest.raises(ValueError):
       boss_server.FaultPlan.parse(bad)
@@ -170,8 +203,13 @@ def test_token_is_required_when_set(phantom):
 
 def test_cli_serves_until_terminated(tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  proc = subprocess.Popen([sys.executable, "-m", "mtneuro_jax.volumes.boss_server", "--source", "phantom",
-                           "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "mtneuro_jax.volumes.boss_server", "--source", "phantom", "--port", "0"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=env,
+  )
   try:
     url = None
     deadline = time.time() + 60
@@ -201,9 +239,11 @@ class _CountingSource(Source):
 
   def __init__(self):
     rng = np.random.default_rng(1)
-    self.vol = {"image": rng.integers(0, 256, (40, 64, 64), dtype=np.uint8),
-                "roi_labels": rng.integers(0, 9, (40, 64, 64)).astype(np.uint64),
-                "pixel_labels": rng.integers(0, 4, (40, 64, 64)).astype(np.uint64)}
+    self.vol = {
+      "image": rng.integers(0, 256, (40, 64, 64), dtype=np.uint8),
+      "roi_labels": rng.integers(0, 9, (40, 64, 64)).astype(np.uint64),
+      "pixel_labels": rng.integers(0, 4, (40, 64, 64)).astype(np.uint64),
+    }
     self.reads = []
     self._vp = ArrayVolumeProvider("counting", self._read, (40, 64, 64))
 
@@ -244,12 +284,15 @@ def test_concurrent_requests_for_one_box_render_it_once():
   def slow_read(channel, box):
     time.sleep(0.3)
     return inner_read(channel, box)
+
   inner._vp = ArrayVolumeProvider("counting", slow_read, (40, 64, 64))
   box = spec.Box(0, 8, 0, 64, 0, 64)
   got = []
   with boss_server.serve(boss_server.MemoSource(inner)) as srv:
+
     def fetch():
       got.append(make_source(srv.source_spec(expect_tissue="none")).read("image", box))
+
     threads = [threading.Thread(target=fetch) for _ in range(3)]
     for t in threads:
       t.start()

@@ -26,8 +26,10 @@ SHAPE = (64, 96, 96)  # a small ZYX truth volume; tissue z range [15, 680) cover
 
 def _truth():
   rng = np.random.default_rng(0)
-  return {"image": rng.integers(1, 256, SHAPE, dtype=np.uint8),  # never 0: zeros are a fault here
-          "roi_labels": rng.integers(0, 9, SHAPE).astype(np.uint64)}
+  return {
+    "image": rng.integers(1, 256, SHAPE, dtype=np.uint8),  # never 0: zeros are a fault here
+    "roi_labels": rng.integers(0, 9, SHAPE).astype(np.uint64),
+  }
 
 
 class FakeProvider(ArrayVolumeProvider):
@@ -68,7 +70,9 @@ def _http_error(status, retry_after=None, text=""):
   r.status_code = status
   if retry_after is not None:
     r.headers["Retry-After"] = str(retry_after)
-  return requests.HTTPError(f"Get cutout failed on image, got HTTP response: ({status}) - {text}", response=r)
+  return requests.HTTPError(
+    f"Get cutout failed on image, got HTTP response: ({status}) - {text}", response=r
+  )
 
 
 def _blosc_error():
@@ -95,24 +99,30 @@ def _provider(fake, **kw):
 
 
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("box,chunk", [
+@pytest.mark.parametrize(
+  "box,chunk",
+  [
     (spec.Box(110, 142, 900, 1156, 4600, 4856), (32, 512, 512)),
     (spec.Box(110, 142, 900, 1156, 4600, 4856), (8, 100, 128)),
     (spec.Box(0, 1, 0, 7, 0, 5), (1, 2, 3)),
-])
+  ],
+)
 def test_plan_chunks_tiles_box_exactly_with_fewest_requests(box, chunk):
   chunks = bossdb.plan_chunks(box, chunk)
   cover = np.zeros(box.shape, np.int32)
   for c in chunks:
     assert all(n <= m for n, m in zip(c.shape, chunk, strict=True))
-    cover[c.z0 - box.z0:c.z1 - box.z0, c.y0 - box.y0:c.y1 - box.y0, c.x0 - box.x0:c.x1 - box.x0] += 1
+    cover[
+      c.z0 - box.z0 : c.z1 - box.z0, c.y0 - box.y0 : c.y1 - box.y0, c.x0 - box.x0 : c.x1 - box.x0
+    ] += 1
   assert (cover == 1).all()
   assert len(chunks) == np.prod([-(-n // m) for n, m in zip(box.shape, chunk, strict=True)])
 
 
 def test_exporter_chunk_is_one_request_by_default():
   assert bossdb.plan_chunks(spec.Box(96, 128, 900, 1156, 4600, 4856), bossdb.DEFAULT_CHUNK_ZYX) == [
-      spec.Box(96, 128, 900, 1156, 4600, 4856)]
+    spec.Box(96, 128, 900, 1156, 4600, 4856)
+  ]
   # The default request stays under the Boss 500 MB limit even for uint64 labels.
   assert np.prod(bossdb.DEFAULT_CHUNK_ZYX) * 8 < bossdb.BOSS_MAX_CUTOUT_BYTES
 
@@ -128,6 +138,7 @@ def test_parse_chunk():
 def test_backoff_is_exponential_jittered_and_capped():
   policy = bossdb.RetryPolicy(max_attempts=10, base_delay_s=1.0, max_delay_s=8.0)
   import random
+
   rng = random.Random(0)
   waits = {n: [policy.delay(n, rng) for _ in range(200)] for n in range(1, 7)}
   for n, w in waits.items():
@@ -140,7 +151,9 @@ def test_backoff_is_exponential_jittered_and_capped():
   assert policy.delay(1, rng, retry_after=100) == 8.0  # ...but never past the cap
 
 
-@pytest.mark.parametrize("exc,kind", [
+@pytest.mark.parametrize(
+  "exc,kind",
+  [
     (requests.exceptions.ConnectionError("refused"), "connection"),
     (requests.exceptions.ConnectTimeout("connect"), "timeout"),
     (requests.exceptions.ReadTimeout("read"), "timeout"),
@@ -151,10 +164,15 @@ def test_backoff_is_exponential_jittered_and_capped():
     (_blosc_error(), "undecodable"),
     (_value_error(lambda: np.frombuffer(b"\0" * 10, np.uint8).reshape(3, 3)), "wrong_size"),
     (_value_error(lambda: np.frombuffer(b"\0" * 10, np.uint64)), "wrong_size"),
-    (_http_error(400), None), (_http_error(401), None), (_http_error(403), None),
-    (_http_error(404), None), (_http_error(413), None),
-    (RuntimeError("a bug"), None), (KeyError("datatype"), None),
-])
+    (_http_error(400), None),
+    (_http_error(401), None),
+    (_http_error(403), None),
+    (_http_error(404), None),
+    (_http_error(413), None),
+    (RuntimeError("a bug"), None),
+    (KeyError("datatype"), None),
+  ],
+)
 def test_classify(exc, kind):
   assert bossdb.classify(exc)[0] == kind
 
@@ -166,16 +184,16 @@ def test_classify_reads_retry_after():
 
 # What each fault looks like from the provider, and the kind it must be counted as.
 FAULTS = {
-    "connection": lambda: requests.exceptions.ConnectionError("Connection aborted."),
-    "timeout": lambda: requests.exceptions.ReadTimeout("Read timed out."),
-    "http_5xx": lambda: _http_error(502),
-    "http_429": lambda: _http_error(429, retry_after=0),
-    "truncated": lambda: requests.exceptions.ChunkedEncodingError("IncompleteRead(5 bytes read)"),
-    "undecodable": _blosc_error,
-    "wrong_size": lambda: _value_error(lambda: np.zeros(10).reshape(3, 3)),
-    "wrong_shape": lambda: (lambda d: d[:, :-1]),
-    "wrong_dtype": lambda: (lambda d: d.astype(np.uint16)),
-    "all_zero": lambda: np.zeros_like,
+  "connection": lambda: requests.exceptions.ConnectionError("Connection aborted."),
+  "timeout": lambda: requests.exceptions.ReadTimeout("Read timed out."),
+  "http_5xx": lambda: _http_error(502),
+  "http_429": lambda: _http_error(429, retry_after=0),
+  "truncated": lambda: requests.exceptions.ChunkedEncodingError("IncompleteRead(5 bytes read)"),
+  "undecodable": _blosc_error,
+  "wrong_size": lambda: _value_error(lambda: np.zeros(10).reshape(3, 3)),
+  "wrong_shape": lambda: lambda d: d[:, :-1],
+  "wrong_dtype": lambda: lambda d: d.astype(np.uint16),
+  "all_zero": lambda: np.zeros_like,
 }
 
 
@@ -191,7 +209,9 @@ def test_each_fault_kind_is_detected_retried_and_recovered(kind):
   np.testing.assert_array_equal(out, fake.truth["image"][box.slices])
   st = p.stats.snapshot()
   assert st["faults_by_kind"] == {kind: 2} and st["retries_by_kind"] == {kind: 2}
-  assert st["retries"] == 2 and st["failures_by_kind"] == {} and st["requests"] == 6 and st["ok"] == 4
+  assert (
+    st["retries"] == 2 and st["failures_by_kind"] == {} and st["requests"] == 6 and st["ok"] == 4
+  )
   assert fake.calls.count(("image", bad)) == 3
   assert len(sleeps) == 2 and 0.05 <= sleeps[0] <= 0.1 and 0.1 <= sleeps[1] <= 0.2  # backoff grows
 
@@ -217,8 +237,9 @@ def test_final_error_after_retry_limit_names_box_kind_and_attempts():
 
 def test_failure_stops_the_other_requests_and_returns_nothing():
   fake = FakeProvider(delay_s=0.01)
-  p, _ = _provider(fake, chunk_zyx=(1, 96, 96), concurrency=2,
-                   retry=bossdb.RetryPolicy(max_attempts=1))
+  p, _ = _provider(
+    fake, chunk_zyx=(1, 96, 96), concurrency=2, retry=bossdb.RetryPolicy(max_attempts=1)
+  )
   fake.script[("image", (16, 17, 0, 96, 0, 96))] = [_http_error(404)]
   with pytest.raises(bossdb.BossFetchError, match="no such collection"):
     p.get_cutouts(IMAGE, 0, [spec.Box(16, 64, 0, 96, 0, 96), spec.Box(0, 8, 0, 96, 0, 96)])
@@ -288,6 +309,7 @@ def test_metadata_calls_are_retried():
     if len(calls) < 3:
       raise requests.exceptions.ConnectionError("reset")
     return SHAPE
+
   fake.get_shape = flaky_shape
   assert p.get_shape(IMAGE) == SHAPE and len(calls) == 3 and len(sleeps) == 2
 
@@ -307,11 +329,18 @@ def test_config_defaults_to_public_bossdb(tmp_path):
 
 
 def test_config_precedence(tmp_path):
-  env = {"MTNEURO_BOSS_HOST": "env.example.org", "MTNEURO_BOSS_TOKEN": "env-token-1234",
-         "INTERN_HOST": "intern-env.example.org", "INTERN_TOKEN": "ienv-token", "INTERN_PROTOCOL": "http"}
+  env = {
+    "MTNEURO_BOSS_HOST": "env.example.org",
+    "MTNEURO_BOSS_TOKEN": "env-token-1234",
+    "INTERN_HOST": "intern-env.example.org",
+    "INTERN_TOKEN": "ienv-token",
+    "INTERN_PROTOCOL": "http",
+  }
   cfg_file = _cfg(tmp_path)
   # Arguments beat everything.
-  cfg, o = bossdb.resolve_boss_config("arg.example.org", "http", "arg-token", environ=env, intern_cfg=cfg_file)
+  cfg, o = bossdb.resolve_boss_config(
+    "arg.example.org", "http", "arg-token", environ=env, intern_cfg=cfg_file
+  )
   assert cfg == {"host": "arg.example.org", "protocol": "http", "token": "arg-token"}
   assert o == {"host": "argument", "protocol": "argument", "token": "argument"}
   # MTNEURO_BOSS_* beat intern's config; protocol falls through to intern.cfg.
@@ -319,12 +348,15 @@ def test_config_precedence(tmp_path):
   assert cfg == {"host": "env.example.org", "protocol": "https", "token": "env-token-1234"}
   assert o["protocol"] == cfg_file
   # intern.cfg beats INTERN_* (as in intern itself).
-  cfg, o = bossdb.resolve_boss_config(environ={k: v for k, v in env.items() if k.startswith("INTERN")},
-                                      intern_cfg=cfg_file)
+  cfg, o = bossdb.resolve_boss_config(
+    environ={k: v for k, v in env.items() if k.startswith("INTERN")}, intern_cfg=cfg_file
+  )
   assert cfg == {"host": "cfg.example.org", "protocol": "https", "token": "cfg-token-1234"}
   # Without a config file, INTERN_* are used.
-  cfg, _ = bossdb.resolve_boss_config(environ={k: v for k, v in env.items() if k.startswith("INTERN")},
-                                      intern_cfg=str(tmp_path / "none.cfg"))
+  cfg, _ = bossdb.resolve_boss_config(
+    environ={k: v for k, v in env.items() if k.startswith("INTERN")},
+    intern_cfg=str(tmp_path / "none.cfg"),
+  )
   assert cfg == {"host": "intern-env.example.org", "protocol": "http", "token": "ienv-token"}
 
 
@@ -342,20 +374,26 @@ def test_stored_token_only_goes_to_its_own_host(tmp_path):
 def test_token_file_and_bad_values(tmp_path):
   tok = tmp_path / "tok"
   tok.write_text("file-token-9876\n")
-  cfg, o = bossdb.resolve_boss_config("h.example.org", token_file=str(tok), environ={},
-                                      intern_cfg=str(tmp_path / "x"))
+  cfg, o = bossdb.resolve_boss_config(
+    "h.example.org", token_file=str(tok), environ={}, intern_cfg=str(tmp_path / "x")
+  )
   assert cfg["token"] == "file-token-9876" and o["token"] == "argument"
   with pytest.raises(SourceError, match="protocol"):
     bossdb.resolve_boss_config(protocol="ftp", environ={}, intern_cfg=str(tmp_path / "x"))
   with pytest.raises(SourceError, match="without scheme"):
     bossdb.resolve_boss_config("https://api.bossdb.io", environ={}, intern_cfg=str(tmp_path / "x"))
   with pytest.raises(SourceError, match="token_file"):
-    bossdb.resolve_boss_config(token_file=str(tmp_path / "missing"), environ={}, intern_cfg=str(tmp_path / "x"))
+    bossdb.resolve_boss_config(
+      token_file=str(tmp_path / "missing"), environ={}, intern_cfg=str(tmp_path / "x")
+    )
 
 
 def test_boss_remote_provider_sets_timeouts_and_keeps_tls_verification():
-  p = bossdb.BossRemoteProvider({"protocol": "https", "host": "api.bossdb.io", "token": "public"},
-                                timeout_s=7, connect_timeout_s=3)
+  p = bossdb.BossRemoteProvider(
+    {"protocol": "https", "host": "api.bossdb.io", "token": "public"},
+    timeout_s=7,
+    connect_timeout_s=3,
+  )
   remote = p.boss
   for service in (remote.project_service, remote.metadata_service, remote.volume_service):
     assert service.session_send_opts["timeout"] == (3.0, 7.0)
@@ -371,16 +409,32 @@ def test_boss_remote_provider_sets_timeouts_and_keeps_tls_verification():
 
 def test_make_source_bossdb_options(tmp_path, monkeypatch, caplog):
   monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.intern/intern.cfg
-  for k in ("MTNEURO_BOSS_HOST", "MTNEURO_BOSS_PROTOCOL", "MTNEURO_BOSS_TOKEN", "INTERN_HOST",
-            "INTERN_PROTOCOL", "INTERN_TOKEN"):
+  for k in (
+    "MTNEURO_BOSS_HOST",
+    "MTNEURO_BOSS_PROTOCOL",
+    "MTNEURO_BOSS_TOKEN",
+    "INTERN_HOST",
+    "INTERN_PROTOCOL",
+    "INTERN_TOKEN",
+  ):
     monkeypatch.delenv(k, raising=False)
   secret = "tok-0123456789abcdef"
   with caplog.at_level(logging.DEBUG):
-    src = make_source(f"bossdb:host=127.0.0.1:8123,protocol=http,token={secret},chunk=16x128x128,"
-                      "concurrency=2,retries=9,timeout=1.5,backoff=0.25,expect_tissue=none")
+    src = make_source(
+      f"bossdb:host=127.0.0.1:8123,protocol=http,token={secret},chunk=16x128x128,"
+      "concurrency=2,retries=9,timeout=1.5,backoff=0.25,expect_tissue=none"
+    )
   assert isinstance(src, BossDBSource)
-  assert (src.host, src.protocol, src.chunk_zyx, src.concurrency) == ("127.0.0.1:8123", "http", (16, 128, 128), 2)
-  assert src.retry == bossdb.RetryPolicy(10, 0.25, 30.0) and src.timeouts == (10.0, 1.5)  # 9 retries
+  assert (src.host, src.protocol, src.chunk_zyx, src.concurrency) == (
+    "127.0.0.1:8123",
+    "http",
+    (16, 128, 128),
+    2,
+  )
+  assert src.retry == bossdb.RetryPolicy(10, 0.25, 30.0) and src.timeouts == (
+    10.0,
+    1.5,
+  )  # 9 retries
   assert secret not in repr(src) and secret not in str(src.describe()) and secret not in caplog.text
   assert "over plain http" in caplog.text
   default = make_source("bossdb")

@@ -1,4 +1,5 @@
 """Classification metrics against sklearn, and the 'whole'/'corners' evaluator end to end."""
+
 import json
 import os
 
@@ -18,8 +19,12 @@ def test_metrics_match_sklearn(seed):
   # Mostly right with some noise, so no metric is trivially 0 or 1.
   preds = np.where(rng.random(n) < 0.6, labels, rng.integers(0, c, n))
   groups = rng.integers(0, c, n)
-  out = cls.classification_metrics(labels, preds, num_classes=c, class_names=list("ABCD"), groups=groups)
-  np.testing.assert_array_equal(out["confusion"], skm.confusion_matrix(labels, preds, labels=range(c)))
+  out = cls.classification_metrics(
+    labels, preds, num_classes=c, class_names=list("ABCD"), groups=groups
+  )
+  np.testing.assert_array_equal(
+    out["confusion"], skm.confusion_matrix(labels, preds, labels=range(c))
+  )
   assert out["accuracy"] == pytest.approx(skm.accuracy_score(labels, preds))
   assert out["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, preds))
   recalls = skm.recall_score(labels, preds, average=None, labels=range(c))
@@ -65,8 +70,12 @@ def _fake_batches(images, labels, regions, batch_size):
     idx = np.arange(s, s + batch_size)
     valid = idx < n
     idx = np.where(valid, idx, 0)  # padding rows repeat row 0; they must not count
-    yield {"image": jnp.asarray(images[idx]), "label": jnp.asarray(labels[idx]),
-           "region": jnp.asarray(regions[idx]), "valid": jnp.asarray(valid)}
+    yield {
+      "image": jnp.asarray(images[idx]),
+      "label": jnp.asarray(labels[idx]),
+      "region": jnp.asarray(regions[idx]),
+      "valid": jnp.asarray(valid),
+    }
 
 
 def _predict(batch):
@@ -86,18 +95,31 @@ def test_evaluator_whole_and_corners(tmp_path):
   images = np.zeros((n, s, s, 1), np.float32)
   h = s // 2
   for i in range(n):
-    for k, (ys, xs) in enumerate([(slice(0, h), slice(0, h)), (slice(0, h), slice(h, s)),
-                                  (slice(h, s), slice(0, h)), (slice(h, s), slice(h, s))]):
+    for k, (ys, xs) in enumerate(
+      [
+        (slice(0, h), slice(0, h)),
+        (slice(0, h), slice(h, s)),
+        (slice(h, s), slice(0, h)),
+        (slice(h, s), slice(h, s)),
+      ]
+    ):
       images[i, ys, xs] = corner_cls[i, k]
   whole_pred = np.clip(np.round(images.mean(axis=(1, 2, 3))), 0, 3).astype(int)
 
   fn = cls.evaluate_classification
-  out = fn(_predict, _fake_batches(images, labels, regions, 4), eval_cfg={"protocol": "whole", "split": "test"},
-           workdir=str(tmp_path), step=7)
+  out = fn(
+    _predict,
+    _fake_batches(images, labels, regions, 4),
+    eval_cfg={"protocol": "whole", "split": "test"},
+    workdir=str(tmp_path),
+    step=7,
+  )
   assert out["n"] == n  # the padding row of the last batch is not counted
   assert out["accuracy"] == pytest.approx(skm.accuracy_score(labels, whole_pred))
   assert out["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, whole_pred))
-  np.testing.assert_array_equal(out["confusion"], skm.confusion_matrix(labels, whole_pred, labels=range(4)))
+  np.testing.assert_array_equal(
+    out["confusion"], skm.confusion_matrix(labels, whole_pred, labels=range(4))
+  )
   for r, name in enumerate(("CTX", "STR", "VP", "ZI")):
     m = regions == r
     if m.any():
@@ -106,8 +128,13 @@ def test_evaluator_whole_and_corners(tmp_path):
   saved = json.loads((tmp_path / "eval" / "test_whole_step7_confusion.json").read_text())
   assert saved["accuracy"] == out["accuracy"]
 
-  out = fn(_predict, _fake_batches(images, labels, regions, 4),
-           eval_cfg={"protocol": "corners", "name": "c"}, workdir=str(tmp_path), step=3)
+  out = fn(
+    _predict,
+    _fake_batches(images, labels, regions, 4),
+    eval_cfg={"protocol": "corners", "name": "c"},
+    workdir=str(tmp_path),
+    step=3,
+  )
   y4, p4 = np.repeat(labels, 4), corner_cls.reshape(-1)
   assert out["n"] == 4 * n and out["n_tiles"] == n
   assert out["accuracy"] == pytest.approx(skm.accuracy_score(y4, p4))
@@ -132,17 +159,38 @@ def test_corners_on_sharded_pipeline_batches(tiny_data_dir, tmp_path):
   from mtneuro_jax.models import MODELS
   from mtneuro_jax import sharding
 
-  cfg = {"data_dir": tiny_data_dir, "task": "task1_roi_c1", "downsample": 4, "image_mean": 0.4894,
-         "image_std": 0.1238, "random_crop": 0, "batch_size": 8, "eval_batch_size": 24}
+  cfg = {
+    "data_dir": tiny_data_dir,
+    "task": "task1_roi_c1",
+    "downsample": 4,
+    "image_mean": 0.4894,
+    "image_std": 0.1238,
+    "random_crop": 0,
+    "batch_size": 8,
+    "eval_batch_size": 24,
+  }
   mesh = sharding.make_mesh()
   n = pipeline.dataset_info(cfg)["num_examples"]["test"]
   model = MODELS["resnet18_xray"](num_classes=4, width_multiplier=1 / 16)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)), train=False)
   predict = jax.jit(lambda b: model.apply(variables, b["image"], train=False))
   fn = cls.evaluate_classification
-  whole = fn(predict, pipeline.eval_batches(cfg, "test", mesh=mesh, global_batch_size=24),
-             eval_cfg={"protocol": "whole"}, workdir=None, step=0)
-  corners = fn(predict, pipeline.eval_batches(cfg, "test", mesh=mesh, global_batch_size=24),
-               eval_cfg={"protocol": "corners"}, workdir=None, step=0)
+  whole = fn(
+    predict,
+    pipeline.eval_batches(cfg, "test", mesh=mesh, global_batch_size=24),
+    eval_cfg={"protocol": "whole"},
+    workdir=None,
+    step=0,
+  )
+  corners = fn(
+    predict,
+    pipeline.eval_batches(cfg, "test", mesh=mesh, global_batch_size=24),
+    eval_cfg={"protocol": "corners"},
+    workdir=None,
+    step=0,
+  )
   assert whole["n"] == n and corners["n"] == 4 * n and corners["n_tiles"] == n
-  assert np.sum(corners["confusion"], axis=1).tolist() == (4 * np.sum(whole["confusion"], axis=1)).tolist()
+  assert (
+    np.sum(corners["confusion"], axis=1).tolist()
+    == (4 * np.sum(whole["confusion"], axis=1)).tolist()
+  )

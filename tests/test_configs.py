@@ -5,6 +5,7 @@ tiny exported dataset, then resumes once to bitwise-identical parameters and res
 A config file declares ``RUNNER`` ('loop': mtneuro_jax.train.loop.train_and_evaluate;
 'baseline': mtneuro_jax.baselines.pca_nmf.fit_and_evaluate) and ``ARGS`` (its documented args).
 """
+
 from __future__ import annotations
 
 import ast
@@ -21,9 +22,11 @@ import pytest
 from mtneuro_jax import configlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_NAMES = sorted(os.path.basename(p)[:-3]
-                      for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                      if not os.path.basename(p).startswith("_"))
+CONFIG_NAMES = sorted(
+  os.path.basename(p)[:-3]
+  for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+  if not os.path.basename(p).startswith("_")
+)
 RUNNERS = ("loop", "baseline")
 # Wall-clock facts a baseline writes into its results; everything else must be reproducible.
 TIMING_KEYS = ("baseline/embed_fit_s", "baseline/total_s")
@@ -67,20 +70,29 @@ def test_config_imports_only_configlib(name):
     if isinstance(node, ast.Import):
       imported |= {a.name for a in node.names}
     elif isinstance(node, ast.ImportFrom):
-      imported |= {f"{node.module}.{a.name}" if node.module == "mtneuro_jax" else node.module
-                   for a in node.names}
+      imported |= {
+        f"{node.module}.{a.name}" if node.module == "mtneuro_jax" else node.module
+        for a in node.names
+      }
   assert imported <= {"__future__", "ml_collections", "mtneuro_jax.configlib"}, imported
 
 
 def test_quick_is_the_task1_tables_quick():
   """`quick` means one thing: what the Task 1 quick tables have always run (pinned here)."""
   c = _module("task1_supervised").get_config("quick")
-  assert (c.data.downsample, c.model.width_multiplier, c.total_steps, c.data.batch_size,
-          c.data.eval_batch_size, c.log_every_steps,
-          c.checkpoint_every_steps) == (4, 0.125, 96, 32, 128, 8, 0)
+  assert (
+    c.data.downsample,
+    c.model.width_multiplier,
+    c.total_steps,
+    c.data.batch_size,
+    c.data.eval_batch_size,
+    c.log_every_steps,
+    c.checkpoint_every_steps,
+  ) == (4, 0.125, 96, 32, 128, 8, 0)
   assert c.optim.weight_decay == 5e-4  # the paper's 0.3, capped
   assert _module("task1_pca_nmf").get_config("nmf,quick").baseline.nmf_max_iter == 50
   from experiments import task1_tables
+
   assert task1_tables.PRESETS["quick"].config_arg == "quick"
   quick = task1_tables.PRESETS["quick"]
   assert quick.overrides == quick.baseline_overrides == ()
@@ -103,12 +115,14 @@ def test_task1_configs_agree(arg):
   """Mixup = supervised but the objective; PCA/NMF see the networks' data and are scored alike."""
   sup = _module("task1_supervised").get_config(arg).to_dict()
   mix = _module("task1_mixup").get_config(arg).to_dict()
-  assert {k: v for k, v in mix.items() if not k.startswith("objective")} == \
-      {k: v for k, v in sup.items() if not k.startswith("objective")}
+  assert {k: v for k, v in mix.items() if not k.startswith("objective")} == {
+    k: v for k, v in sup.items() if not k.startswith("objective")
+  }
   base = _module("task1_pca_nmf").get_config(arg).to_dict()
   assert base["data"] == sup["data"] and base["seed"] == sup["seed"]
-  assert base["evals"] == {n: {k: v for k, v in e.items() if k != "every_steps"}
-                           for n, e in sup["evals"].items()}
+  assert base["evals"] == {
+    n: {k: v for k, v in e.items() if k != "every_steps"} for n, e in sup["evals"].items()
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -117,6 +131,7 @@ def _final_state(workdir):
   import jax
 
   from mtneuro_jax.train.checkpoint import Checkpointer
+
   ck = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ck.latest_step()
   leaves = jax.tree_util.tree_leaves_with_path(ck.read_state(step))
@@ -131,6 +146,7 @@ def _train_steps_logged(workdir):
 
 def _run_loop_and_resume(c, workdir):
   from mtneuro_jax.train import loop
+
   c.checkpoint_every_steps = 1
   c.keep_checkpoints = 0  # keep all
   total = int(c.total_steps)

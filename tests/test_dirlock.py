@@ -1,4 +1,5 @@
 """mtneuro_jax.dirlock: one writer per folder, the holder named, stale locks taken over only if dead."""
+
 import json
 import os
 import socket
@@ -33,7 +34,9 @@ def test_second_lock_fails_at_once_naming_the_holder(tmp_path):
     assert holder["what"] == "export of t1" and holder["started_utc"].endswith("Z")
     t0 = time.monotonic()
     pid = os.getpid()
-    with pytest.raises(dirlock.LockedError, match=rf"in use by export of t1 \(pid {pid} on host ") as e:
+    with pytest.raises(
+      dirlock.LockedError, match=rf"in use by export of t1 \(pid {pid} on host "
+    ) as e:
       dirlock.exclusive_lock(folder, what="other").acquire()  # not re-entrant, even in one process
     assert time.monotonic() - t0 < 1 and isinstance(e.value, UserError) and "delete" in str(e.value)
     assert e.value.holder["pid"] == os.getpid()
@@ -45,11 +48,15 @@ def test_second_lock_fails_at_once_naming_the_holder(tmp_path):
 
 def test_lock_held_by_another_process(tmp_path):
   folder = str(tmp_path / "w")
-  script = ("import sys, time; from mtneuro_jax import dirlock\n"
-            "l = dirlock.exclusive_lock(sys.argv[1], what='training run').acquire()\n"
-            "print('held', flush=True); time.sleep(60)")
+  script = (
+    "import sys, time; from mtneuro_jax import dirlock\n"
+    "l = dirlock.exclusive_lock(sys.argv[1], what='training run').acquire()\n"
+    "print('held', flush=True); time.sleep(60)"
+  )
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  p = subprocess.Popen([sys.executable, "-c", script, folder], stdout=subprocess.PIPE, text=True, env=env)
+  p = subprocess.Popen(
+    [sys.executable, "-c", script, folder], stdout=subprocess.PIPE, text=True, env=env
+  )
   try:
     assert p.stdout.readline().strip() == "held"
     with pytest.raises(dirlock.LockedError, match=rf"training run \(pid {p.pid} on host"):
@@ -65,14 +72,20 @@ def test_lock_held_by_another_process(tmp_path):
 def test_stale_lock_rules(tmp_path, caplog):
   folder = str(tmp_path / "d")
   host = socket.gethostname()
-  _write_holder(folder, pid=_dead_pid(), host=host, started_utc="2020-01-01T00:00:00Z", what="old export")
+  _write_holder(
+    folder, pid=_dead_pid(), host=host, started_utc="2020-01-01T00:00:00Z", what="old export"
+  )
   with caplog.at_level("WARNING"):
     with dirlock.exclusive_lock(folder):
       pass
   assert "taking over the stale lock" in caplog.text and "old export" in caplog.text
   # Another host: liveness unknown -> refused, with the file to delete.
-  _write_holder(folder, pid=1, host="elsewhere.example", started_utc="2020-01-01T00:00:00Z", what="x")
-  with pytest.raises(dirlock.LockedError, match="on host elsewhere.example.*another host.*delete .*\\.lock"):
+  _write_holder(
+    folder, pid=1, host="elsewhere.example", started_utc="2020-01-01T00:00:00Z", what="x"
+  )
+  with pytest.raises(
+    dirlock.LockedError, match="on host elsewhere.example.*another host.*delete .*\\.lock"
+  ):
     dirlock.exclusive_lock(folder).acquire()
   # Same host, live pid without the flock (e.g. pid reuse): refused, never assumed dead.
   _write_holder(folder, pid=os.getppid(), host=host, started_utc="2020-01-01T00:00:00Z", what="y")

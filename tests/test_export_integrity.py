@@ -1,4 +1,5 @@
 """Export integrity: value-checked sources, the export lock, byte-reproducible shards."""
+
 import os
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ def make_zarr_volume(path, arrays) -> str:
   nothing; unwritten voxels read as ``fill_value``. Returns ``path``.
   """
   import zarr
+
   g = zarr.open_group(str(path), mode="w")
   for name, (dtype, fill) in arrays.items():
     kw = dict(shape=spec.VOLUME_SHAPE_ZYX, chunks=(8, 256, 256), dtype=dtype, fill_value=fill)
@@ -41,24 +43,45 @@ def _stderr_lines(capfd) -> list[str]:
 
 
 def _shard_hashes(vdir) -> dict[str, str]:
-  return {n: manifest_lib.sha256_file(os.path.join(vdir, n)) for n in sorted(os.listdir(vdir))
-          if n != manifest_lib.MANIFEST_NAME}
+  return {
+    n: manifest_lib.sha256_file(os.path.join(vdir, n))
+    for n in sorted(os.listdir(vdir))
+    if n != manifest_lib.MANIFEST_NAME
+  }
 
 
 # ---------------------------------------------------------------------------
 # Value checks.
-@pytest.mark.parametrize("channel,data,scale,match", [
-    ("image", np.full(4, 0.5, np.float32), None, r"image is float32 with values in \[0.5, 0.5\].*scale="),
-    ("image", np.array([0, 300], np.int16), None, r"int16 with values in \[0, 300\], outside uint8"),
+@pytest.mark.parametrize(
+  "channel,data,scale,match",
+  [
+    (
+      "image",
+      np.full(4, 0.5, np.float32),
+      None,
+      r"image is float32 with values in \[0.5, 0.5\].*scale=",
+    ),
+    (
+      "image",
+      np.array([0, 300], np.int16),
+      None,
+      r"int16 with values in \[0, 300\], outside uint8",
+    ),
     ("image", np.array([-1, 3], np.int64), None, r"int64 with values in \[-1, 3\]"),
     ("image", np.array([0.5, 1.01], np.float32), 255, r"scale=255 maps to \[128, 258\], outside"),
     ("image", np.array([np.nan, 1.0]), 255, "non-finite"),
     ("image", np.array(["a"]), None, "not a numeric array"),
-    ("roi_labels", np.array([0, 8, 9, 12], np.uint64), None, r"ids 9, 12 that are not MTNeuro ROI ids"),
+    (
+      "roi_labels",
+      np.array([0, 8, 9, 12], np.uint64),
+      None,
+      r"ids 9, 12 that are not MTNeuro ROI ids",
+    ),
     ("pixel_labels", np.array([-1, 0], np.int8), None, r"ids -1 that are not MTNeuro pixel ids"),
     ("pixel_labels", np.array([4], np.uint8), None, "pixel ids"),
     ("pixel_labels", np.array([1.5]), None, "non-integer"),
-])
+  ],
+)
 def test_values_that_would_clip_wrap_or_lose_precision_are_refused(channel, data, scale, match):
   with pytest.raises(SourceError, match=match) as e:
     to_channel_dtype(channel, data, where="vol", scale=scale)
@@ -78,8 +101,11 @@ def test_values_that_fit_are_converted_exactly():
 
 
 def test_float_image_export_with_and_without_the_scale_rule(tmp_path, capfd):
-  vol = make_zarr_volume(tmp_path / "vol", {"image": (np.float32, 0.0), "roi_labels": (np.uint8, 1)})
+  vol = make_zarr_volume(
+    tmp_path / "vol", {"image": (np.float32, 0.0), "roi_labels": (np.uint8, 1)}
+  )
   import zarr
+
   image = zarr.open_group(vol, mode="r+")["image"]
   rng = np.random.default_rng(0)
   plan = export_lib.plan_samples(spec.get_task("task1_roi_c1"), 1)
@@ -88,7 +114,16 @@ def test_float_image_export_with_and_without_the_scale_rule(tmp_path, capfd):
     for s in samples:
       written[(s.box.z0, s.box.y0, s.box.x0)] = v = rng.random(s.box.shape, dtype=np.float32)
       image[s.box.slices] = v
-  args = ["export", "--tasks", "task1_roi_c1", "--limit_per_split", "1", "--chunk_z", "8", "--quiet"]
+  args = [
+    "export",
+    "--tasks",
+    "task1_roi_c1",
+    "--limit_per_split",
+    "1",
+    "--chunk_z",
+    "8",
+    "--quiet",
+  ]
   # Without the rule: refused at once, one line naming channel, dtype, range and fix; nothing written.
   out = str(tmp_path / "out")
   assert cli.main([*args, "--source", f"local:{vol}", "--out_dir", out]) == 2
@@ -102,7 +137,9 @@ def test_float_image_export_with_and_without_the_scale_rule(tmp_path, capfd):
   ds = tfds.data_source("task1_roi_c1", split="train", data_dir=out, download=False)
   assert len(ds) == 4
   for rec in ds:
-    want = np.rint(written[(int(rec["z"]), int(rec["y0"]), int(rec["x0"]))][0].astype(np.float64) * 255)
+    want = np.rint(
+      written[(int(rec["z"]), int(rec["y0"]), int(rec["x0"]))][0].astype(np.float64) * 255
+    )
     np.testing.assert_array_equal(rec["image"], want.astype(np.uint8))
     assert rec["image"].max() > 200  # not the all-black image of a silent cast
 
@@ -130,16 +167,33 @@ print("first export done", flush=True)
 
 def test_second_concurrent_export_fails_at_once_and_first_completes(tmp_path, capfd):
   out, flag = str(tmp_path / "d"), str(tmp_path / "flag")
-  first = subprocess.Popen([sys.executable, "-c", _HELD_EXPORT, out, flag, TESTS], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  first = subprocess.Popen(
+    [sys.executable, "-c", _HELD_EXPORT, out, flag, TESTS],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   try:
     deadline = time.time() + 120
     while not os.path.exists(flag + ".started") and first.poll() is None and time.time() < deadline:
       time.sleep(0.05)
     assert os.path.exists(flag + ".started"), first.communicate()[0]
     t0 = time.monotonic()
-    rc = cli.main(["export", "--source", "phantom", "--tasks", "task1_roi_c1", "--out_dir", out,
-                   "--limit_per_split", "2", "--quiet"])
+    rc = cli.main(
+      [
+        "export",
+        "--source",
+        "phantom",
+        "--tasks",
+        "task1_roi_c1",
+        "--out_dir",
+        out,
+        "--limit_per_split",
+        "2",
+        "--quiet",
+      ]
+    )
     took = time.monotonic() - t0
     err = _stderr_lines(capfd)
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
@@ -158,11 +212,15 @@ def test_second_concurrent_export_fails_at_once_and_first_completes(tmp_path, ca
 # ---------------------------------------------------------------------------
 # Byte reproducibility.
 def test_canonical_example_fixes_the_feature_map_order():
-  feats = {"b": tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(value=[2])),
-           "a": tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=[b"xyz"]))}
+  feats = {
+    "b": tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(value=[2])),
+    "a": tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=[b"xyz"])),
+  }
 
   def one(k):
-    return tf_example_pb2.Example(features=tf_feature_pb2.Features(feature={k: feats[k]})).SerializeToString()
+    return tf_example_pb2.Example(
+      features=tf_feature_pb2.Features(feature={k: feats[k]})
+    ).SerializeToString()
 
   # Protobuf merges concatenated messages, so these are the same record with its map
   # entries in two orders (what two processes' serializers may write).
@@ -180,14 +238,33 @@ def test_same_export_twice_gives_identical_bytes(tiny_data_dir, tmp_path):
   ref_dir = os.path.join(tiny_data_dir, "task1_roi_c1", "1.0.0")
   ref = _shard_hashes(ref_dir)
   ref_manifest = manifest_lib.load_manifest(ref_dir)
-  assert sum(".array_record-" in n for n in ref) == 3 and {"dataset_info.json", "features.json"} <= set(ref)
+  assert sum(".array_record-" in n for n in ref) == 3 and {
+    "dataset_info.json",
+    "features.json",
+  } <= set(ref)
   # The fixture's cache holds every chunk (same chunk grid): nothing is rendered again.
   cache = os.path.join(os.path.dirname(tiny_data_dir), "cache")
-  args = ["--source", "phantom", "--tasks", "task1_roi_c1", "--limit_per_split", "4", "--chunk_z", "8",
-          "--cache_dir", cache, "--quiet"]
+  args = [
+    "--source",
+    "phantom",
+    "--tasks",
+    "task1_roi_c1",
+    "--limit_per_split",
+    "4",
+    "--chunk_z",
+    "8",
+    "--cache_dir",
+    cache,
+    "--quiet",
+  ]
   a = str(tmp_path / "a")
-  r = subprocess.run([sys.executable, "-m", "data_prep.export", *args, "--out_dir", a], cwd=REPO,
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-m", "data_prep.export", *args, "--out_dir", a],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr
   b = str(tmp_path / "b")
   assert export_lib.main([*args, "--out_dir", b]) == 0

@@ -5,6 +5,7 @@ The loop runs in subprocesses (``python tests/test_loop.py --worker ...``) so it
 can be killed with SIGKILL; they share one persistent compilation cache, so
 only the first compiles the tiny ResNet.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,6 +25,7 @@ class SlowData:
 
   def __init__(self, sleep=0.0):
     from mtneuro_jax.data import pipeline
+
     self._p, self.sleep = pipeline, sleep
     self.dataset_info, self.eval_batches = pipeline.dataset_info, pipeline.eval_batches
 
@@ -40,11 +42,13 @@ class SlowData:
       def __next__(self):
         time.sleep(sleep)
         return next(it)
+
     return Slow()
 
 
 def tiny_config(data_dir, total_steps, cache_dir, ckpt_every=2):
   from configs.task1_supervised import get_config
+
   c = get_config("tiny")
   c.data.data_dir = data_dir
   c.total_steps = total_steps
@@ -57,7 +61,10 @@ def tiny_config(data_dir, total_steps, cache_dir, ckpt_every=2):
 
 def _worker(data_dir, workdir, total_steps, sleep, cache_dir):
   from mtneuro_jax.train import loop
-  res = loop.train_and_evaluate(tiny_config(data_dir, total_steps, cache_dir), workdir, data=SlowData(sleep))
+
+  res = loop.train_and_evaluate(
+    tiny_config(data_dir, total_steps, cache_dir), workdir, data=SlowData(sleep)
+  )
   print("RESULTS", json.dumps(res))
 
 
@@ -65,11 +72,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _spawn(data_dir, workdir, total_steps, cache_dir, sleep=0.0):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", data_dir, workdir, str(total_steps),
-                           str(sleep), cache_dir], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  return subprocess.Popen(
+    [
+      sys.executable,
+      os.path.abspath(__file__),
+      "--worker",
+      data_dir,
+      workdir,
+      str(total_steps),
+      str(sleep),
+      cache_dir,
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _finish(proc, timeout=300):
@@ -88,6 +113,7 @@ def _final_state(workdir):
   import jax
 
   from mtneuro_jax.train.checkpoint import Checkpointer
+
   ck = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ck.latest_step()
   leaves = jax.tree_util.tree_leaves_with_path(ck.read_state(step))
@@ -162,17 +188,26 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, t
   bad_from = 5  # the 6th update (steps done = 6) sees a NaN loss
 
   def loss(params, model_state, aux, batch, rng, *, ctx, model, config):
-    value, (metrics, new_state, aux) = supervised.loss(params, model_state, aux, batch, rng, model=model,
-                                                       config=config)
+    value, (metrics, new_state, aux) = supervised.loss(
+      params, model_state, aux, batch, rng, model=model, config=config
+    )
     value = jnp.where(aux["updates"] >= bad_from, jnp.nan, value)
     return value, ({**metrics, "train/loss": value}, new_state, aux)
 
-  poisoned = Objective(name="poisoned", init=lambda rng, **kw: ({}, {"updates": jnp.int32(0)}),
-                       loss=loss, update=lambda aux, p, *, ctx, config: {"updates": aux["updates"] + 1},
-                       predict=supervised.predict)
+  poisoned = Objective(
+    name="poisoned",
+    init=lambda rng, **kw: ({}, {"updates": jnp.int32(0)}),
+    loss=loss,
+    update=lambda aux, p, *, ctx, config: {"updates": aux["updates"] + 1},
+    predict=supervised.predict,
+  )
   monkeypatch.setitem(OBJECTIVES, "poisoned", poisoned)
-  monkeypatch.setitem(MODELS, "small_xray", functools.partial(resnet.ResNetXray, stage_sizes=(1, 1)))
-  c = tiny_config(tiny_data_dir, 12, "", ckpt_every=2)  # no cache: keep the session's jax config untouched
+  monkeypatch.setitem(
+    MODELS, "small_xray", functools.partial(resnet.ResNetXray, stage_sizes=(1, 1))
+  )
+  c = tiny_config(
+    tiny_data_dir, 12, "", ckpt_every=2
+  )  # no cache: keep the session's jax config untouched
   c.objective_name, c.model_name = "poisoned", "small_xray"
   workdir = str(tmp_path / "w")
   with pytest.raises(NonFiniteLossError, match=r"non-finite training values at step 6.*step 4 in"):
@@ -190,14 +225,29 @@ def test_cli_with_config_overrides(tmp_path, tiny_data_dir, loop_cache):
   """``python -m mtneuro_jax.train.loop --config FILE:tiny --config.x=y --workdir W``."""
   # A RELATIVE workdir with a checkpoint save: Orbax itself refuses relative paths.
   workdir = str(tmp_path / "cli")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-  cmd = [sys.executable, "-m", "mtneuro_jax.train.loop", "--config",
-         os.path.join(ROOT, "configs", "task1_supervised.py") + ":tiny",
-         f"--config.data.data_dir={tiny_data_dir}", "--config.total_steps=3", "--config.optim.learning_rate=0.01",
-         "--config.evals.val_whole.every_steps=2", f"--config.compilation_cache_dir={loop_cache}",
-         "--config.checkpoint_every_steps=2", "--workdir=cli"]
-  proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+  )
+  cmd = [
+    sys.executable,
+    "-m",
+    "mtneuro_jax.train.loop",
+    "--config",
+    os.path.join(ROOT, "configs", "task1_supervised.py") + ":tiny",
+    f"--config.data.data_dir={tiny_data_dir}",
+    "--config.total_steps=3",
+    "--config.optim.learning_rate=0.01",
+    "--config.evals.val_whole.every_steps=2",
+    f"--config.compilation_cache_dir={loop_cache}",
+    "--config.checkpoint_every_steps=2",
+    "--workdir=cli",
+  ]
+  proc = subprocess.run(
+    cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
   cfg = json.load(open(os.path.join(workdir, "config.json")))
   assert cfg["total_steps"] == 3 and cfg["optim"]["learning_rate"] == 0.01
@@ -209,8 +259,14 @@ def test_cli_with_config_overrides(tmp_path, tiny_data_dir, loop_cache):
   assert [x["step"] for x in lines if "test_whole/accuracy" in x] == [3]
   # A typo in an override fails loudly (the config is locked).
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
-  bad = subprocess.run(cmd[:-1] + ["--config.optim.learnin_rate=1", f"--workdir={workdir}2"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    cmd[:-1] + ["--config.optim.learnin_rate=1", f"--workdir={workdir}2"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode != 0 and "learnin_rate" in bad.stderr
 
 

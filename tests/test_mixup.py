@@ -1,4 +1,5 @@
 """Mixup objective: closed-form loss at known lambda, mixing statistics, padding rows, registry."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,9 @@ def test_mixup_cross_entropy_closed_form():
   lam = np.array([0.0, 0.25, 0.5, 0.1, 0.4], np.float32)
   ls = _log_softmax(logits.astype(np.float64))
   want = -(1 - lam) * ls[np.arange(5), labels] - lam * ls[np.arange(5), labels[perm]]
-  got = mixup.mixup_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(perm), jnp.asarray(lam))
+  got = mixup.mixup_cross_entropy(
+    jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(perm), jnp.asarray(lam)
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -36,7 +39,9 @@ def test_mix_batch_p0_is_identity_and_p1_mixes_in_range():
   lam_np = np.asarray(lam)
   assert (lam_np >= 0).all() and (lam_np <= 0.5).all() and lam_np.std() > 0.05
   assert sorted(np.asarray(perm).tolist()) == list(range(64))  # a permutation
-  want = (1 - lam_np[:, None, None, None]) * np.asarray(x) + lam_np[:, None, None, None] * np.asarray(x)[perm]
+  want = (1 - lam_np[:, None, None, None]) * np.asarray(x) + lam_np[
+    :, None, None, None
+  ] * np.asarray(x)[perm]
   np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
@@ -77,7 +82,9 @@ def test_loss_equals_closed_form_with_the_drawn_lambda():
   value, (metrics, state, _) = mixup.MIXUP.loss(params, {}, {}, batch, rng, model=model, config=cfg)
   # Reproduce the draw (same key split as the objective), then the loss in numpy.
   k_mix, _ = jax.random.split(rng)
-  xm, perm, lam = mixup.mix_batch(batch["image"], batch["valid"], k_mix, p=1.0, lambda_min=0.2, lambda_max=0.4)
+  xm, perm, lam = mixup.mix_batch(
+    batch["image"], batch["valid"], k_mix, p=1.0, lambda_min=0.2, lambda_max=0.4
+  )
   lam = np.asarray(lam)
   assert ((lam >= 0.2) & (lam <= 0.4)).all()
   logits = np.asarray(model.apply({"params": params}, xm, train=False)["logits"], np.float64)
@@ -99,7 +106,11 @@ def test_p0_equals_supervised_and_padding_is_ignored():
   assert float(got) == pytest.approx(float(want), rel=1e-6)
   # Garbage in padding rows changes nothing.
   valid = jnp.arange(16) < 10
-  padded = {**batch, "valid": valid, "image": jnp.where(valid[:, None, None, None], batch["image"], 1e3)}
+  padded = {
+    **batch,
+    "valid": valid,
+    "image": jnp.where(valid[:, None, None, None], batch["image"], 1e3),
+  }
   clean = {k: v[:10] for k, v in batch.items()}
   cfg = ml_collections.ConfigDict({"p": 0.0})
   a, _ = mixup.MIXUP.loss(params, {}, {}, padded, rng, model=model, config=cfg)
@@ -111,8 +122,11 @@ def test_registered_and_trains():
   assert OBJECTIVES["mixup"] is mixup.MIXUP
   model, params, batch = _setup(32)
   cfg = ml_collections.ConfigDict({"p": 0.5})
-  grad_fn = jax.jit(jax.value_and_grad(
-      lambda p, r: mixup.MIXUP.loss(p, {}, {}, batch, r, model=model, config=cfg)[0]))
+  grad_fn = jax.jit(
+    jax.value_and_grad(
+      lambda p, r: mixup.MIXUP.loss(p, {}, {}, batch, r, model=model, config=cfg)[0]
+    )
+  )
   losses = []
   for step in range(30):
     v, g = grad_fn(params, jax.random.fold_in(jax.random.key(8), step))

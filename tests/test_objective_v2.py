@@ -35,8 +35,12 @@ OWN = ("probe",)
 def _probe_init(rng, *, model, variables, example_image, config):
   feats = model.apply(variables, example_image, train=False)["features"]  # [1, D]
   probe = {"kernel": 0.01 * jax.random.normal(rng, (feats.shape[-1], 4)), "bias": jnp.zeros((4,))}
-  aux = {"ema_probe": probe, "loss_avg": jnp.zeros(()), "n_seen": jnp.zeros((), jnp.int32),
-         "momentum": jnp.zeros(())}
+  aux = {
+    "ema_probe": probe,
+    "loss_avg": jnp.zeros(()),
+    "n_seen": jnp.zeros((), jnp.int32),
+    "momentum": jnp.zeros(()),
+  }
   return {"probe": probe}, aux
 
 
@@ -45,11 +49,18 @@ def _probe_logits(params, features):
 
 
 def _probe_loss(params, model_state, aux, batch, rng, *, ctx, model, config):
-  out, new_state = apply_model(model, params, model_state, batch["image"], train=True, rng=rng, own=OWN)
+  out, new_state = apply_model(
+    model, params, model_state, batch["image"], train=True, rng=rng, own=OWN
+  )
   logits = _probe_logits(params["probe"], out["features"])
-  value = weighted_mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), batch["valid"])
-  new_aux = {**aux, "loss_avg": 0.5 * aux["loss_avg"] + 0.5 * value,
-             "n_seen": aux["n_seen"] + jnp.sum(batch["valid"]).astype(jnp.int32)}
+  value = weighted_mean(
+    optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), batch["valid"]
+  )
+  new_aux = {
+    **aux,
+    "loss_avg": 0.5 * aux["loss_avg"] + 0.5 * value,
+    "n_seen": aux["n_seen"] + jnp.sum(batch["valid"]).astype(jnp.int32),
+  }
   return value, ({"train/loss": value}, new_state, new_aux)
 
 
@@ -64,8 +75,9 @@ def _probe_predict(params, model_state, aux, batch, *, model, config):
   return {"features": out["features"], "logits": _probe_logits(aux["ema_probe"], out["features"])}
 
 
-PROBE_EMA = Objective("probe_ema", init=_probe_init, loss=_probe_loss, update=_probe_update,
-                      predict=_probe_predict)
+PROBE_EMA = Objective(
+  "probe_ema", init=_probe_init, loss=_probe_loss, update=_probe_update, predict=_probe_predict
+)
 
 
 def nearest_centroid(ctx, *, eval_cfg, workdir, step):
@@ -83,18 +95,28 @@ def nearest_centroid(ctx, *, eval_cfg, workdir, step):
 
   xtr, ytr = features("train")
   xte, yte = features("test")
-  centroids = np.stack([xtr[ytr == c].mean(0) if np.any(ytr == c) else np.full(xtr.shape[1], np.inf)
-                        for c in range(info["num_classes"])])
+  centroids = np.stack(
+    [
+      xtr[ytr == c].mean(0) if np.any(ytr == c) else np.full(xtr.shape[1], np.inf)
+      for c in range(info["num_classes"])
+    ]
+  )
   pred = np.argmin(((xte[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
-  return {"accuracy": float((pred == yte).mean()), "n_train": int(len(ytr)), "n_test": int(len(yte)),
-          "classes": len(info["class_names"])}
+  return {
+    "accuracy": float((pred == yte).mean()),
+    "n_train": int(len(ytr)),
+    "n_test": int(len(yte)),
+    "classes": len(info["class_names"]),
+  }
 
 
 @pytest.fixture
 def registered(monkeypatch):
   monkeypatch.setitem(OBJECTIVES, "probe_ema", PROBE_EMA)
   monkeypatch.setitem(EVALUATORS, "nearest_centroid", nearest_centroid)
-  monkeypatch.setitem(MODELS, "small_xray", functools.partial(resnet.ResNetXray, stage_sizes=(1, 1)))
+  monkeypatch.setitem(
+    MODELS, "small_xray", functools.partial(resnet.ResNetXray, stage_sizes=(1, 1))
+  )
 
 
 def _config(data_dir, cache_dir, *, total_steps=4, objective="probe_ema", width=1 / 16, **extra):
@@ -114,7 +136,8 @@ def _config(data_dir, cache_dir, *, total_steps=4, objective="probe_ema", width=
   if objective == "probe_ema":
     c.model.num_classes = 0  # encoder only: the objective owns the head
     c.optim.param_groups = ml_collections.ConfigDict(
-        {"probe": {"pattern": "^probe/", "learning_rate": 0.2, "weight_decay": 0.0}})
+      {"probe": {"pattern": "^probe/", "learning_rate": 0.2, "weight_decay": 0.0}}
+    )
     c.evals = ml_collections.ConfigDict({"centroid": {"kind": "nearest_centroid"}})
   for k, v in extra.items():
     c[k] = v
@@ -123,7 +146,9 @@ def _config(data_dir, cache_dir, *, total_steps=4, objective="probe_ema", width=
 
 
 def _state(workdir):
-  return jax.tree.map(np.asarray, checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).read_state())
+  return jax.tree.map(
+    np.asarray, checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).read_state()
+  )
 
 
 def test_objective_with_own_head_aux_and_ema_resumes_bitwise(tmp_path, tiny_data_dir, registered):
@@ -154,27 +179,49 @@ def test_objective_with_own_head_aux_and_ema_resumes_bitwise(tmp_path, tiny_data
 
 
 def test_param_groups_own_learning_rate_and_global_clip():
-  params = {"encoder": {"w": jnp.ones((2, 2))}, "probe": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}}
+  params = {
+    "encoder": {"w": jnp.ones((2, 2))},
+    "probe": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))},
+  }
   grads = jax.tree.map(lambda x: jnp.full(x.shape, 2.0), params)
-  cfg = ml_collections.ConfigDict({
-      "name": "sgd", "learning_rate": 0.1, "momentum": 0.0, "weight_decay": 0.01,
-      "param_groups": {"probe": {"pattern": "^probe/", "learning_rate": 1.0, "weight_decay": 0.0}}})
+  cfg = ml_collections.ConfigDict(
+    {
+      "name": "sgd",
+      "learning_rate": 0.1,
+      "momentum": 0.0,
+      "weight_decay": 0.01,
+      "param_groups": {"probe": {"pattern": "^probe/", "learning_rate": 1.0, "weight_decay": 0.0}},
+    }
+  )
   tx, _ = optim.make_optimizer(cfg, steps_per_epoch=1, total_steps=1, batch_size=1)
   up, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(up["encoder"]["w"], -0.1 * (2.0 + 0.01 * 1.0))  # coupled decay, base LR
+  np.testing.assert_allclose(
+    up["encoder"]["w"], -0.1 * (2.0 + 0.01 * 1.0)
+  )  # coupled decay, base LR
   np.testing.assert_allclose(up["probe"]["kernel"], -1.0 * 2.0)  # own LR, no decay
   # Global clipping: one norm over every trained leaf (frozen ones excluded).
-  cfg2 = ml_collections.ConfigDict({
-      "name": "sgd", "learning_rate": 1.0, "momentum": 0.0, "grad_clip_norm": 1.0, "freeze": ("^encoder/",),
-      "param_groups": {"probe": {"pattern": "^probe/", "learning_rate": 2.0}}})
+  cfg2 = ml_collections.ConfigDict(
+    {
+      "name": "sgd",
+      "learning_rate": 1.0,
+      "momentum": 0.0,
+      "grad_clip_norm": 1.0,
+      "freeze": ("^encoder/",),
+      "param_groups": {"probe": {"pattern": "^probe/", "learning_rate": 2.0}},
+    }
+  )
   tx, _ = optim.make_optimizer(cfg2, steps_per_epoch=1, total_steps=1, batch_size=1)
   up, _ = tx.update(grads, tx.init(params), params)
   norm = np.sqrt(4.0 * 9)  # the probe's 9 gradient entries of 2.0
   np.testing.assert_array_equal(up["encoder"]["w"], 0.0)
   np.testing.assert_allclose(up["probe"]["bias"], -2.0 * 2.0 / norm, rtol=1e-6)
   with pytest.raises(ValueError, match="pattern"):
-    optim.make_optimizer(ml_collections.ConfigDict({"param_groups": {"x": {"learning_rate": 1.0}}}),
-                         steps_per_epoch=1, total_steps=1, batch_size=1)
+    optim.make_optimizer(
+      ml_collections.ConfigDict({"param_groups": {"x": {"learning_rate": 1.0}}}),
+      steps_per_epoch=1,
+      total_steps=1,
+      batch_size=1,
+    )
 
 
 def test_init_from_loads_the_encoder_and_refuses_a_mismatch(tmp_path, tiny_data_dir, registered):
@@ -182,10 +229,14 @@ def test_init_from_loads_the_encoder_and_refuses_a_mismatch(tmp_path, tiny_data_
   src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
   loop.train_and_evaluate(_config(tiny_data_dir, cache, objective="supervised", total_steps=2), src)
   pre = _state(src)
-  init = ml_collections.ConfigDict({"workdir": src, "step": 0, "subtree": "encoder", "model_state": True})
+  init = ml_collections.ConfigDict(
+    {"workdir": src, "step": 0, "subtree": "encoder", "model_state": True}
+  )
   frozen = ml_collections.ConfigDict(_config(tiny_data_dir, cache).optim.to_dict())
   frozen.freeze = ("^encoder/",)
-  loop.train_and_evaluate(_config(tiny_data_dir, cache, total_steps=2, init_from=init, optim=frozen), dst)
+  loop.train_and_evaluate(
+    _config(tiny_data_dir, cache, total_steps=2, init_from=init, optim=frozen), dst
+  )
   post = _state(dst)
   # Frozen encoder: exactly the other run's weights; the objective's own probe trained from scratch.
   jax.tree.map(np.testing.assert_array_equal, post["params"]["encoder"], pre["params"]["encoder"])
@@ -193,7 +244,9 @@ def test_init_from_loads_the_encoder_and_refuses_a_mismatch(tmp_path, tiny_data_
 
   wide = str(tmp_path / "wide")
   with pytest.raises(checkpoint.InitFromError) as e:
-    loop.train_and_evaluate(_config(tiny_data_dir, cache, total_steps=2, init_from=init, width=1 / 8), wide)
+    loop.train_and_evaluate(
+      _config(tiny_data_dir, cache, total_steps=2, init_from=init, width=1 / 8), wide
+    )
   msg = str(e.value)
   assert "\n" not in msg and "params/encoder/" in msg and "in this model" in msg
   assert not os.path.exists(os.path.join(wide, "checkpoints", "1"))

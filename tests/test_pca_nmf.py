@@ -1,4 +1,5 @@
 """PCA/NMF baselines: fit on a tiny exported dataset, scored by the shared classification evaluator."""
+
 import json
 import os
 
@@ -22,7 +23,12 @@ def _config(method, data_dir, n_components=8):
   c.baseline.nmf_max_iter = 100
   c.unlock()
   # ROI-C1 model, ROI-C2 test set: the train-once-test-twice evals the tables use.
-  c.evals.test_c2 = {"kind": "classification", "split": "test", "protocol": "whole", "task": "task1_roi_c2"}
+  c.evals.test_c2 = {
+    "kind": "classification",
+    "split": "test",
+    "protocol": "whole",
+    "task": "task1_roi_c2",
+  }
   c.lock()
   return c
 
@@ -54,7 +60,9 @@ def test_pca_matches_a_direct_sklearn_pipeline(tiny_data_dir):
   assert x.ndim == 3 and x.shape[1:] == (64, 64)  # 256 / 4x downsampling
   z = PCA(n_components=8, random_state=c.seed).fit(x.reshape(len(x), -1))
   sc = StandardScaler().fit(z.transform(x.reshape(len(x), -1)))
-  clf = LogisticRegression(C=1.0, max_iter=2000).fit(sc.transform(z.transform(x.reshape(len(x), -1))), y)
+  clf = LogisticRegression(C=1.0, max_iter=2000).fit(
+    sc.transform(z.transform(x.reshape(len(x), -1))), y
+  )
   want = clf.predict(sc.transform(z.transform(xt.reshape(len(xt), -1))))
   res = pca_nmf.fit_and_evaluate(c, None)
   assert res["test_whole/n"] == len(yt)
@@ -69,7 +77,9 @@ def test_nmf_sees_nonnegative_intensities_and_separable_data_is_learned():
   raw = np.clip(0.2 + 0.2 * y[:, None, None] + 0.02 * rng.normal(size=(80, 8, 8)), 0, 1)
   mean, std = 0.5, 0.25
   x = ((raw - mean) / std).astype(np.float32)
-  m = pca_nmf.LinearEmbeddingClassifier("nmf", n_components=4, seed=0, image_mean=mean, image_std=std)
+  m = pca_nmf.LinearEmbeddingClassifier(
+    "nmf", n_components=4, seed=0, image_mean=mean, image_std=std
+  )
   np.testing.assert_allclose(m._flat(x), raw.reshape(80, -1), atol=1e-5)
   m.fit(x, y)
   assert (m.logits(x).argmax(-1) == y).mean() == 1.0
@@ -89,6 +99,7 @@ def test_nmf_transform_matches_sklearn():
   import warnings
 
   from sklearn.decomposition import NMF
+
   rng = np.random.default_rng(1)
   # Non-negative data of rank ~6 plus noise; 300 rows span two blocks of 256.
   x = np.abs(rng.normal(size=(300, 6)) @ rng.random((6, 40)) + 0.05 * rng.random((300, 40)))
@@ -98,6 +109,7 @@ def test_nmf_transform_matches_sklearn():
     want = nmf.transform(x)
   got = pca_nmf.nmf_transform(x, nmf.components_, max_iter=500, tol=nmf.tol)
   assert got.shape == want.shape and (got >= 0).all()
-  np.testing.assert_allclose(np.linalg.norm(x - got @ nmf.components_), np.linalg.norm(x - want @ nmf.components_),
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+    np.linalg.norm(x - got @ nmf.components_), np.linalg.norm(x - want @ nmf.components_), rtol=1e-3
+  )
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02

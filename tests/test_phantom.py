@@ -28,8 +28,15 @@ def _render_whole_and_parts(box, parts):
   split = phantom.PhantomVolume(seed=0)
   for part in parts:
     got = split.render(part)
-    sl = tuple(slice(a - b0, b - b0) for a, b, b0 in
-               zip((part.z0, part.y0, part.x0), (part.z1, part.y1, part.x1), (box.z0, box.y0, box.x0), strict=True))
+    sl = tuple(
+      slice(a - b0, b - b0)
+      for a, b, b0 in zip(
+        (part.z0, part.y0, part.x0),
+        (part.z1, part.y1, part.x1),
+        (box.z0, box.y0, box.x0),
+        strict=True,
+      )
+    )
     for ch in CHANNELS:
       np.testing.assert_array_equal(got[ch], whole[ch][sl], err_msg=f"{ch} differs in part {part}")
   return whole
@@ -44,9 +51,12 @@ def test_render_is_pointwise_eight_parts(box):
 def test_render_is_pointwise_unaligned_split():
   b = BOX_MIXED
   cuts_z, cuts_y, cuts_x = (b.z0, 451, 452, b.z1), (b.y0, 617, b.y1), (b.x0, 3231, 3299, b.x1)
-  parts = [spec.Box(z0, z1, y0, y1, x0, x1)
-           for z0, z1 in zip(cuts_z[:-1], cuts_z[1:], strict=True) for y0, y1 in zip(cuts_y[:-1], cuts_y[1:], strict=True)
-           for x0, x1 in zip(cuts_x[:-1], cuts_x[1:], strict=True)]
+  parts = [
+    spec.Box(z0, z1, y0, y1, x0, x1)
+    for z0, z1 in zip(cuts_z[:-1], cuts_z[1:], strict=True)
+    for y0, y1 in zip(cuts_y[:-1], cuts_y[1:], strict=True)
+    for x0, x1 in zip(cuts_x[:-1], cuts_x[1:], strict=True)
+  ]
   whole = _render_whole_and_parts(b, parts)
   # The box really is mixed: several regions and all four pixel classes.
   assert len(np.unique(whole["roi_labels"])) >= 3
@@ -58,8 +68,12 @@ def test_cutout_one_box_equals_sub_boxes():
   whole = {ch: phantom.PhantomVolume(seed=0).cutout(ch, box) for ch in CHANNELS}
   fresh = phantom.PhantomVolume(seed=0)
   for sub in box.split((2, 2, 2)) + box.split((3, 1, 2)):
-    sl = tuple(slice(a - b0, b_ - b0) for a, b_, b0 in
-               zip((sub.z0, sub.y0, sub.x0), (sub.z1, sub.y1, sub.x1), (box.z0, box.y0, box.x0), strict=True))
+    sl = tuple(
+      slice(a - b0, b_ - b0)
+      for a, b_, b0 in zip(
+        (sub.z0, sub.y0, sub.x0), (sub.z1, sub.y1, sub.x1), (box.z0, box.y0, box.x0), strict=True
+      )
+    )
     for ch in CHANNELS:
       np.testing.assert_array_equal(fresh.cutout(ch, sub), whole[ch][sl])
 
@@ -86,7 +100,9 @@ def test_deterministic_and_seeded():
     np.testing.assert_array_equal(a[ch], b[ch])
   assert np.mean(a["image"] == c["image"]) < 0.2
   assert np.mean(a["pixel_labels"] == c["pixel_labels"]) < 0.9
-  np.testing.assert_array_equal(a["roi_labels"], c["roi_labels"])  # the layout is fixed (cube geometry)
+  np.testing.assert_array_equal(
+    a["roi_labels"], c["roi_labels"]
+  )  # the layout is fixed (cube geometry)
 
 
 def test_every_cube_inside_its_region(vol):
@@ -106,19 +122,25 @@ def test_roi_labels_mode_and_annotation_range(vol):
       yc, xc = (y0 + y1) // 2, (x0 + x1) // 2
       inside = vol.cutout("roi_labels", spec.Box(430, 431, yc - 8, yc + 8, xc - 8, xc + 8))
       assert spec.task1_label(inside) == spec.REGION_INDEX[r]
-      outside = vol.cutout("roi_labels", spec.Box(spec.ROI_ANNOTATED_Z[1], 470, yc, yc + 4, xc, xc + 4))
+      outside = vol.cutout(
+        "roi_labels", spec.Box(spec.ROI_ANNOTATED_Z[1], 470, yc, yc + 4, xc, xc + 4)
+      )
       assert not outside.any(), f"{s}-{r}: roi labels outside ROI_ANNOTATED_Z"
   # roi_labels equals the anatomy on annotated slices and 0 on the others.
   box = spec.Box(spec.ROI_ANNOTATED_Z[0] - 3, spec.ROI_ANNOTATED_Z[0] + 3, 600, 640, 3150, 3330)
   roi = vol.cutout("roi_labels", box)
   z = np.arange(box.z0, box.z1)
-  anat = vol.anatomy(z[:, None, None], np.arange(box.y0, box.y1)[None, :, None],
-                     np.arange(box.x0, box.x1)[None, None, :])
+  anat = vol.anatomy(
+    z[:, None, None],
+    np.arange(box.y0, box.y1)[None, :, None],
+    np.arange(box.x0, box.x1)[None, None, :],
+  )
   annotated = (z >= spec.ROI_ANNOTATED_Z[0])[:, None, None]
   np.testing.assert_array_equal(roi, np.where(annotated, anat, 0))
   # VP, TRN, internal capsule and STR meet here.
-  assert set(np.unique(roi[annotated[:, 0, 0]]).tolist()) == {spec.ROI_IDS[k] for k in
-                                                             ("VP", "TRN", "internal_capsule", "STR")}
+  assert set(np.unique(roi[annotated[:, 0, 0]]).tolist()) == {
+    spec.ROI_IDS[k] for k in ("VP", "TRN", "internal_capsule", "STR")
+  }
 
 
 def test_other_regions_exist(vol):
@@ -138,7 +160,9 @@ def test_tissue_bounds(vol):
   assert not pix[out].any() and not roi.any()
   assert img[far].max() <= 20  # the empty scan: ~0 plus noise
   assert img[~out][:, -10:].mean() > 60 and pix[~out][:, -10:].any()  # tissue below the top edge
-  assert not pix[:, :20].any() and img[far | ~out][:, :20].max() <= 20  # y < ~90 lies above the slab
+  assert (
+    not pix[:, :20].any() and img[far | ~out][:, :20].max() <= 20
+  )  # y < ~90 lies above the slab
   top = phantom.PhantomVolume(seed=0).cutout("image", spec.Box(676, 686, 500, 520, 2500, 2520))
   assert top[:3].mean() > 60 and top[-3:].max() <= 20  # tissue ends at z 680
 
@@ -159,7 +183,9 @@ def test_read_through_intern(vol):
     got = source.read(ch, box)
     assert got.dtype == np.dtype(spec.CHANNELS[ch].dtype) and got.shape == box.shape
     np.testing.assert_array_equal(got, vol.cutout(ch, box))
-  one = source.read("image", spec.Box(300, 301, 500, 516, 3700, 3716))  # intern squeezes; read restores
+  one = source.read(
+    "image", spec.Box(300, 301, 500, 516, 3700, 3716)
+  )  # intern squeezes; read restores
   assert one.shape == (1, 16, 16)
   np.testing.assert_array_equal(one, vol.cutout("image", spec.Box(300, 301, 500, 516, 3700, 3716)))
   other = make_source("phantom:seed=3").read("image", box)
@@ -177,6 +203,8 @@ def test_morphology_components_and_fractions():
   assert st["vessel"]["components_per_tile"] == 1 and st["vessel"]["median_elongation"] > 2
   assert st["axon"]["largest_component_share"] == 1.0
   np.testing.assert_allclose(sum(st["fractions"].values()), 1.0, atol=1e-4)
-  np.testing.assert_allclose(morphology.class_fractions(t), [(256 - 10 - 10 - 16) / 256, 10 / 256, 10 / 256, 16 / 256])
+  np.testing.assert_allclose(
+    morphology.class_fractions(t), [(256 - 10 - 10 - 16) / 256, 10 / 256, 10 / 256, 16 / 256]
+  )
   q = morphology.quadrants(np.arange(2 * 256 * 256).reshape(2, 256, 256))
   assert q.shape == (8, 128, 128) and q[1, 0, 0] == 128 and q[2, 0, 0] == 128 * 256

@@ -1,4 +1,5 @@
 """grain pipeline: transforms, epochs, determinism, resume, per-process slicing, eval padding."""
+
 import json
 
 import jax
@@ -12,8 +13,17 @@ from mtneuro_jax.volumes import spec
 
 
 def _cfg(data_dir, task="task1_roi_c1", **kw):
-  return {"data_dir": data_dir, "task": task, "downsample": 1, "image_mean": 0.0, "image_std": 1.0,
-          "random_crop": 0, "batch_size": 8, "eval_batch_size": 8, **kw}
+  return {
+    "data_dir": data_dir,
+    "task": task,
+    "downsample": 1,
+    "image_mean": 0.0,
+    "image_std": 1.0,
+    "random_crop": 0,
+    "batch_size": 8,
+    "eval_batch_size": 8,
+    **kw,
+  }
 
 
 def _np(batch):
@@ -22,7 +32,9 @@ def _np(batch):
 
 def _ids(batch):
   b = _np(batch)
-  return [(int(r), int(c), int(z)) for r, c, z in zip(b["region"], b["cube_set"], b["z"], strict=True)]
+  return [
+    (int(r), int(c), int(z)) for r, c, z in zip(b["region"], b["cube_set"], b["z"], strict=True)
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +48,7 @@ def test_area_and_majority_downsampling_closed_forms():
   x = np.arange(16, dtype=np.uint8).reshape(4, 4)
   np.testing.assert_allclose(transforms.area_downsample(x, 2), [[2.5, 4.5], [10.5, 12.5]])
   assert transforms.area_downsample(x, 4).item() == 7.5
-  m = np.array([[1, 1, 2, 0],
-                [1, 0, 2, 0],
-                [0, 2, 1, 1],
-                [2, 0, 2, 1]])
+  m = np.array([[1, 1, 2, 0], [1, 0, 2, 0], [0, 2, 1, 1], [2, 0, 2, 1]])
   # blocks: {1,1,1,0}->1, {2,0,2,0} tie->0, {0,2,2,0} tie->0, {1,1,2,1}->1
   np.testing.assert_array_equal(transforms.majority_downsample(m, 2, 3), [[1, 0], [0, 1]])
   np.testing.assert_allclose(transforms.normalize(np.array([0, 255]), 0.5, 0.25), [-2.0, 2.0])
@@ -70,15 +79,22 @@ def test_dataset_info(tiny_data_dir):
   assert info["image_shape"] == (128, 128, 1) and info["num_classes"] == 4
   assert info["class_names"] == spec.REGIONS and info["synthetic"] is True
   import ml_collections  # the loop passes config.data as a locked ConfigDict
+
   cd = ml_collections.ConfigDict(_cfg(tiny_data_dir, downsample=4))
   cd.lock()
   info3 = pipeline.dataset_info(cd, task="task2_3d_3class")
-  assert info3["image_shape"] == (8, 64, 64, 1) and info3["class_names"] == ("other", "vessel", "cell")
+  assert info3["image_shape"] == (8, 64, 64, 1) and info3["class_names"] == (
+    "other",
+    "vessel",
+    "cell",
+  )
   assert info3["num_examples"]["val"] == 12
 
 
 def test_train_epochs_cover_every_example_once(tiny_data_dir, mesh):
-  it = pipeline.train_iterator(_cfg(tiny_data_dir, downsample=2), seed=3, mesh=mesh, global_batch_size=8)
+  it = pipeline.train_iterator(
+    _cfg(tiny_data_dir, downsample=2), seed=3, mesh=mesh, global_batch_size=8
+  )
   assert it.steps_per_epoch == 2
   b = next(it)
   assert b["image"].shape == (8, 128, 128, 1) and b["image"].dtype == np.float32
@@ -139,19 +155,29 @@ def test_each_process_takes_its_slice_of_the_global_batch(tiny_data_dir, mesh, m
 
 def test_eval_batches_pad_with_invalid_rows(tiny_data_dir, mesh):
   cfg = _cfg(tiny_data_dir, random_crop=64)
-  batches = [_np(b) for b in pipeline.eval_batches(cfg, "val", mesh=mesh, global_batch_size=8,
-                                                    task="task2_3d_3class")]
+  batches = [
+    _np(b)
+    for b in pipeline.eval_batches(
+      cfg, "val", mesh=mesh, global_batch_size=8, task="task2_3d_3class"
+    )
+  ]
   assert len(batches) == 2  # 12 examples
   assert batches[0]["image"].shape == (8, 8, 256, 256, 1)  # no crop at evaluation
   valid = np.concatenate([b["valid"] for b in batches])
   assert valid.tolist() == [True] * 12 + [False] * 4
   ids = [i for b in batches for i, v in zip(_ids(b), b["valid"], strict=True) if v]
   assert len(set(ids)) == 12
-  again = [_np(b) for b in pipeline.eval_batches(cfg, "val", mesh=mesh, global_batch_size=8,
-                                                  task="task2_3d_3class")]
+  again = [
+    _np(b)
+    for b in pipeline.eval_batches(
+      cfg, "val", mesh=mesh, global_batch_size=8, task="task2_3d_3class"
+    )
+  ]
   assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(batches, again, strict=True))
 
 
 def test_missing_dataset_names_the_exporter(tmp_path, mesh):
   with pytest.raises(DatasetError, match=r"mtneuro export --tasks task1_roi_c3"):
-    pipeline.train_iterator(_cfg(str(tmp_path), task="task1_roi_c3"), seed=0, mesh=mesh, global_batch_size=8)
+    pipeline.train_iterator(
+      _cfg(str(tmp_path), task="task1_roi_c3"), seed=0, mesh=mesh, global_batch_size=8
+    )

@@ -1,4 +1,5 @@
 """ResNet-18 xray: parameter counts, shapes, stride, BN and dropout behaviour."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,9 @@ def _count(tree):
 
 
 def _abstract_init(model, size=32):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1)), train=False))
+  return jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1)), train=False)
+  )
 
 
 def test_param_counts_match_reference():
@@ -37,8 +40,9 @@ def test_total_stride_8_and_no_maxpool():
   """256x256 -> 32x32 at layer4 (stride 8: three stride-2 stages, no stem stride/max-pool)."""
   model = resnet.ResNetXrayEncoder(width_multiplier=1 / 16)
   x = jnp.zeros((1, 256, 256, 1))
-  _, state = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=False,
-                                                           capture_intermediates=True))
+  _, state = jax.eval_shape(
+    lambda: model.init_with_output(jax.random.key(0), x, train=False, capture_intermediates=True)
+  )
   inter = state["intermediates"]
   assert inter["conv1"]["__call__"][0].shape == (1, 256, 256, 4)
   assert inter["layer1_1"]["__call__"][0].shape == (1, 256, 256, 4)
@@ -56,8 +60,9 @@ def test_outputs_batchnorm_and_dropout():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
   v = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
   apply_eval = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  apply_train = jax.jit(lambda v, x, k: model.apply(v, x, train=True, rngs={"dropout": k},
-                                                    mutable=["batch_stats"]))
+  apply_train = jax.jit(
+    lambda v, x, k: model.apply(v, x, train=True, rngs={"dropout": k}, mutable=["batch_stats"])
+  )
   out = apply_eval(v, x)
   assert out["features"].shape == (4, 8) and out["logits"].shape == (4, 4)
   assert out["features"].dtype == jnp.float32
@@ -68,10 +73,17 @@ def test_outputs_batchnorm_and_dropout():
   o2, _ = apply_train(v, x, jax.random.key(2))
   assert not np.allclose(o1["logits"], o2["logits"])
   np.testing.assert_array_equal(o1["features"], o2["features"])  # dropout is on the head only
-  stem = jax.lax.conv_general_dilated(x, v["params"]["encoder"]["conv1"]["kernel"], (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  stem = jax.lax.conv_general_dilated(
+    x,
+    v["params"]["encoder"]["conv1"]["kernel"],
+    (1, 1),
+    ((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   want_mean = 0.9 * 0.0 + 0.1 * stem.mean(axis=(0, 1, 2))  # running mean starts at 0
-  np.testing.assert_allclose(s1["batch_stats"]["encoder"]["bn1"]["mean"], want_mean, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    s1["batch_stats"]["encoder"]["bn1"]["mean"], want_mean, rtol=1e-4, atol=1e-6
+  )
 
 
 def test_model_has_no_loss_knowledge():

@@ -33,25 +33,52 @@ PROJECT_PACKAGES = ("mtneuro_jax", "data_prep", "experiments", "configs")
 SUBPACKAGES = "<every mtneuro_jax subpackage>"
 L = "mtneuro_jax."
 RULES = (
-    # (importer, kind, targets, why)
-    ("mtneuro_jax", "never", ("data_prep", "experiments", "configs"), "the library knows no drivers"),
-    ("data_prep", "never", ("experiments", "configs"), "export sits below the drivers"),
-    (L + "volumes", "only", (L + "volumes", L + "errors"), "voxels come first"),
-    (L + "data", "only", (L + "volumes", L + "data", L + "sharding", L + "errors"), "data sits on volumes"),
-    (L + "models", "only", (L + "models", L + "errors", L + "registry"), "models know no loss, data or loop"),
-    (L + "objectives", "never", (L + "data", L + "train", L + "eval", L + "baselines"),
-     "objectives know no I/O, loop or evaluator"),
-    (L + "eval", "never", (L + "train", L + "objectives", L + "baselines"), "evaluators get a predict_fn"),
-    (L + "train", "never", (L + "baselines",), "the loop knows no baseline"),
-    (L + "sharding", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
-    (L + "errors", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
-    (L + "registry", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
-    (L + "configlib", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
+  # (importer, kind, targets, why)
+  ("mtneuro_jax", "never", ("data_prep", "experiments", "configs"), "the library knows no drivers"),
+  ("data_prep", "never", ("experiments", "configs"), "export sits below the drivers"),
+  (L + "volumes", "only", (L + "volumes", L + "errors"), "voxels come first"),
+  (
+    L + "data",
+    "only",
+    (L + "volumes", L + "data", L + "sharding", L + "errors"),
+    "data sits on volumes",
+  ),
+  (
+    L + "models",
+    "only",
+    (L + "models", L + "errors", L + "registry"),
+    "models know no loss, data or loop",
+  ),
+  (
+    L + "objectives",
+    "never",
+    (L + "data", L + "train", L + "eval", L + "baselines"),
+    "objectives know no I/O, loop or evaluator",
+  ),
+  (
+    L + "eval",
+    "never",
+    (L + "train", L + "objectives", L + "baselines"),
+    "evaluators get a predict_fn",
+  ),
+  (L + "train", "never", (L + "baselines",), "the loop knows no baseline"),
+  (L + "sharding", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
+  (L + "errors", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
+  (L + "registry", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
+  (L + "configlib", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
 )
 
 # Text files that must not point outside the repository.
-SCAN_PATHS = ("mtneuro_jax", "data_prep", "experiments", "configs", "docs", "scripts", "README.md",
-              "pyproject.toml")
+SCAN_PATHS = (
+  "mtneuro_jax",
+  "data_prep",
+  "experiments",
+  "configs",
+  "docs",
+  "scripts",
+  "README.md",
+  "pyproject.toml",
+)
 SCAN_SUFFIXES = (".py", ".md", ".json", ".toml", ".txt", ".sh")
 FORBIDDEN = ("shared/", "/work/")
 
@@ -84,7 +111,9 @@ def test_no_path_outside_the_repository():
         for pat in FORBIDDEN:
           if pat in line:
             bad.append(f"{os.path.relpath(path, ROOT)}:{i}: contains {pat!r}: {line.strip()[:120]}")
-  assert not bad, "paths outside the repository (a user's clone does not have them):\n" + "\n".join(bad)
+  assert not bad, "paths outside the repository (a user's clone does not have them):\n" + "\n".join(
+    bad
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -104,7 +133,11 @@ def test_shipped_masks_load_without_configuration(monkeypatch):
   assert not (morphology.load_real_masks("ZI") == 3).any()
   assert (morphology.load_real_masks("VP") == 3).mean() > 0.4
   with np.load(os.path.join(MASKS_DIR, "masks_str.npz")) as f:  # the file's own convention
-    assert list(f.keys()) == ["masks"] and f["masks"].shape == (16, 128, 128) and f["masks"].dtype == np.uint8
+    assert (
+      list(f.keys()) == ["masks"]
+      and f["masks"].shape == (16, 128, 128)
+      and f["masks"].dtype == np.uint8
+    )
 
 
 def test_pinned_digests_match_files_and_readme():
@@ -143,13 +176,18 @@ def test_real_data_folders_are_package_data():
   tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
   with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
     package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
-  for package, folder in (("mtneuro_jax.volumes", "real_masks"), ("experiments", "reference_images")):
+  for package, folder in (
+    ("mtneuro_jax.volumes", "real_masks"),
+    ("experiments", "reference_images"),
+  ):
     pkg_dir = os.path.join(ROOT, *package.split("."))
     files = os.listdir(os.path.join(pkg_dir, folder))
     assert "README.md" in files, folder
     for name in files:
       rel = f"{folder}/{name}"
-      assert any(fnmatch.fnmatch(rel, g) for g in package_data.get(package, ())), f"{rel} is not package data"
+      assert any(fnmatch.fnmatch(rel, g) for g in package_data.get(package, ())), (
+        f"{rel} is not package data"
+      )
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +196,7 @@ Edge = collections.namedtuple("Edge", "src dst path line text")
 
 
 def _module_name(path: str) -> str:
-  rel = os.path.relpath(path, ROOT)[:-len(".py")].split(os.sep)
+  rel = os.path.relpath(path, ROOT)[: -len(".py")].split(os.sep)
   if rel[-1] == "__init__":
     rel = rel[:-1]
   return ".".join(rel)
@@ -200,10 +238,12 @@ def _edges(modules: dict[str, str], root: str = ROOT) -> list[Edge]:
         base = node.module or ""
         if node.level:  # relative: from the importing module's package, up level - 1
           pkg = mod if is_pkg else mod.rpartition(".")[0]
-          pkg = ".".join(pkg.split(".")[:len(pkg.split(".")) - (node.level - 1)])
+          pkg = ".".join(pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)])
           base = f"{pkg}.{base}" if base else pkg
         # ``from a.b import c``: c may be a module (a.b.c) or a name defined in a.b.
-        targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        targets = [
+          f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+        ]
       for t in targets:
         dst = _resolve(t, modules)
         if dst is not None and dst != mod:
@@ -220,8 +260,11 @@ def graph():
 
 def _subpackages() -> tuple[str, ...]:
   lib = os.path.join(ROOT, "mtneuro_jax")
-  return tuple(f"mtneuro_jax.{d}" for d in sorted(os.listdir(lib))
-               if os.path.isfile(os.path.join(lib, d, "__init__.py")))
+  return tuple(
+    f"mtneuro_jax.{d}"
+    for d in sorted(os.listdir(lib))
+    if os.path.isfile(os.path.join(lib, d, "__init__.py"))
+  )
 
 
 def _package_of(module: str) -> str:
@@ -243,8 +286,10 @@ def test_layer_rules(graph):
       hit = any(_under(e.dst, t) for t in targets)
       if (kind == "never" and hit) or (kind == "only" and not hit):
         allowed = "may import only" if kind == "only" else "may not import"
-        bad.append(f"{e.path}:{e.line}: `{e.text}` ({e.dst}): {importer} {allowed} "
-                   f"{', '.join(targets)} ({why})")
+        bad.append(
+          f"{e.path}:{e.line}: `{e.text}` ({e.dst}): {importer} {allowed} "
+          f"{', '.join(targets)} ({why})"
+        )
   assert not bad, "layer rule violations:\n" + "\n".join(bad)
 
 
@@ -287,10 +332,17 @@ def _check_acyclic(nodes, edges, node_of, what: str) -> None:
       adj[a].add(b)
   msgs = []
   for comp in _cycles(nodes, adj):
-    inside = [e for e in edges if node_of(e.src) in comp and node_of(e.dst) in comp
-              and node_of(e.src) != node_of(e.dst)]
-    msgs.append(f"cycle between {', '.join(comp)}:\n" + "\n".join(
-        f"  {e.path}:{e.line}: `{e.text}` ({node_of(e.src)} -> {node_of(e.dst)})" for e in inside))
+    inside = [
+      e
+      for e in edges
+      if node_of(e.src) in comp and node_of(e.dst) in comp and node_of(e.src) != node_of(e.dst)
+    ]
+    msgs.append(
+      f"cycle between {', '.join(comp)}:\n"
+      + "\n".join(
+        f"  {e.path}:{e.line}: `{e.text}` ({node_of(e.src)} -> {node_of(e.dst)})" for e in inside
+      )
+    )
   assert not msgs, f"{what} import cycles:\n" + "\n".join(msgs)
 
 
@@ -306,11 +358,16 @@ def test_no_module_cycles(graph):
 
 def test_graph_reader_sees_lazy_and_relative_imports(tmp_path):
   """The ast reader itself: a lazy import inside a function and a relative import are edges."""
-  modules = {"mtneuro_jax.volumes.a": str(tmp_path / "a.py"), "mtneuro_jax.volumes.b": str(tmp_path / "b.py"),
-             "mtneuro_jax.train": str(tmp_path / "__init__.py")}
+  modules = {
+    "mtneuro_jax.volumes.a": str(tmp_path / "a.py"),
+    "mtneuro_jax.volumes.b": str(tmp_path / "b.py"),
+    "mtneuro_jax.train": str(tmp_path / "__init__.py"),
+  }
   (tmp_path / "a.py").write_text("def f():\n  from mtneuro_jax import train\n  return train\n")
   (tmp_path / "b.py").write_text("from . import a\nimport numpy\n")
   (tmp_path / "__init__.py").write_text("")
   got = {(e.src, e.dst, e.line) for e in _edges(modules, str(tmp_path))}
-  assert got == {("mtneuro_jax.volumes.a", "mtneuro_jax.train", 2),
-                 ("mtneuro_jax.volumes.b", "mtneuro_jax.volumes.a", 1)}
+  assert got == {
+    ("mtneuro_jax.volumes.a", "mtneuro_jax.train", 2),
+    ("mtneuro_jax.volumes.b", "mtneuro_jax.volumes.a", 1),
+  }

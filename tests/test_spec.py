@@ -15,7 +15,9 @@ def test_cubes_are_256_tiles_inside_the_volume():
       box.check_inside()
 
 
-@pytest.mark.parametrize("task_name,expected", [
+@pytest.mark.parametrize(
+  "task_name,expected",
+  [
     ("task1_roi_c1", {"train": 1076, "val": 116, "test": 200}),
     ("task1_roi_c2", {"train": 1076, "val": 116, "test": 2880}),
     ("task1_roi_c3", {"train": 1076 + 1440, "val": 116, "test": 2880}),
@@ -25,7 +27,8 @@ def test_cubes_are_256_tiles_inside_the_volume():
     ("task2_3d_3class", {"train": 4 * 33, "val": 4 * 3, "test": 4 * 6}),
     ("task2_3d_4class", {"train": 3 * 33, "val": 3 * 3, "test": 3 * 6}),
     ("task3", {"all": 4 * 360 * 4}),
-])
+  ],
+)
 def test_candidate_counts(task_name, expected):
   task = spec.get_task(task_name)
   assert {s: sum(1 for _ in spec.iter_samples(task, s)) for s in task.splits} == expected
@@ -34,7 +37,7 @@ def test_candidate_counts(task_name, expected):
 def test_3d_windows_stay_inside_their_split_and_are_full():
   task = spec.get_task("task2_3d_3class")
   for split, parts in task.splits.items():
-    (z0, z1), = {p.z_range for p in parts}
+    ((z0, z1),) = {p.z_range for p in parts}
     for ref in spec.iter_samples(task, split):
       assert ref.box.shape[0] == spec.WINDOW_3D
       assert z0 <= ref.box.z0 and ref.box.z1 <= z1
@@ -47,7 +50,7 @@ def test_task3_quadrants_tile_the_cube():
   x0, x1, y0, y1 = spec.CUBE_SETS["A"]["VP"]
   covered = np.zeros((spec.TILE, spec.TILE), int)
   for r in refs:
-    covered[r.box.y0 - y0:r.box.y1 - y0, r.box.x0 - x0:r.box.x1 - x0] += 1
+    covered[r.box.y0 - y0 : r.box.y1 - y0, r.box.x0 - x0 : r.box.x1 - x0] += 1
   assert (covered == 1).all()
 
 
@@ -112,9 +115,9 @@ def test_unknown_task_and_source_fail_clearly():
 def _write_local_volume(path, shape=(6, 10, 12)):
   rng = np.random.default_rng(0)
   vol = {
-      "image": rng.integers(0, 256, shape, dtype=np.uint8),
-      "roi_labels": rng.integers(0, 9, shape).astype(np.uint64),
-      "pixel_labels": rng.integers(0, 4, shape).astype(np.uint64),
+    "image": rng.integers(0, 256, shape, dtype=np.uint8),
+    "roi_labels": rng.integers(0, 9, shape).astype(np.uint64),
+    "pixel_labels": rng.integers(0, 4, shape).astype(np.uint64),
   }
   for name, arr in vol.items():
     np.save(path / f"{name}.npy", arr)
@@ -142,7 +145,9 @@ def test_local_source_zarr(tmp_path):
   zarr = pytest.importorskip("zarr")
   group = zarr.open_group(str(tmp_path / "vol.zarr"), mode="w")
   img = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
-  group.create_array("image", data=img) if hasattr(group, "create_array") else group.array("image", img)
+  group.create_array("image", data=img) if hasattr(group, "create_array") else group.array(
+    "image", img
+  )
   src = sources.make_source(f"local:{tmp_path / 'vol.zarr'}")
   box = spec.Box(1, 3, 0, 5, 2, 6)
   np.testing.assert_array_equal(src.read("image", box), img[box.slices])
@@ -152,8 +157,12 @@ def test_reads_with_several_length_one_axes(tmp_path):
   """intern's squeeze fails on boxes with two or more length-1 axes; Source.read must not."""
   vol = _write_local_volume(tmp_path)
   src = sources.make_source(f"local:{tmp_path}")
-  for box in (spec.Box(2, 3, 4, 5, 0, 12), spec.Box(0, 6, 9, 10, 11, 12), spec.Box(5, 6, 9, 10, 11, 12),
-              spec.Box(0, 1, 0, 1, 0, 1)):
+  for box in (
+    spec.Box(2, 3, 4, 5, 0, 12),
+    spec.Box(0, 6, 9, 10, 11, 12),
+    spec.Box(5, 6, 9, 10, 11, 12),
+    spec.Box(0, 1, 0, 1, 0, 1),
+  ):
     got = src.read("image", box)
     assert got.shape == box.shape
     np.testing.assert_array_equal(got, vol["image"][box.slices])

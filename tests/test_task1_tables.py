@@ -1,4 +1,5 @@
 """Task 1 table driver: the tiny preset end to end on tiny exports, plus planning and selection logic."""
+
 import json
 import os
 import shutil
@@ -19,8 +20,15 @@ def tiny_task1_dir(tiny_data_dir, tmp_path_factory):
   data = root / "data"
   for task in ("task1_roi_c1", "task1_roi_c2"):
     shutil.copytree(os.path.join(tiny_data_dir, task), data / task)
-  export_task(make_source("phantom"), "task1_roi_c3", str(data), cache_dir=str(root / "cache"),
-              limit_per_split=4, progress=False, chunk_z=8)
+  export_task(
+    make_source("phantom"),
+    "task1_roi_c3",
+    str(data),
+    cache_dir=str(root / "cache"),
+    limit_per_split=4,
+    progress=False,
+    chunk_z=8,
+  )
   return str(data)
 
 
@@ -28,8 +36,12 @@ def test_plan_shares_the_c1_run_with_c2_and_table_a3():
   runs = t1.plan_runs(t1.PRESETS["paper"], ["supervised"], [1])
   keys = {(r.setting, r.downsample): r.evals for r in runs}
   # One ROI-C1 training at 2x serves ROI-C1 and ROI-C2 of Table 1 and the 2x column of Table A3.
-  assert keys == {("c12", 2): ("test_c1", "test_c2"), ("c3", 2): ("test_c3",), ("c12", 4): ("test_c1",),
-                  ("c12", 1): ("test_c1",)}
+  assert keys == {
+    ("c12", 2): ("test_c1", "test_c2"),
+    ("c3", 2): ("test_c3",),
+    ("c12", 4): ("test_c1",),
+    ("c12", 1): ("test_c1",),
+  }
   runs = t1.plan_runs(t1.PRESETS["paper"], ["mixup"], paper.PAPER_SEEDS)
   assert len(runs) == 5 * 5 * 4  # p grid x seeds x (c12@2, c3@2, c12@4, c12@1)
 
@@ -40,8 +52,10 @@ def test_mixup_p_is_selected_on_validation_not_test():
   for r in runs:
     # p=0.1 is better on val, p=0.5 better on test: the table must report p=0.1's test accuracy.
     good_val = r.p == 0.1
-    results[r] = {"val/accuracy": 0.9 if good_val else 0.5,
-                  **{f"{e}/accuracy": (0.6 if good_val else 0.99) + 0.01 * r.seed for e in r.evals}}
+    results[r] = {
+      "val/accuracy": 0.9 if good_val else 0.5,
+      **{f"{e}/accuracy": (0.6 if good_val else 0.99) + 0.01 * r.seed for e in r.evals},
+    }
   p, means = t1.select_p(results, runs, "c12", 4, [1, 2])
   assert p == 0.1 and means == {0.1: 0.9, 0.5: 0.5}
   cell = t1.cell_for(results, runs, "mixup", "c12", 4, "test_c1", [1, 2])
@@ -51,9 +65,12 @@ def test_mixup_p_is_selected_on_validation_not_test():
 
 def test_mean_sd_uses_sample_sd():
   import numpy as np
+
   vals = [0.8, 0.9, 0.85]
   c = t1.mean_sd(vals)
-  assert c["mean"] == pytest.approx(np.mean(vals)) and c["sd"] == pytest.approx(np.std(vals, ddof=1))
+  assert c["mean"] == pytest.approx(np.mean(vals)) and c["sd"] == pytest.approx(
+    np.std(vals, ddof=1)
+  )
   assert t1.mean_sd([0.7])["sd"] is None
 
 
@@ -63,7 +80,9 @@ def test_tiny_preset_end_to_end(tiny_task1_dir, tmp_path, capsys):
   rc = t1.main(["--preset", "tiny", "--data_dir", tiny_task1_dir, "--out", out])
   assert rc == 0
   for name in ("table1", "table_a3"):
-    assert os.path.exists(os.path.join(out, f"{name}.md")) and os.path.exists(os.path.join(out, f"{name}.json"))
+    assert os.path.exists(os.path.join(out, f"{name}.md")) and os.path.exists(
+      os.path.join(out, f"{name}.json")
+    )
 
   tab1 = json.load(open(os.path.join(out, "table1.json")))
   assert tab1["synthetic"] and not tab1["comparable_to_paper"]
@@ -78,8 +97,12 @@ def test_tiny_preset_end_to_end(tiny_task1_dir, tmp_path, capsys):
   assert mix["cells"]["ROI-C1"]["ours"]["p_selected"] in (0.1, 0.5)
   # ROI-C1 and ROI-C2 come from the same training run (one workdir, two test evals).
   res = json.load(open(os.path.join(out, "runs", "supervised", "c12-ds4", "seed1", "results.json")))
-  assert tab1["rows"][0]["cells"]["ROI-C1"]["ours"]["mean"] == pytest.approx(res["test_c1/accuracy"])
-  assert tab1["rows"][0]["cells"]["ROI-C2"]["ours"]["mean"] == pytest.approx(res["test_c2/accuracy"])
+  assert tab1["rows"][0]["cells"]["ROI-C1"]["ours"]["mean"] == pytest.approx(
+    res["test_c1/accuracy"]
+  )
+  assert tab1["rows"][0]["cells"]["ROI-C2"]["ours"]["mean"] == pytest.approx(
+    res["test_c2/accuracy"]
+  )
   assert not os.path.exists(os.path.join(out, "runs", "supervised", "c2-ds4"))
 
   md1 = open(os.path.join(out, "table1.md")).read()

@@ -7,6 +7,7 @@ avgpool, fc), then turned into the reference ``resnet_xray`` /
 ``resnet_xray_classifier`` exactly as MTNeuro does (named_children, stem
 replaced, max-pool and fc dropped, Sequential ``f``).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,9 @@ class TorchBasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(cout)
     self.downsample = None
     if stride != 1 or cin != cout:
-      self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+      self.downsample = nn.Sequential(
+        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+      )
 
   def forward(self, x):
     identity = x if self.downsample is None else self.downsample(x)
@@ -48,10 +51,13 @@ class TorchResNet18(nn.Module):
     self.maxpool = nn.MaxPool2d(3, 2, 1)
     cin = width
     for i in range(4):
-      cout = width * 2 ** i
+      cout = width * 2**i
       stride = 1 if i == 0 else 2
-      setattr(self, f"layer{i + 1}", nn.Sequential(TorchBasicBlock(cin, cout, stride),
-                                                   TorchBasicBlock(cout, cout, 1)))
+      setattr(
+        self,
+        f"layer{i + 1}",
+        nn.Sequential(TorchBasicBlock(cin, cout, stride), TorchBasicBlock(cout, cout, 1)),
+      )
       cin = cout
     self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
     self.fc = nn.Linear(cin, num_classes)
@@ -167,7 +173,9 @@ def test_full_width_reference_keys_and_param_count():
   tmodel = ResnetXrayClassifier(64, num_classes=4)
   sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
   model = resnet.ResNetXray(num_classes=4)
-  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False))
+  template = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False)
+  )
   v = torch_import.import_resnet_xray(sd, template=template)
   assert sum(x.size for x in jax.tree.leaves(v["params"])) == 11_169_732
   assert sum(p.numel() for p in tmodel.parameters()) == 11_169_732
@@ -176,7 +184,9 @@ def test_full_width_reference_keys_and_param_count():
 def test_mismatched_model_is_rejected():
   sd = {k: v.numpy() for k, v in ResnetXrayClassifier(8, num_classes=4).state_dict().items()}
   model = resnet.ResNetXray(num_classes=3, width_multiplier=8 / 64)
-  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False))
+  template = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False)
+  )
   with pytest.raises(ValueError, match="do not fit"):
     torch_import.import_resnet_xray(sd, template=template)
   with pytest.raises(ValueError, match="unused keys|unexpected key"):

@@ -63,8 +63,11 @@ def _tree_hashes(*folders) -> dict[str, str]:
 
 def _flip_bytes(step_dir: str) -> str:
   """Flips two bytes in the middle of the largest array file of a saved state."""
-  files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-           if os.path.isfile(p) and "/d/" in p]
+  files = [
+    p
+    for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+    if os.path.isfile(p) and "/d/" in p
+  ]
   target = max(files, key=os.path.getsize)
   with open(target, "r+b") as f:
     data = bytearray(f.read())
@@ -84,8 +87,9 @@ def finished_run(tiny_data_dir, tmp_path_factory):
   return workdir, results
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_verified_one(finished_run, tmp_path,
-                                                                           tiny_data_dir):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_verified_one(
+  finished_run, tmp_path, tiny_data_dir
+):
   base, results = finished_run
   work = str(tmp_path / "w")
   shutil.copytree(base, work)
@@ -139,12 +143,29 @@ def test_a_non_finite_state_is_never_saved(tmp_path, finished_run):
 
 def test_second_run_in_a_workdir_fails_at_once_and_the_first_completes(tmp_path, tiny_data_dir):
   work = str(tmp_path / "w")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
   first = subprocess.Popen(
-      [sys.executable, "-m", "mtneuro_jax.train.loop", f"--config={CONFIG}:tiny", f"--workdir={work}",
-       f"--config.data.data_dir={tiny_data_dir}", "--config.total_steps=40", "--config.checkpoint_every_steps=20"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [
+      sys.executable,
+      "-m",
+      "mtneuro_jax.train.loop",
+      f"--config={CONFIG}:tiny",
+      f"--workdir={work}",
+      f"--config.data.data_dir={tiny_data_dir}",
+      "--config.total_steps=40",
+      "--config.checkpoint_every_steps=20",
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   try:
     deadline = time.time() + 120
     while dirlock.read_holder(work) is None:
@@ -169,7 +190,9 @@ def test_second_run_in_a_workdir_fails_at_once_and_the_first_completes(tmp_path,
   assert dirlock.read_holder(work) is None
 
 
-def test_resume_with_another_config_is_refused_unless_allowed(finished_run, tmp_path, tiny_data_dir):
+def test_resume_with_another_config_is_refused_unless_allowed(
+  finished_run, tmp_path, tiny_data_dir
+):
   base, _ = finished_run
   work = str(tmp_path / "w")
   shutil.copytree(base, work)
@@ -197,18 +220,28 @@ def test_nan_guard_never_prunes_the_last_good_checkpoint(tmp_path, tiny_data_dir
   from mtneuro_jax.objectives.base import Objective
 
   def loss(params, model_state, aux, batch, rng, *, ctx, model, config):
-    value, (metrics, new_state, aux) = supervised.loss(params, model_state, aux, batch, rng, model=model,
-                                                       config=config)
+    value, (metrics, new_state, aux) = supervised.loss(
+      params, model_state, aux, batch, rng, model=model, config=config
+    )
     value = value + jnp.where(ctx.step >= 3, jnp.inf, 0.0)  # finite gradients, loss inf from step 4
     return value, ({**metrics, "train/loss": value}, new_state, aux)
 
-  monkeypatch.setitem(OBJECTIVES, "diverging", Objective("diverging", init=supervised.SUPERVISED.init,
-                                                          loss=loss, update=supervised.SUPERVISED.update,
-                                                          predict=supervised.predict))
+  monkeypatch.setitem(
+    OBJECTIVES,
+    "diverging",
+    Objective(
+      "diverging",
+      init=supervised.SUPERVISED.init,
+      loss=loss,
+      update=supervised.SUPERVISED.update,
+      predict=supervised.predict,
+    ),
+  )
   work = str(tmp_path / "w")
   with pytest.raises(NonFiniteLossError):
-    loop.train_and_evaluate(_config(tiny_data_dir, total_steps=6, objective_name="diverging",
-                                    keep_checkpoints=1), work)
+    loop.train_and_evaluate(
+      _config(tiny_data_dir, total_steps=6, objective_name="diverging", keep_checkpoints=1), work
+    )
   ckpt = checkpoint.Checkpointer(os.path.join(work, "checkpoints"))
   assert ckpt.all_steps() == [2]
   assert ckpt.restore_verified(jax.tree.map(jnp.asarray, _state(work)))[0] == 2
@@ -221,37 +254,84 @@ def _train_cases(data_dir, tmp, base):
   data = f"--config.data.data_dir={data_dir}"
   w = f"--workdir={tmp}/new"
   return {
-      "no arguments": (["train"], "required"),
-      "no workdir": (["train", cfg], "--workdir"),
-      "missing config file": (["train", f"--config={tmp}/nope.py", w], "nope.py"),
-      "unknown config arg": (["train", f"--config={CONFIG}:tinyy", w], "tinyy"),
-      "unknown override key": (["train", cfg, "--config.optim.learnin_rate=1", w], "learnin_rate"),
-      "ill-typed override": (["train", cfg, "--config.seed=abc", w], "seed"),
-      "unexpected argument": (["train", cfg, w, "extra"], "unexpected"),
-      "batch size 0": (["train", cfg, data, "--config.data.batch_size=0", w], "batch_size"),
-      "negative eval batch": (["train", cfg, data, "--config.data.eval_batch_size=-4", w], "eval_batch_size"),
-      "negative total steps": (["train", cfg, data, "--config.total_steps=-1", w], "total_steps"),
-      "zero epochs": (["train", cfg, data, "--config.total_steps=0", "--config.num_epochs=0", w], "num_epochs"),
-      "negative log interval": (["train", cfg, data, "--config.log_every_steps=-1", w], "log_every_steps"),
-      "missing data": (["train", cfg, f"--config.data.data_dir={tmp}/no_data", w], "no_data"),
-      "wrong num_classes": (["train", cfg, data, "--config.model.num_classes=3", w], "num_classes"),
-      "unknown model": (["train", cfg, data, "--config.model_name=resnet50", w], "resnet50"),
-      "unknown objective": (["train", cfg, data, "--config.objective_name=byol2", w], "byol2"),
-      "unknown eval kind": (["train", cfg, data, "--config.evals.test_whole.kind=segm", w], "segm"),
-      "batch not divisible by devices": (["train", cfg, data, "--config.data.batch_size=12", w], "divisible"),
-      "unknown optimizer": (["train", cfg, data, "--config.optim.name=lamb", w], "lamb"),
-      "init_from nowhere": (["train", cfg, data, f"--config.init_from.workdir={tmp}/nowhere", w], "nowhere"),
-      "init_from bad subtree": (["train", cfg, data, f"--config.init_from.workdir={base}",
-                                 "--config.init_from.subtree=decoder", w], "decoder"),
-      "resume with another config": (["train", cfg, data, "--config.total_steps=4", "--config.checkpoint_every_steps=2",
-                                      "--config.optim.learning_rate=0.5", f"--workdir={base}"], "learning_rate"),
-      "checkpoint of another model": (["train", cfg, data, "--config.total_steps=4", "--config.model.width_multiplier=0.125",
-                                       "--allow_config_change", f"--workdir={base}"], "another model"),
-      "task1 unknown preset": (["task1", "--preset", "bogus"], "bogus"),
-      "task1 bad seeds": (["task1", "--seeds", "1,x"], "seeds"),
-      "task1 empty seeds": (["task1", "--seeds", ","], "seeds"),
-      "task1 unknown method": (["task1", "--methods", "supervised,byol9"], "byol9"),
-      "task1 missing data": (["task1", "--data_dir", f"{tmp}/no_data", "--out", f"{tmp}/t1"], "no_data"),
+    "no arguments": (["train"], "required"),
+    "no workdir": (["train", cfg], "--workdir"),
+    "missing config file": (["train", f"--config={tmp}/nope.py", w], "nope.py"),
+    "unknown config arg": (["train", f"--config={CONFIG}:tinyy", w], "tinyy"),
+    "unknown override key": (["train", cfg, "--config.optim.learnin_rate=1", w], "learnin_rate"),
+    "ill-typed override": (["train", cfg, "--config.seed=abc", w], "seed"),
+    "unexpected argument": (["train", cfg, w, "extra"], "unexpected"),
+    "batch size 0": (["train", cfg, data, "--config.data.batch_size=0", w], "batch_size"),
+    "negative eval batch": (
+      ["train", cfg, data, "--config.data.eval_batch_size=-4", w],
+      "eval_batch_size",
+    ),
+    "negative total steps": (["train", cfg, data, "--config.total_steps=-1", w], "total_steps"),
+    "zero epochs": (
+      ["train", cfg, data, "--config.total_steps=0", "--config.num_epochs=0", w],
+      "num_epochs",
+    ),
+    "negative log interval": (
+      ["train", cfg, data, "--config.log_every_steps=-1", w],
+      "log_every_steps",
+    ),
+    "missing data": (["train", cfg, f"--config.data.data_dir={tmp}/no_data", w], "no_data"),
+    "wrong num_classes": (["train", cfg, data, "--config.model.num_classes=3", w], "num_classes"),
+    "unknown model": (["train", cfg, data, "--config.model_name=resnet50", w], "resnet50"),
+    "unknown objective": (["train", cfg, data, "--config.objective_name=byol2", w], "byol2"),
+    "unknown eval kind": (["train", cfg, data, "--config.evals.test_whole.kind=segm", w], "segm"),
+    "batch not divisible by devices": (
+      ["train", cfg, data, "--config.data.batch_size=12", w],
+      "divisible",
+    ),
+    "unknown optimizer": (["train", cfg, data, "--config.optim.name=lamb", w], "lamb"),
+    "init_from nowhere": (
+      ["train", cfg, data, f"--config.init_from.workdir={tmp}/nowhere", w],
+      "nowhere",
+    ),
+    "init_from bad subtree": (
+      [
+        "train",
+        cfg,
+        data,
+        f"--config.init_from.workdir={base}",
+        "--config.init_from.subtree=decoder",
+        w,
+      ],
+      "decoder",
+    ),
+    "resume with another config": (
+      [
+        "train",
+        cfg,
+        data,
+        "--config.total_steps=4",
+        "--config.checkpoint_every_steps=2",
+        "--config.optim.learning_rate=0.5",
+        f"--workdir={base}",
+      ],
+      "learning_rate",
+    ),
+    "checkpoint of another model": (
+      [
+        "train",
+        cfg,
+        data,
+        "--config.total_steps=4",
+        "--config.model.width_multiplier=0.125",
+        "--allow_config_change",
+        f"--workdir={base}",
+      ],
+      "another model",
+    ),
+    "task1 unknown preset": (["task1", "--preset", "bogus"], "bogus"),
+    "task1 bad seeds": (["task1", "--seeds", "1,x"], "seeds"),
+    "task1 empty seeds": (["task1", "--seeds", ","], "seeds"),
+    "task1 unknown method": (["task1", "--methods", "supervised,byol9"], "byol9"),
+    "task1 missing data": (
+      ["task1", "--data_dir", f"{tmp}/no_data", "--out", f"{tmp}/t1"],
+      "no_data",
+    ),
   }
 
 
@@ -269,8 +349,13 @@ def test_every_bad_train_and_task1_input_is_one_line(finished_run, tmp_path, tin
     rc = cli.main(argv)
     out, err = capfd.readouterr()
     lines = [x for x in err.splitlines() if x.strip()]
-    ok = (rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
-          and "Traceback" not in out + err)
+    ok = (
+      rc == 2
+      and len(lines) == 1
+      and lines[0].startswith("error: ")
+      and needle in lines[0]
+      and "Traceback" not in out + err
+    )
     if not ok:
       failures.append(f"{name}: rc={rc} stderr={err[-600:]!r}")
   assert not failures, "\n".join(failures)
@@ -283,8 +368,14 @@ def test_locked_workdir_is_one_line(finished_run, tmp_path, tiny_data_dir, capfd
 
   work = str(tmp_path / "w")
   with dirlock.exclusive_lock(work, what="training run"):
-    rc = cli.main(["train", f"--config={CONFIG}:tiny", f"--config.data.data_dir={tiny_data_dir}",
-                   f"--workdir={work}"])
+    rc = cli.main(
+      [
+        "train",
+        f"--config={CONFIG}:tiny",
+        f"--config.data.data_dir={tiny_data_dir}",
+        f"--workdir={work}",
+      ]
+    )
     err = capfd.readouterr().err
   lines = [x for x in err.splitlines() if x.strip()]
   assert rc == 2 and len(lines) == 1 and "in use by" in lines[0] and "Traceback" not in err

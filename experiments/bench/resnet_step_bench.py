@@ -27,6 +27,7 @@ similar load only.
 
 Writes ``<out>/resnet_step_bench.json`` and ``.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,13 @@ import time
 
 # XLA_FLAGS per variant (appended to whatever the environment sets).
 VARIANTS = {
-    "default": "",
-    "onednn": "--xla_cpu_use_onednn=true",
-    "xnnpack": "--xla_cpu_use_xnnpack=true",
-    "no_thunk": "--xla_cpu_use_thunk_runtime=false",
-    "fast_math": "--xla_cpu_enable_fast_math=true",
-    # Not a flag: every conv's weight gradient as GEMMs (see gemm_dw_conv); default XLA flags.
-    "gemm_dw": "",
+  "default": "",
+  "onednn": "--xla_cpu_use_onednn=true",
+  "xnnpack": "--xla_cpu_use_xnnpack=true",
+  "no_thunk": "--xla_cpu_use_thunk_runtime=false",
+  "fast_math": "--xla_cpu_enable_fast_math=true",
+  # Not a flag: every conv's weight gradient as GEMMs (see gemm_dw_conv); default XLA flags.
+  "gemm_dw": "",
 }
 ISSUE_TORCH_IMG_S = {64: 24.9, 128: 5.3}
 
@@ -92,6 +93,7 @@ def _rss_mb() -> float:
 
 def _peak_rss_mb() -> float:
   import resource
+
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -123,7 +125,9 @@ def gemm_dw_conv():
   from jax import lax
 
   def conv(x, w, strides, padding):
-    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
   def weight_grad(x, dy, kernel_shape, strides, padding):
     kh, kw, c, _ = kernel_shape
@@ -132,15 +136,22 @@ def gemm_dw_conv():
     b, ho, wo, co = dy.shape
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     hp = xp.shape[1]
-    xw = jnp.concatenate([lax.slice(xp, (0, 0, j, 0), (b, hp, j + sx * (wo - 1) + 1, c), (1, 1, sx, 1))
-                          for j in range(kw)], axis=-1)  # [B, Hp, Wo, kw*C]
+    xw = jnp.concatenate(
+      [
+        lax.slice(xp, (0, 0, j, 0), (b, hp, j + sx * (wo - 1) + 1, c), (1, 1, sx, 1))
+        for j in range(kw)
+      ],
+      axis=-1,
+    )  # [B, Hp, Wo, kw*C]
     n = b * ho * wo
     g = next(k for k in (128, 64, 32, 16, 8, 4, 2, 1) if n % k == 0)
     d = dy.reshape(g, n // g, co)
     rows = []
     for i in range(kh):
       a = lax.slice(xw, (0, i, 0, 0), (b, i + sy * (ho - 1) + 1, wo, kw * c), (1, sy, 1, 1))
-      rows.append(jnp.einsum("gnk,gnd->gkd", a.reshape(g, n // g, kw * c), d).sum(0).reshape(kw, c, co))
+      rows.append(
+        jnp.einsum("gnk,gnd->gkd", a.reshape(g, n // g, kw * c), d).sum(0).reshape(kw, c, co)
+      )
     return jnp.stack(rows)  # [kh, kw, C, Cout]
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -157,23 +168,54 @@ def gemm_dw_conv():
 
   fast.defvjp(fwd, bwd)
 
-  def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                           dimension_numbers=None, feature_group_count=1, batch_group_count=1, **kw):
+  def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    **kw,
+  ):
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     nhwc = dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    plain = all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)) and feature_group_count == 1 \
-        and batch_group_count == 1 and lhs.ndim == 4
+    plain = (
+      all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+      and feature_group_count == 1
+      and batch_group_count == 1
+      and lhs.ndim == 4
+    )
     if not (nhwc and plain):
-      return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                      dimension_numbers, feature_group_count, batch_group_count, **kw)
+      return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+        **kw,
+      )
     if isinstance(padding, str):
       padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    return fast(lhs, rhs, tuple(int(s) for s in window_strides), tuple(tuple(int(q) for q in p) for p in padding))
+    return fast(
+      lhs,
+      rhs,
+      tuple(int(s) for s in window_strides),
+      tuple(tuple(int(q) for q in p) for p in padding),
+    )
 
   return conv_general_dilated
 
 
-def worker_jax(size: int, batch: int, warmup: int, steps: int, width: float = 1.0, variant: str = "default") -> dict:
+def worker_jax(
+  size: int, batch: int, warmup: int, steps: int, width: float = 1.0, variant: str = "default"
+) -> dict:
   """One configuration in this process; returns the measurements."""
   import jax
   import jax.numpy as jnp
@@ -191,7 +233,10 @@ def worker_jax(size: int, batch: int, warmup: int, steps: int, width: float = 1.
     import flax.linen as nn
 
     from mtneuro_jax.models import resnet
-    resnet.nn = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")})
+
+    resnet.nn = types.SimpleNamespace(
+      **{k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")}
+    )
     resnet.nn.Conv = functools.partial(nn.Conv, conv_general_dilated=gemm_dw_conv())
   base = _rss_mb()
   model = MODELS["resnet18_xray"](num_classes=4, width_multiplier=width, dropout=0.2)
@@ -208,7 +253,9 @@ def worker_jax(size: int, batch: int, warmup: int, steps: int, width: float = 1.
 
   def train_step(params, model_state, opt_state, batch, rng):
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (loss, (_, new_state)), grads = grad_fn(params, model_state, {}, batch, rng, model=model, config=cfg)
+    (loss, (_, new_state)), grads = grad_fn(
+      params, model_state, {}, batch, rng, model=model, config=cfg
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_state, opt_state, loss
 
@@ -219,7 +266,9 @@ def worker_jax(size: int, batch: int, warmup: int, steps: int, width: float = 1.
   mem = compiled.memory_analysis()
   xla_mb = None
   if mem is not None:
-    xla_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**20
+    xla_mb = (
+      mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    ) / 2**20
   state = [params, model_state, opt_state]
   i = [0]
 
@@ -231,17 +280,30 @@ def worker_jax(size: int, batch: int, warmup: int, steps: int, width: float = 1.
 
   _timed(one, warmup)
   times = _timed(one, steps)
-  return {"compile_s": compile_s, "step_s": times, "base_rss_mb": base, "peak_rss_mb": _peak_rss_mb(),
-          "xla_buffers_mb": xla_mb, "backend": jax.default_backend(), "jax": jax.__version__,
-          "num_params": int(sum(v.size for v in jax.tree.leaves(params)))}
+  return {
+    "compile_s": compile_s,
+    "step_s": times,
+    "base_rss_mb": base,
+    "peak_rss_mb": _peak_rss_mb(),
+    "xla_buffers_mb": xla_mb,
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "num_params": int(sum(v.size for v in jax.tree.leaves(params))),
+  }
 
 
 def conv_shapes(size: int) -> list[tuple[str, int, int, int, int]]:
   """(name, input side, C_in, C_out, stride) of ResNet18-xray's 3x3 convs for a size^2 input."""
-  return [("stem", size, 1, 64, 1), ("layer1", size, 64, 64, 1), ("layer2_0", size, 64, 128, 2),
-          ("layer2", size // 2, 128, 128, 1), ("layer3_0", size // 2, 128, 256, 2),
-          ("layer3", size // 4, 256, 256, 1), ("layer4_0", size // 4, 256, 512, 2),
-          ("layer4", size // 8, 512, 512, 1)]
+  return [
+    ("stem", size, 1, 64, 1),
+    ("layer1", size, 64, 64, 1),
+    ("layer2_0", size, 64, 128, 2),
+    ("layer2", size // 2, 128, 128, 1),
+    ("layer3_0", size // 2, 128, 256, 2),
+    ("layer3", size // 4, 256, 256, 1),
+    ("layer4_0", size // 4, 256, 512, 2),
+    ("layer4", size // 8, 512, 512, 1),
+  ]
 
 
 def worker_conv(size: int, batch: int, reps: int = 2) -> dict:
@@ -255,11 +317,23 @@ def worker_conv(size: int, batch: int, reps: int = 2) -> dict:
     w = jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05
 
     def conv(x, w, st=st):
-      return lax.conv_general_dilated(x, w, (st, st), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    fns = {"fwd": jax.jit(conv), "dx": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=0)),
-           "dw": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=1))}
+      return lax.conv_general_dilated(
+        x, w, (st, st), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+
+    fns = {
+      "fwd": jax.jit(conv),
+      "dx": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=0)),
+      "dw": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=1)),
+    }
     flops = 2 * batch * (s // st) ** 2 * ci * co * 9
-    row = {"conv": name, "input": [batch, s, s, ci], "c_out": co, "stride": st, "gflop": flops / 1e9}
+    row = {
+      "conv": name,
+      "input": [batch, s, s, ci],
+      "c_out": co,
+      "stride": st,
+      "gflop": flops / 1e9,
+    }
     for k, fn in fns.items():
       fn(x, w).block_until_ready()
       t = _timed(lambda fn=fn, x=x, w=w: fn(x, w).block_until_ready(), reps)
@@ -283,7 +357,9 @@ def _torch_resnet18_xray(num_classes: int = 4):
       self.relu = tnn.ReLU(inplace=True)
       self.down = None
       if stride != 1 or cin != cout:
-        self.down = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
+        self.down = tnn.Sequential(
+          tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
+        )
 
     def forward(self, x):
       y = self.relu(self.bn1(self.conv1(x)))
@@ -296,7 +372,12 @@ def _torch_resnet18_xray(num_classes: int = 4):
     for j in range(2):
       layers.append(Block(cin, w, 2 if (i > 0 and j == 0) else 1))
       cin = w
-  layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Dropout(0.2), tnn.Linear(512, num_classes)]
+  layers += [
+    tnn.AdaptiveAvgPool2d(1),
+    tnn.Flatten(),
+    tnn.Dropout(0.2),
+    tnn.Linear(512, num_classes),
+  ]
   return tnn.Sequential(*layers)
 
 
@@ -320,8 +401,14 @@ def worker_torch(size: int, batch: int, warmup: int, steps: int, threads: int) -
 
   _timed(one, warmup)
   times = _timed(one, steps)
-  return {"step_s": times, "base_rss_mb": base, "peak_rss_mb": _peak_rss_mb(), "torch": torch.__version__,
-          "threads": threads, "num_params": int(sum(p.numel() for p in model.parameters()))}
+  return {
+    "step_s": times,
+    "base_rss_mb": base,
+    "peak_rss_mb": _peak_rss_mb(),
+    "torch": torch.__version__,
+    "threads": threads,
+    "num_params": int(sum(p.numel() for p in model.parameters())),
+  }
 
 
 def _run_worker(framework: str, variant: str, size: int, args) -> dict:
@@ -330,79 +417,137 @@ def _run_worker(framework: str, variant: str, size: int, args) -> dict:
   if framework == "jax":
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), VARIANTS[variant]) if f)
-  cmd = [sys.executable, "-m", "experiments.bench.resnet_step_bench", "--_worker", framework,
-         "--sizes", str(size), "--batch", str(args.batch), "--warmup", str(args.warmup),
-         "--steps", str(args.steps), "--torch_threads", str(args.torch_threads), "--width", str(args.width),
-         "--variants", variant or "default"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.bench.resnet_step_bench",
+    "--_worker",
+    framework,
+    "--sizes",
+    str(size),
+    "--batch",
+    str(args.batch),
+    "--warmup",
+    str(args.warmup),
+    "--steps",
+    str(args.steps),
+    "--torch_threads",
+    str(args.torch_threads),
+    "--width",
+    str(args.width),
+    "--variants",
+    variant or "default",
+  ]
   load0 = os.getloadavg()[0]
   t0 = time.time()
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   wall = time.time() - t0
-  row = {"framework": framework, "variant": variant if framework == "jax" else "channels_last",
-         "size": size, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
-         "load1_before": round(load0, 2), "date": time.strftime("%Y-%m-%d %H:%M"),
-         "load1_after": round(os.getloadavg()[0], 2), "wall_s": round(wall, 1),
-         "xla_flags": env.get("XLA_FLAGS", "") if framework == "jax" else None}
+  row = {
+    "framework": framework,
+    "variant": variant if framework == "jax" else "channels_last",
+    "size": size,
+    "batch": args.batch,
+    "warmup": args.warmup,
+    "steps": args.steps,
+    "load1_before": round(load0, 2),
+    "date": time.strftime("%Y-%m-%d %H:%M"),
+    "load1_after": round(os.getloadavg()[0], 2),
+    "wall_s": round(wall, 1),
+    "xla_flags": env.get("XLA_FLAGS", "") if framework == "jax" else None,
+  }
   lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
   if proc.returncode or not lines:
     row["error"] = (proc.stderr or proc.stdout)[-2000:]
     return row
   res = json.loads(lines[-1])
   med = statistics.median(res["step_s"])
-  row.update(res, median_step_s=med, img_per_s=args.batch / med, best_img_per_s=args.batch / min(res["step_s"]))
+  row.update(
+    res,
+    median_step_s=med,
+    img_per_s=args.batch / med,
+    best_img_per_s=args.batch / min(res["step_s"]),
+  )
   return row
 
 
 def _markdown(rows: list[dict], meta: dict, convs: list[dict] | None = None) -> str:
   lines = [
-      "# ResNet18-xray train-step benchmark (CPU)", "",
-      f"Machine: {meta['cpu']}, {meta['nproc']} cores visible, shared with other jobs "
-      f"(1-min load average per row). Batch {meta['batch']}, 1-channel input, full width (11.2 M params), "
-      "warm-up steps untimed, then the timed steps of each row's `steps`; img/s = B / median step time. "
-      "Peak RSS includes the interpreter and library baseline (base RSS).", "",
-      "| framework | variant | size | img/s (median) | img/s (best) | step s | timed steps | compile s "
-      "| peak RSS MiB | base RSS MiB | XLA buffers MiB | load before/after | when | issue's torch img/s |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "# ResNet18-xray train-step benchmark (CPU)",
+    "",
+    f"Machine: {meta['cpu']}, {meta['nproc']} cores visible, shared with other jobs "
+    f"(1-min load average per row). Batch {meta['batch']}, 1-channel input, full width (11.2 M params), "
+    "warm-up steps untimed, then the timed steps of each row's `steps`; img/s = B / median step time. "
+    "Peak RSS includes the interpreter and library baseline (base RSS).",
+    "",
+    "| framework | variant | size | img/s (median) | img/s (best) | step s | timed steps | compile s "
+    "| peak RSS MiB | base RSS MiB | XLA buffers MiB | load before/after | when | issue's torch img/s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['framework']} | {r['variant']} | {r['size']}² | failed: "
-                   f"{r['error'].strip().splitlines()[-1][:80] if r['error'].strip() else '?'} |||||||||||")
+      lines.append(
+        f"| {r['framework']} | {r['variant']} | {r['size']}² | failed: "
+        f"{r['error'].strip().splitlines()[-1][:80] if r['error'].strip() else '?'} |||||||||||"
+      )
       continue
     f = lambda v, d=1: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines.append(
-        f"| {r['framework']} | {r['variant']} | {r['size']}² | {f(r['img_per_s'])} | {f(r['best_img_per_s'])} "
-        f"| {f(r['median_step_s'], 2)} | {r.get('steps', '—')} | {f(r.get('compile_s'))} | {f(r['peak_rss_mb'], 0)} "
-        f"| {f(r['base_rss_mb'], 0)} | {f(r.get('xla_buffers_mb'), 0)} "
-        f"| {r['load1_before']}/{r['load1_after']} | {r.get('date', '—')} | {ISSUE_TORCH_IMG_S.get(r['size'], '—')} |")
+      f"| {r['framework']} | {r['variant']} | {r['size']}² | {f(r['img_per_s'])} | {f(r['best_img_per_s'])} "
+      f"| {f(r['median_step_s'], 2)} | {r.get('steps', '—')} | {f(r.get('compile_s'))} | {f(r['peak_rss_mb'], 0)} "
+      f"| {f(r['base_rss_mb'], 0)} | {f(r.get('xla_buffers_mb'), 0)} "
+      f"| {r['load1_before']}/{r['load1_after']} | {r.get('date', '—')} | {ISSUE_TORCH_IMG_S.get(r['size'], '—')} |"
+    )
   if convs:
-    lines += ["", f"## Where the time goes: one 3x3 conv per ResNet18-xray shape (JAX, default flags, B={meta['batch']})",
-              "", "| conv | input [B,Y,X,C] | C_out | stride | GFLOP | fwd ms (GFLOP/s) | input grad ms (GFLOP/s) "
-              "| weight grad ms (GFLOP/s) |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+      "",
+      f"## Where the time goes: one 3x3 conv per ResNet18-xray shape (JAX, default flags, B={meta['batch']})",
+      "",
+      "| conv | input [B,Y,X,C] | C_out | stride | GFLOP | fwd ms (GFLOP/s) | input grad ms (GFLOP/s) "
+      "| weight grad ms (GFLOP/s) |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
     for c in convs:
-      lines.append(f"| {c['conv']} | {c['input']} | {c['c_out']} | {c['stride']} | {c['gflop']:.1f} "
-                   + " ".join(f"| {c[k + '_ms']:.0f} ({c[k + '_gflops']:.0f})" for k in ("fwd", "dx", "dw")) + " |")
+      lines.append(
+        f"| {c['conv']} | {c['input']} | {c['c_out']} | {c['stride']} | {c['gflop']:.1f} "
+        + " ".join(f"| {c[k + '_ms']:.0f} ({c[k + '_gflops']:.0f})" for k in ("fwd", "dx", "dw"))
+        + " |"
+      )
   lines += ["", FINDINGS]
   return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--sizes", default="64,128", help="comma-separated square input sizes")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--variants", default="default", help=f"comma-separated XLA variants: {','.join(VARIANTS)}")
+  parser.add_argument(
+    "--variants", default="default", help=f"comma-separated XLA variants: {','.join(VARIANTS)}"
+  )
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--torch_threads", type=int, default=2)
-  parser.add_argument("--width", type=float, default=1.0, help="JAX model width multiplier (1 = the paper's)")
-  parser.add_argument("--keep_env_flags", action="store_true", help="keep XLA_FLAGS from the environment")
+  parser.add_argument(
+    "--width", type=float, default=1.0, help="JAX model width multiplier (1 = the paper's)"
+  )
+  parser.add_argument(
+    "--keep_env_flags", action="store_true", help="keep XLA_FLAGS from the environment"
+  )
   parser.add_argument("--out", default="experiments/bench/results")
-  parser.add_argument("--micro_size", type=int, default=0,
-                      help="also time each conv shape (fwd / input grad / weight grad) for this input size; 0 = off")
-  parser.add_argument("--append", action="store_true", help="add rows to an existing <out>/resnet_step_bench.json")
-  parser.add_argument("--render_only", action="store_true", help="rewrite the .md from the existing .json")
+  parser.add_argument(
+    "--micro_size",
+    type=int,
+    default=0,
+    help="also time each conv shape (fwd / input grad / weight grad) for this input size; 0 = off",
+  )
+  parser.add_argument(
+    "--append", action="store_true", help="add rows to an existing <out>/resnet_step_bench.json"
+  )
+  parser.add_argument(
+    "--render_only", action="store_true", help="rewrite the .md from the existing .json"
+  )
   parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",")]
@@ -430,6 +575,7 @@ def main(argv=None) -> int:
     parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
   try:
     import torch  # noqa: F401
+
     have_torch = not args.no_torch
   except ImportError:
     have_torch = False
@@ -439,8 +585,14 @@ def main(argv=None) -> int:
       cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
   except (OSError, StopIteration):
     pass
-  meta = {"cpu": cpu, "nproc": os.cpu_count(), "batch": args.batch, "warmup": args.warmup,
-          "steps": args.steps, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+  meta = {
+    "cpu": cpu,
+    "nproc": os.cpu_count(),
+    "batch": args.batch,
+    "warmup": args.warmup,
+    "steps": args.steps,
+    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+  }
   rows = []
   json_path = os.path.join(args.out, "resnet_step_bench.json")
   if args.append and os.path.exists(json_path):
@@ -449,21 +601,43 @@ def main(argv=None) -> int:
   for size in sizes:
     jobs = [("jax", v) for v in variants] + ([("torch", "")] if have_torch else [])
     for framework, variant in jobs:
-      print(f"[bench] {framework} {variant or 'channels_last'} {size}x{size} B={args.batch} "
-            f"(load {os.getloadavg()[0]:.2f}) ...", flush=True)
+      print(
+        f"[bench] {framework} {variant or 'channels_last'} {size}x{size} B={args.batch} "
+        f"(load {os.getloadavg()[0]:.2f}) ...",
+        flush=True,
+      )
       row = _run_worker(framework, variant, size, args)
       rows.append(row)
-      msg = row.get("error", "").strip().splitlines()[-1:] if "error" in row else \
-          [f"{row['img_per_s']:.1f} img/s, peak RSS {row['peak_rss_mb']:.0f} MiB"]
+      msg = (
+        row.get("error", "").strip().splitlines()[-1:]
+        if "error" in row
+        else [f"{row['img_per_s']:.1f} img/s, peak RSS {row['peak_rss_mb']:.0f} MiB"]
+      )
       print(f"[bench]   -> {msg[0] if msg else 'failed'} ({row['wall_s']}s)", flush=True)
   convs = None
   if args.micro_size:
-    print(f"[bench] per-conv timings at {args.micro_size}^2 (load {os.getloadavg()[0]:.2f}) ...", flush=True)
+    print(
+      f"[bench] per-conv timings at {args.micro_size}^2 (load {os.getloadavg()[0]:.2f}) ...",
+      flush=True,
+    )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench.resnet_step_bench", "--_worker", "conv",
-                           "--sizes", str(args.micro_size), "--batch", str(args.batch)],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "experiments.bench.resnet_step_bench",
+        "--_worker",
+        "conv",
+        "--sizes",
+        str(args.micro_size),
+        "--batch",
+        str(args.batch),
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     convs = json.loads(lines[-1])["convs"] if lines else None
   elif args.append and os.path.exists(json_path):
@@ -471,7 +645,11 @@ def main(argv=None) -> int:
       convs = json.load(f).get("convs")
   os.makedirs(args.out, exist_ok=True)
   with open(json_path, "w") as f:
-    json.dump({"meta": meta, "issue_torch_img_per_s": ISSUE_TORCH_IMG_S, "rows": rows, "convs": convs}, f, indent=1)
+    json.dump(
+      {"meta": meta, "issue_torch_img_per_s": ISSUE_TORCH_IMG_S, "rows": rows, "convs": convs},
+      f,
+      indent=1,
+    )
   md = _markdown(rows, meta, convs)
   with open(os.path.join(args.out, "resnet_step_bench.md"), "w") as f:
     f.write(md)

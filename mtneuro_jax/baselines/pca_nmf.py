@@ -27,6 +27,7 @@ also written to ``<workdir>/results.json`` (the loop's format), plus ``config.js
 Run:
   python -m mtneuro_jax.baselines.pca_nmf --config configs/task1_pca_nmf.py:nmf,quick --workdir out/runs/nmf
 """
+
 from __future__ import annotations
 
 import json
@@ -46,20 +47,28 @@ METHODS = ("pca", "nmf")
 
 def _default_data_module():
   from mtneuro_jax.data import pipeline
+
   return pipeline
 
 
 def _mesh():
   from mtneuro_jax import sharding
+
   return sharding.make_mesh(1)  # sklearn runs on the host; one device is enough to feed it
 
 
-def load_split(data, data_cfg, split: str, *, task: str | None = None, batch_size: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+  data, data_cfg, split: str, *, task: str | None = None, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """All valid tiles of a split as (images float32 [N, Y, X], labels int64 [N])."""
   images, labels = [], []
-  for batch in data.eval_batches(data_cfg, split, mesh=_mesh(),
-                                 global_batch_size=int(batch_size or data_cfg["eval_batch_size"]), task=task):
+  for batch in data.eval_batches(
+    data_cfg,
+    split,
+    mesh=_mesh(),
+    global_batch_size=int(batch_size or data_cfg["eval_batch_size"]),
+    task=task,
+  ):
     valid = np.asarray(batch["valid"]).astype(bool)
     images.append(np.asarray(batch["image"])[valid][..., 0])
     labels.append(np.asarray(batch["label"])[valid])
@@ -68,8 +77,9 @@ def load_split(data, data_cfg, split: str, *, task: str | None = None, batch_siz
   return np.concatenate(images).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 
-def nmf_transform(x: np.ndarray, components: np.ndarray, *, max_iter: int = 200, tol: float = 1e-4,
-                  block: int = 256) -> np.ndarray:
+def nmf_transform(
+  x: np.ndarray, components: np.ndarray, *, max_iter: int = 200, tol: float = 1e-4, block: int = 256
+) -> np.ndarray:
   """Non-negative codes W [N, K] >= 0 minimising ||x - W @ components||_F for fixed components [K, F].
 
   The same algorithm as ``sklearn.decomposition.NMF(solver='cd').transform``
@@ -86,7 +96,7 @@ def nmf_transform(x: np.ndarray, components: np.ndarray, *, max_iter: int = 200,
   diag = np.diag(gram).copy()
   out = []
   for s in range(0, len(x), block):
-    b = np.asarray(x[s:s + block], np.float64) @ h.T  # [n, K]
+    b = np.asarray(x[s : s + block], np.float64) @ h.T  # [n, K]
     w = np.zeros(b.shape, order="F")  # columns contiguous: one coordinate = one column
     v0 = None
     for _ in range(max_iter):
@@ -113,9 +123,20 @@ class LinearEmbeddingClassifier:
   occur in the training labels).
   """
 
-  def __init__(self, method: str, *, n_components: int = 256, seed: int = 0, image_mean: float = 0.0,
-               image_std: float = 1.0, nmf_max_iter: int = 400, nmf_init: str = "nndsvda",
-               classifier_c: float = 1.0, classifier_max_iter: int = 2000, num_classes: int | None = None):
+  def __init__(
+    self,
+    method: str,
+    *,
+    n_components: int = 256,
+    seed: int = 0,
+    image_mean: float = 0.0,
+    image_std: float = 1.0,
+    nmf_max_iter: int = 400,
+    nmf_init: str = "nndsvda",
+    classifier_c: float = 1.0,
+    classifier_max_iter: int = 2000,
+    num_classes: int | None = None,
+  ):
     if method not in METHODS:
       raise ValueError(f"unknown method {method!r}; known: {METHODS}")
     self.method = method
@@ -146,7 +167,9 @@ class LinearEmbeddingClassifier:
     if self.method == "pca":
       self.embed = PCA(n_components=k, random_state=self.seed)
     else:
-      self.embed = NMF(n_components=k, init=self.nmf_init, max_iter=self.nmf_max_iter, random_state=self.seed)
+      self.embed = NMF(
+        n_components=k, init=self.nmf_init, max_iter=self.nmf_max_iter, random_state=self.seed
+      )
     with warnings.catch_warnings():
       # Non-convergence within nmf_max_iter is recorded in info instead of warned per call.
       warnings.filterwarnings("ignore", category=ConvergenceWarning)
@@ -157,10 +180,17 @@ class LinearEmbeddingClassifier:
     self.clf.fit(self.scaler.transform(z), labels)
     num_classes = self.num_classes or int(labels.max()) + 1
     if list(self.clf.classes_) != list(range(num_classes)):
-      raise ValueError(f"training labels cover classes {list(self.clf.classes_)}, need all of 0..{num_classes - 1}")
-    self.info = {"method": self.method, "n_components": int(k), "n_train": int(len(labels)),
-                 "n_features": int(x.shape[1]), "embed_fit_s": fit_s,
-                 "train_accuracy": float(self.clf.score(self.scaler.transform(z), labels))}
+      raise ValueError(
+        f"training labels cover classes {list(self.clf.classes_)}, need all of 0..{num_classes - 1}"
+      )
+    self.info = {
+      "method": self.method,
+      "n_components": int(k),
+      "n_train": int(len(labels)),
+      "n_features": int(x.shape[1]),
+      "embed_fit_s": fit_s,
+      "train_accuracy": float(self.clf.score(self.scaler.transform(z), labels)),
+    }
     if self.method == "pca":
       self.info["explained_variance"] = float(self.embed.explained_variance_ratio_.sum())
     else:
@@ -171,16 +201,19 @@ class LinearEmbeddingClassifier:
 
   def logits(self, images: np.ndarray) -> np.ndarray:
     if self.method == "nmf":
-      z = nmf_transform(self._flat(images), self.embed.components_, max_iter=self.nmf_max_iter,
-                        tol=self.embed.tol)
+      z = nmf_transform(
+        self._flat(images), self.embed.components_, max_iter=self.nmf_max_iter, tol=self.embed.tol
+      )
     else:
       z = self.embed.transform(self._flat(images))
     return self.clf.decision_function(self.scaler.transform(z)).astype(np.float32)
 
   def predict_fn(self) -> Callable[[dict], dict]:
     """A ``predict_fn`` for the evaluators: batch {'image': [B, Y, X, 1], ...} -> {'logits': [B, C]}."""
+
     def fn(batch):
       return {"logits": self.logits(np.asarray(batch["image"])[..., 0])}
+
     return fn
 
 
@@ -204,11 +237,24 @@ def eval_context(model: LinearEmbeddingClassifier, data, config) -> EvalContext:
   ``predict_fn`` reads the batch's precomputed logits, so the networks' evaluators score it alike."""
 
   def open_batches(split: str, task: str | None = None):
-    return iter(with_precomputed_logits(model, data.eval_batches(
-        config.data, split, mesh=_mesh(), global_batch_size=int(config.data.eval_batch_size), task=task)))
+    return iter(
+      with_precomputed_logits(
+        model,
+        data.eval_batches(
+          config.data,
+          split,
+          mesh=_mesh(),
+          global_batch_size=int(config.data.eval_batch_size),
+          task=task,
+        ),
+      )
+    )
 
-  return EvalContext(predict_fn=lambda batch: {"logits": batch["_logits"]}, open_batches=open_batches,
-                     dataset_info=lambda task=None: data.dataset_info(config.data, task))
+  return EvalContext(
+    predict_fn=lambda batch: {"logits": batch["_logits"]},
+    open_batches=open_batches,
+    dataset_info=lambda task=None: data.dataset_info(config.data, task),
+  )
 
 
 def fit_and_evaluate(config, workdir: str | None, *, data=None) -> dict[str, Any]:
@@ -233,17 +279,27 @@ def fit_and_evaluate(config, workdir: str | None, *, data=None) -> dict[str, Any
   b = config.baseline
   images, labels = load_split(data, config.data, "train")
   model = LinearEmbeddingClassifier(
-      config.method, n_components=b.n_components, seed=config.seed, image_mean=config.data.image_mean,
-      image_std=config.data.image_std, nmf_max_iter=b.get("nmf_max_iter", 400),
-      nmf_init=b.get("nmf_init", "nndsvda"), classifier_c=b.get("classifier_c", 1.0),
-      classifier_max_iter=b.get("classifier_max_iter", 2000),
-      num_classes=config.get("num_classes", None)).fit(images, labels)
+    config.method,
+    n_components=b.n_components,
+    seed=config.seed,
+    image_mean=config.data.image_mean,
+    image_std=config.data.image_std,
+    nmf_max_iter=b.get("nmf_max_iter", 400),
+    nmf_init=b.get("nmf_init", "nndsvda"),
+    classifier_c=b.get("classifier_c", 1.0),
+    classifier_max_iter=b.get("classifier_max_iter", 2000),
+    num_classes=config.get("num_classes", None),
+  ).fit(images, labels)
   del images
   results: dict[str, Any] = {f"baseline/{k}": v for k, v in model.info.items()}
   for name, ecfg in config.evals.items():
     if ecfg.get("protocol", "whole") != "whole":
-      raise ValueError(f"evals.{name}: PCA/NMF embeddings are fitted on whole tiles; use protocol 'whole'")
-  results.update(run_evals(config.evals, eval_context(model, data, config), workdir=workdir, step=0))
+      raise ValueError(
+        f"evals.{name}: PCA/NMF embeddings are fitted on whole tiles; use protocol 'whole'"
+      )
+  results.update(
+    run_evals(config.evals, eval_context(model, data, config), workdir=workdir, step=0)
+  )
   results["baseline/total_s"] = time.perf_counter() - t0
   results["step"] = 0
   if workdir:
@@ -260,7 +316,9 @@ def main(argv=None) -> int:
   if args is None:
     return 0
   res = fit_and_evaluate(args["config"], args["workdir"])
-  print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1, sort_keys=True))
+  print(
+    json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1, sort_keys=True)
+  )
   return 0
 
 

@@ -79,8 +79,15 @@ def package_versions() -> dict[str, str]:
   library Python links against (``tfds.features.Tensor`` encoding).
   """
   out = {"python": platform.python_version(), "zlib": zlib.ZLIB_RUNTIME_VERSION}
-  for dist in ("numpy", "tensorflow-datasets", "protobuf", "array-record", "intern", "grain",
-               "mtneuro-jax"):
+  for dist in (
+    "numpy",
+    "tensorflow-datasets",
+    "protobuf",
+    "array-record",
+    "intern",
+    "grain",
+    "mtneuro-jax",
+  ):
     try:
       out[dist] = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -124,17 +131,23 @@ def load_manifest(path: str) -> dict:
   if not os.path.isdir(vdir):
     raise DatasetError(f"no dataset at {vdir}; export it with `mtneuro export`")
   if not os.path.isfile(mpath):
-    raise DatasetError(f"{vdir} has no {MANIFEST_NAME}, so it is not a complete export; "
-                       "re-run `mtneuro export ... --overwrite`")
+    raise DatasetError(
+      f"{vdir} has no {MANIFEST_NAME}, so it is not a complete export; "
+      "re-run `mtneuro export ... --overwrite`"
+    )
   try:
     with open(mpath) as f:
       manifest = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise DatasetError(f"{mpath} is unreadable ({e}); re-run `mtneuro export ... --overwrite`") from None
+    raise DatasetError(
+      f"{mpath} is unreadable ({e}); re-run `mtneuro export ... --overwrite`"
+    ) from None
   if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-    raise DatasetError(f"{mpath} is not an mtneuro-jax manifest (format "
-                       f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                       f"expected {MANIFEST_FORMAT!r}); re-export with --overwrite")
+    raise DatasetError(
+      f"{mpath} is not an mtneuro-jax manifest (format "
+      f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+      f"expected {MANIFEST_FORMAT!r}); re-export with --overwrite"
+    )
   return manifest
 
 
@@ -165,14 +178,17 @@ def verify_dataset(path: str, *, check_hashes: bool = True) -> None:
       raise DatasetError(f"{fpath} is missing (listed in the manifest); {fix}")
     size = os.path.getsize(fpath)
     if size != entry["bytes"]:
-      raise DatasetError(f"{fpath} has {size} bytes, the manifest says {entry['bytes']} "
-                         f"(truncated or replaced); {fix}")
+      raise DatasetError(
+        f"{fpath} has {size} bytes, the manifest says {entry['bytes']} "
+        f"(truncated or replaced); {fix}"
+      )
     if check_hashes and sha256_file(fpath) != entry["sha256"]:
       raise DatasetError(f"{fpath} fails its SHA-256 check (corrupted or modified); {fix}")
   digest = manifest.get("content_sha256")
   if digest is not None and digest != content_digest(files):
-    raise DatasetError(f"{vdir}: manifest content_sha256 does not match its file list (manifest "
-                       f"edited); {fix}")
+    raise DatasetError(
+      f"{vdir}: manifest content_sha256 does not match its file list (manifest edited); {fix}"
+    )
   for name in os.listdir(vdir):
     if _SHARD_RE.search(name) and name not in files:
       raise DatasetError(f"{os.path.join(vdir, name)} is a shard the manifest does not list; {fix}")
@@ -183,8 +199,10 @@ def verify_dataset(path: str, *, check_hashes: bool = True) -> None:
   for split, info in (manifest.get("splits") or {}).items():
     tfds_split = info.get("tfds_split", split)
     if lengths.get(tfds_split) != info.get("num_examples"):
-      raise DatasetError(f"{vdir}: split {split!r} has {lengths.get(tfds_split)} examples in "
-                         f"dataset_info.json but {info.get('num_examples')} in the manifest; {fix}")
+      raise DatasetError(
+        f"{vdir}: split {split!r} has {lengths.get(tfds_split)} examples in "
+        f"dataset_info.json but {info.get('num_examples')} in the manifest; {fix}"
+      )
 
 
 def find_datasets(out_dir: str) -> list[str]:

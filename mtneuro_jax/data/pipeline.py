@@ -58,8 +58,12 @@ _VERIFY_LOCK = threading.Lock()
 
 
 def _signature(vdir: str) -> tuple:
-  return tuple(sorted((n, os.stat(os.path.join(vdir, n)).st_size, os.stat(os.path.join(vdir, n)).st_mtime_ns)
-                      for n in os.listdir(vdir)))
+  return tuple(
+    sorted(
+      (n, os.stat(os.path.join(vdir, n)).st_size, os.stat(os.path.join(vdir, n)).st_mtime_ns)
+      for n in os.listdir(vdir)
+    )
+  )
 
 
 def dataset_dir(data_dir: str, task: str) -> str:
@@ -75,13 +79,17 @@ def open_manifest(data_dir: str | None, task: str) -> dict:
   """
   spec.get_task(task)  # unknown task -> KeyError listing the known ones
   if not data_dir:
-    raise DatasetError(f"data_dir is not set; export the data with `mtneuro export "
-                       f"--tasks {task} --out_dir DIR` and set config.data.data_dir=DIR")
+    raise DatasetError(
+      f"data_dir is not set; export the data with `mtneuro export "
+      f"--tasks {task} --out_dir DIR` and set config.data.data_dir=DIR"
+    )
   vdir = dataset_dir(data_dir, task)
   if not os.path.isfile(os.path.join(vdir, manifest_lib.MANIFEST_NAME)):
-    raise DatasetError(f"no complete export of {task} in {os.path.abspath(data_dir)} (missing "
-                       f"{vdir}/manifest.json); create it with `mtneuro export --tasks {task} "
-                       f"--out_dir {data_dir}`")
+    raise DatasetError(
+      f"no complete export of {task} in {os.path.abspath(data_dir)} (missing "
+      f"{vdir}/manifest.json); create it with `mtneuro export --tasks {task} "
+      f"--out_dir {data_dir}`"
+    )
   with _VERIFY_LOCK:
     sig = _signature(vdir)
     if _VERIFIED.get(vdir) != sig:
@@ -98,15 +106,20 @@ def _resolve_split(manifest: dict, split: str) -> str:
   for name, info in splits.items():
     if info.get("tfds_split") == split:
       return name
-  raise KeyError(f"dataset {manifest['dataset']} has no split {split!r}; splits: {', '.join(splits)}")
+  raise KeyError(
+    f"dataset {manifest['dataset']} has no split {split!r}; splits: {', '.join(splits)}"
+  )
 
 
 def open_split(data_dir: str, task: str, split: str):
   """Random-access TFDS ArrayRecord source of one split (records decoded to numpy)."""
   import tensorflow_datasets as tfds
+
   manifest = open_manifest(data_dir, task)
   name = _resolve_split(manifest, split)
-  return tfds.data_source(task, split=tfds_split(name), data_dir=os.path.abspath(data_dir), download=False)
+  return tfds.data_source(
+    task, split=tfds_split(name), data_dir=os.path.abspath(data_dir), download=False
+  )
 
 
 def _train_split(manifest: dict) -> str:
@@ -117,16 +130,22 @@ def _train_split(manifest: dict) -> str:
 def make_transform(data_cfg: Any, task: str, *, train: bool) -> RecordTransform:
   t = spec.get_task(task)
   return RecordTransform(
-      kind=t.kind, label_set=t.label_set, downsample=int(_get(data_cfg, "downsample", 1)),
-      mean=float(_get(data_cfg, "image_mean", 0.0)), std=float(_get(data_cfg, "image_std", 1.0)),
-      random_crop=int(_get(data_cfg, "random_crop", 0)) if train else 0)
+    kind=t.kind,
+    label_set=t.label_set,
+    downsample=int(_get(data_cfg, "downsample", 1)),
+    mean=float(_get(data_cfg, "image_mean", 0.0)),
+    std=float(_get(data_cfg, "image_std", 1.0)),
+    random_crop=int(_get(data_cfg, "random_crop", 0)) if train else 0,
+  )
 
 
 def _read_options(data_cfg: Any) -> grain.ReadOptions:
   # Elements of the iter dataset are whole batches: keep the buffer small (a 3D batch
   # is ~100 MB of float32) and the thread count modest (the host has few cores).
-  return grain.ReadOptions(num_threads=int(_get(data_cfg, "read_threads", 2)),
-                           prefetch_buffer_size=int(_get(data_cfg, "prefetch_batches", 2)))
+  return grain.ReadOptions(
+    num_threads=int(_get(data_cfg, "read_threads", 2)),
+    prefetch_buffer_size=int(_get(data_cfg, "prefetch_batches", 2)),
+  )
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -157,10 +176,17 @@ class TrainIterator:
     self.local_batch_size = sharding.process_batch_size(self.global_batch_size, mesh)
     self.steps_per_epoch = self.num_examples // self.global_batch_size
     if self.steps_per_epoch == 0:
-      raise ConfigError(f"{self.task}/{self.split} has {self.num_examples} examples, fewer than one global "
-                       f"batch of {self.global_batch_size}; lower the batch size")
+      raise ConfigError(
+        f"{self.task}/{self.split} has {self.num_examples} examples, fewer than one global "
+        f"batch of {self.global_batch_size}; lower the batch size"
+      )
     self.transform = make_transform(data_cfg, self.task, train=True)
-    G, L, n, pid = self.global_batch_size, self.local_batch_size, self.num_examples, jax.process_index()
+    G, L, n, pid = (
+      self.global_batch_size,
+      self.local_batch_size,
+      self.num_examples,
+      jax.process_index(),
+    )
     per_epoch = self.steps_per_epoch * L  # this process's rows per epoch (remainder dropped)
 
     @functools.lru_cache(maxsize=4)
@@ -173,8 +199,12 @@ class TrainIterator:
       record = int(permutation(epoch)[step_in_epoch * G + pid * L + r])
       return self.transform(self._source[record], _rng(self.seed, epoch, record))
 
-    self._dataset = (grain.MapDataset.range(per_epoch).repeat(None).map_with_index(load)
-                     .batch(L, drop_remainder=True))
+    self._dataset = (
+      grain.MapDataset.range(per_epoch)
+      .repeat(None)
+      .map_with_index(load)
+      .batch(L, drop_remainder=True)
+    )
     self._iter = iter(self._dataset.to_iter_dataset(_read_options(data_cfg)))
     self._step = 0
 
@@ -192,8 +222,13 @@ class TrainIterator:
     return self._step
 
   def _identity(self) -> dict:
-    return {"task": self.task, "split": self.split, "seed": self.seed, "num_examples": self.num_examples,
-            "global_batch_size": self.global_batch_size}
+    return {
+      "task": self.task,
+      "split": self.split,
+      "seed": self.seed,
+      "num_examples": self.num_examples,
+      "global_batch_size": self.global_batch_size,
+    }
 
   def get_state(self) -> dict:
     """JSON-able state; ``set_state`` of it continues with exactly the same batches."""
@@ -203,8 +238,10 @@ class TrainIterator:
     mine = self._identity()
     diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
     if diff:
-      raise ValueError(f"iterator state is for another input pipeline (saved vs now: {diff}); "
-                       "resume with the same task, data, seed and global batch size")
+      raise ValueError(
+        f"iterator state is for another input pipeline (saved vs now: {diff}); "
+        "resume with the same task, data, seed and global batch size"
+      )
     self._iter.set_state(state["grain"])
     self._step = int(state["step"])
 
@@ -216,8 +253,9 @@ def train_iterator(data_cfg: Any, *, seed: int, mesh, global_batch_size: int) ->
 
 # ---------------------------------------------------------------------------
 # Evaluation.
-def eval_batches(data_cfg: Any, split: str, *, mesh, global_batch_size: int,
-                 task: str | None = None) -> Iterator[dict[str, jax.Array]]:
+def eval_batches(
+  data_cfg: Any, split: str, *, mesh, global_batch_size: int, task: str | None = None
+) -> Iterator[dict[str, jax.Array]]:
   """One pass over ``split`` in record order, in sharded batches of ``global_batch_size``.
 
   No random crop. The last batch is padded (copies of record 0) with
@@ -278,13 +316,19 @@ def dataset_info(data_cfg: Any, task: str | None = None) -> dict:
     names = tuple(sorted(spec.PIXEL_IDS, key=spec.PIXEL_IDS.get))
   crop = int(_get(data_cfg, "random_crop", 0))
   return {
-      "task": task, "kind": t.kind, "target_key": TARGET_KEYS[t.kind],
-      "num_examples": {s: int(v["num_examples"]) for s, v in manifest["splits"].items()},
-      "excluded_unannotated": {s: int(v["excluded_unannotated"]) for s, v in manifest["splits"].items()},
-      "train_split": _train_split(manifest),
-      "image_shape": image_shape,
-      "train_image_shape": image_shape[:-3] + (crop, crop, 1) if crop else image_shape,
-      "num_classes": num_target_classes(t.kind, t.label_set), "class_names": names,
-      "source": manifest.get("source_tag"), "synthetic": manifest["parameters"]["source"].get("kind") == "phantom",
-      "limit_per_split": manifest["parameters"].get("limit_per_split"),
+    "task": task,
+    "kind": t.kind,
+    "target_key": TARGET_KEYS[t.kind],
+    "num_examples": {s: int(v["num_examples"]) for s, v in manifest["splits"].items()},
+    "excluded_unannotated": {
+      s: int(v["excluded_unannotated"]) for s, v in manifest["splits"].items()
+    },
+    "train_split": _train_split(manifest),
+    "image_shape": image_shape,
+    "train_image_shape": image_shape[:-3] + (crop, crop, 1) if crop else image_shape,
+    "num_classes": num_target_classes(t.kind, t.label_set),
+    "class_names": names,
+    "source": manifest.get("source_tag"),
+    "synthetic": manifest["parameters"]["source"].get("kind") == "phantom",
+    "limit_per_split": manifest["parameters"].get("limit_per_split"),
   }

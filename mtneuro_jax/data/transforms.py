@@ -37,7 +37,9 @@ def area_downsample(x: np.ndarray, factor: int) -> np.ndarray:
   *lead, h, w = x.shape
   if h % factor or w % factor:
     raise ValueError(f"image {h}x{w} is not divisible by the downsampling factor {factor}")
-  return x.reshape(*lead, h // factor, factor, w // factor, factor).mean(axis=(-3, -1), dtype=np.float32)
+  return x.reshape(*lead, h // factor, factor, w // factor, factor).mean(
+    axis=(-3, -1), dtype=np.float32
+  )
 
 
 def majority_downsample(labels: np.ndarray, factor: int, num_classes: int) -> np.ndarray:
@@ -60,8 +62,9 @@ def majority_downsample(labels: np.ndarray, factor: int, num_classes: int) -> np
 
 def normalize(x: np.ndarray, mean: float, std: float) -> np.ndarray:
   """``(x / 255 - mean) / std`` in float32 (x holds raw 0..255 intensities)."""
-  return ((np.asarray(x, np.float32) / np.float32(255.0) - np.float32(mean)) / np.float32(std)).astype(
-      np.float32)
+  return (
+    (np.asarray(x, np.float32) / np.float32(255.0) - np.float32(mean)) / np.float32(std)
+  ).astype(np.float32)
 
 
 def crop_window(rng: np.random.Generator, shape_yx: tuple[int, int], size: int) -> tuple[int, int]:
@@ -100,7 +103,9 @@ class RecordTransform:
 
   def __post_init__(self):
     if self.downsample not in spec.DOWNSAMPLE_FACTORS:
-      raise ConfigError(f"downsample must be one of {spec.DOWNSAMPLE_FACTORS}, got {self.downsample}")
+      raise ConfigError(
+        f"downsample must be one of {spec.DOWNSAMPLE_FACTORS}, got {self.downsample}"
+      )
     if self.std <= 0:
       raise ConfigError(f"image_std must be > 0, got {self.std}")
     if self.random_crop < 0:
@@ -111,7 +116,9 @@ class RecordTransform:
     image = area_downsample(record["image"], self.downsample)
     target = np.asarray(record[tkey])
     if self.kind != "task1":
-      target = majority_downsample(target, self.downsample, num_target_classes(self.kind, self.label_set))
+      target = majority_downsample(
+        target, self.downsample, num_target_classes(self.kind, self.label_set)
+      )
     if self.random_crop:
       if rng is None:
         raise ValueError("random_crop needs an rng")
@@ -121,12 +128,12 @@ class RecordTransform:
       if self.kind != "task1":
         target = target[(..., *win)]
     out = {
-        "image": normalize(image, self.mean, self.std)[..., None],
-        tkey: np.asarray(target, np.int32),
-        "region": np.int32(record["region"]),
-        "cube_set": np.int32(record["cube_set"]),
-        "z": np.int32(record["z"]),
-        "valid": np.bool_(True),
+      "image": normalize(image, self.mean, self.std)[..., None],
+      tkey: np.asarray(target, np.int32),
+      "region": np.int32(record["region"]),
+      "cube_set": np.int32(record["cube_set"]),
+      "z": np.int32(record["z"]),
+      "valid": np.bool_(True),
     }
     if self.kind == "task3":
       out["quadrant"] = np.int32(record["quadrant"])

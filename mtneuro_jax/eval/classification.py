@@ -24,6 +24,7 @@ over the tiles cut from that region's cube (``batch['region']``), which can
 differ from the class when a cube's modal ROI label is a neighbouring
 structure.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtneuro_jax.eval.common import EvalContext, confusion_matrix, eval_name, save_confusion_png, to_host
+from mtneuro_jax.eval.common import (
+  EvalContext,
+  confusion_matrix,
+  eval_name,
+  save_confusion_png,
+  to_host,
+)
 from mtneuro_jax.volumes import spec
 
 PROTOCOLS = ("whole", "corners")
@@ -42,10 +49,15 @@ PROTOCOLS = ("whole", "corners")
 
 # ---------------------------------------------------------------------------
 # Metrics (numpy; shared with the PCA/NMF baselines; the confusion matrix is in common.py).
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, *, num_classes: int,
-                           class_names: Sequence[str] | None = None,
-                           groups: np.ndarray | None = None,
-                           group_names: Sequence[str] | None = None) -> dict[str, Any]:
+def classification_metrics(
+  labels: np.ndarray,
+  preds: np.ndarray,
+  *,
+  num_classes: int,
+  class_names: Sequence[str] | None = None,
+  groups: np.ndarray | None = None,
+  group_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
   """Accuracy, balanced accuracy, per-class recall, per-group accuracy, confusion matrix.
 
   Args:
@@ -64,7 +76,9 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, *, num_classes
     ``acc_region/<group>`` (groups present only), ``confusion`` ([C][C] list,
     rows true), ``n``.
   """
-  names = list(class_names) if class_names is not None else [f"class{i}" for i in range(num_classes)]
+  names = (
+    list(class_names) if class_names is not None else [f"class{i}" for i in range(num_classes)]
+  )
   if len(names) != num_classes:
     raise ValueError(f"{len(names)} class names for {num_classes} classes")
   labels = np.asarray(labels, np.int64).reshape(-1)
@@ -75,9 +89,9 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, *, num_classes
   with np.errstate(invalid="ignore", divide="ignore"):
     recall = np.diag(cm) / support  # NaN where a class has no true samples
   out: dict[str, Any] = {
-      "accuracy": float(np.trace(cm) / n) if n else float("nan"),
-      "balanced_accuracy": float(np.nanmean(recall)) if np.any(support) else float("nan"),
-      "n": n,
+    "accuracy": float(np.trace(cm) / n) if n else float("nan"),
+    "balanced_accuracy": float(np.nanmean(recall)) if np.any(support) else float("nan"),
+    "n": n,
   }
   for name, r in zip(names, recall, strict=True):
     out[f"recall/{name}"] = float(r)
@@ -110,8 +124,11 @@ def corner_views(images: jax.Array) -> list[jax.Array]:
   return [images[:, :hy, :hx], images[:, :hy, hx:], images[:, hy:, :hx], images[:, hy:, hx:]]
 
 
-def collect_predictions(predict_fn: Callable[[dict], Mapping[str, jax.Array]],
-                        batches: Iterable[Mapping[str, Any]], protocol: str) -> dict[str, np.ndarray]:
+def collect_predictions(
+  predict_fn: Callable[[dict], Mapping[str, jax.Array]],
+  batches: Iterable[Mapping[str, Any]],
+  protocol: str,
+) -> dict[str, np.ndarray]:
   """Runs ``predict_fn`` over one pass of ``batches``; returns the valid rows only.
 
   Returns numpy dict: ``logits`` float [N, C] ('whole') or [N, 4, C] ('corners',
@@ -135,9 +152,9 @@ def collect_predictions(predict_fn: Callable[[dict], Mapping[str, jax.Array]],
     raise ValueError("the evaluation received no batches")
   valid = np.concatenate([to_host(v).astype(bool) for v in valids])
   return {
-      "logits": np.concatenate([to_host(v) for v in logits]).astype(np.float32)[valid],
-      "label": np.concatenate([to_host(v) for v in labels]).astype(np.int64)[valid],
-      "region": np.concatenate([to_host(v) for v in regions]).astype(np.int64)[valid],
+    "logits": np.concatenate([to_host(v) for v in logits]).astype(np.float32)[valid],
+    "label": np.concatenate([to_host(v) for v in labels]).astype(np.int64)[valid],
+    "region": np.concatenate([to_host(v) for v in regions]).astype(np.int64)[valid],
   }
 
 
@@ -147,28 +164,47 @@ def _softmax(z: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def metrics_from_predictions(pred: Mapping[str, np.ndarray], protocol: str,
-                             class_names: Sequence[str], region_names: Sequence[str] = spec.REGIONS
-                             ) -> dict[str, Any]:
+def metrics_from_predictions(
+  pred: Mapping[str, np.ndarray],
+  protocol: str,
+  class_names: Sequence[str],
+  region_names: Sequence[str] = spec.REGIONS,
+) -> dict[str, Any]:
   """Metrics of ``collect_predictions``'s output under a protocol (see module doc)."""
   logits, labels, regions = pred["logits"], pred["label"], pred["region"]
   num_classes = logits.shape[-1]
   if protocol == "whole":
-    return classification_metrics(labels, logits.argmax(-1), num_classes=num_classes,
-                                  class_names=class_names, groups=regions, group_names=region_names)
+    return classification_metrics(
+      labels,
+      logits.argmax(-1),
+      num_classes=num_classes,
+      class_names=class_names,
+      groups=regions,
+      group_names=region_names,
+    )
   k = logits.shape[1]  # 4 corners per tile, each scored with the tile's label
-  out = classification_metrics(np.repeat(labels, k), logits.argmax(-1).reshape(-1),
-                               num_classes=num_classes, class_names=class_names,
-                               groups=np.repeat(regions, k), group_names=region_names)
+  out = classification_metrics(
+    np.repeat(labels, k),
+    logits.argmax(-1).reshape(-1),
+    num_classes=num_classes,
+    class_names=class_names,
+    groups=np.repeat(regions, k),
+    group_names=region_names,
+  )
   vote = _softmax(logits).mean(axis=1).argmax(-1)
   out["tile_vote_accuracy"] = float((vote == labels).mean()) if labels.size else float("nan")
   out["n_tiles"] = int(labels.size)
   return out
 
 
-def evaluate_classification(predict_fn: Callable[[dict], Mapping[str, jax.Array]],
-                            batches: Iterable[Mapping[str, Any]], *, eval_cfg, workdir: str | None,
-                            step: int) -> dict[str, Any]:
+def evaluate_classification(
+  predict_fn: Callable[[dict], Mapping[str, jax.Array]],
+  batches: Iterable[Mapping[str, Any]],
+  *,
+  eval_cfg,
+  workdir: str | None,
+  step: int,
+) -> dict[str, Any]:
   """The 'classification' evaluator.
 
   Args:
@@ -189,15 +225,28 @@ def evaluate_classification(predict_fn: Callable[[dict], Mapping[str, jax.Array]
   pred = collect_predictions(predict_fn, batches, protocol)
   num_classes = pred["logits"].shape[-1]
   class_names = eval_cfg.get("class_names", None)
-  class_names = list(class_names) if class_names else (
-      list(spec.REGIONS) if num_classes == len(spec.REGIONS) else [f"class{i}" for i in range(num_classes)])
+  class_names = (
+    list(class_names)
+    if class_names
+    else (
+      list(spec.REGIONS)
+      if num_classes == len(spec.REGIONS)
+      else [f"class{i}" for i in range(num_classes)]
+    )
+  )
   out = metrics_from_predictions(pred, protocol, class_names)
   if workdir and jax.process_index() == 0:
     stem = os.path.join(workdir, "eval", f"{eval_name(eval_cfg)}_step{int(step)}_confusion")
-    save_confusion_png(np.asarray(out["confusion"]), class_names, stem + ".png",
-                       title=f"{eval_name(eval_cfg)} step {int(step)}: acc {out['accuracy']:.3f}")
+    save_confusion_png(
+      np.asarray(out["confusion"]),
+      class_names,
+      stem + ".png",
+      title=f"{eval_name(eval_cfg)} step {int(step)}: acc {out['accuracy']:.3f}",
+    )
     with open(stem + ".json", "w") as f:
-      json.dump({"class_names": class_names, "protocol": protocol, "step": int(step), **out}, f, indent=1)
+      json.dump(
+        {"class_names": class_names, "protocol": protocol, "step": int(step), **out}, f, indent=1
+      )
   return out
 
 

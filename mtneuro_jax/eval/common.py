@@ -64,13 +64,16 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     if v.size and (v.min() < 0 or v.max() >= num_classes):
       raise ValueError(f"{name} outside [0, {num_classes}): min {v.min()}, max {v.max()}")
   return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(
-      num_classes, num_classes)
+    num_classes, num_classes
+  )
 
 
-
-def save_confusion_png(cm: np.ndarray, class_names: Sequence[str], path: str, title: str = "") -> str:
+def save_confusion_png(
+  cm: np.ndarray, class_names: Sequence[str], path: str, title: str = ""
+) -> str:
   """Writes a confusion-matrix heat map (rows true, columns predicted; counts in cells)."""
   import matplotlib
+
   matplotlib.use("Agg")  # no display on workers; must precede pyplot
   import matplotlib.pyplot as plt
 
@@ -82,8 +85,15 @@ def save_confusion_png(cm: np.ndarray, class_names: Sequence[str], path: str, ti
   ax.imshow(frac, vmin=0, vmax=1, cmap="Blues")
   for i in range(cm.shape[0]):
     for j in range(cm.shape[1]):
-      ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-              color="white" if frac[i, j] > 0.5 else "black", fontsize=8)
+      ax.text(
+        j,
+        i,
+        str(int(cm[i, j])),
+        ha="center",
+        va="center",
+        color="white" if frac[i, j] > 0.5 else "black",
+        fontsize=8,
+      )
   ax.set_xticks(range(len(class_names)), class_names)
   ax.set_yticks(range(len(class_names)), class_names)
   ax.set_xlabel("predicted")
@@ -96,14 +106,13 @@ def save_confusion_png(cm: np.ndarray, class_names: Sequence[str], path: str, ti
   return path
 
 
-
 def to_host(x) -> np.ndarray:
   """A (possibly multi-process sharded) array -> full numpy array on every host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
-
 
 
 def eval_name(eval_cfg) -> str:
@@ -112,4 +121,6 @@ def eval_name(eval_cfg) -> str:
   if name:
     return str(name)
   task = eval_cfg.get("task", None)
-  return "_".join(s for s in (task, eval_cfg.get("split", "test"), eval_cfg.get("protocol", "whole")) if s)
+  return "_".join(
+    s for s in (task, eval_cfg.get("split", "test"), eval_cfg.get("protocol", "whole")) if s
+  )

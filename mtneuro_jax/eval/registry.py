@@ -16,9 +16,12 @@ from mtneuro_jax.eval.classification import classification
 from mtneuro_jax.eval.common import EvalContext
 from mtneuro_jax.registry import Registry
 
-EVALUATORS = Registry("evaluator kind", {
+EVALUATORS = Registry(
+  "evaluator kind",
+  {
     "classification": classification,
-})
+  },
+)
 
 
 def check_kinds(evals: Mapping[str, Any]) -> None:
@@ -30,8 +33,9 @@ def check_kinds(evals: Mapping[str, Any]) -> None:
       raise AssertionError(name)
 
 
-def run_evals(evals: Mapping[str, Any], ctx: EvalContext, *, workdir: str | None,
-              step: int) -> dict[str, Any]:
+def run_evals(
+  evals: Mapping[str, Any], ctx: EvalContext, *, workdir: str | None, step: int
+) -> dict[str, Any]:
   """Runs every eval in ``evals`` ({name: eval_cfg}); returns {'<name>/<metric>': value}."""
   out = {}
   for name, ecfg in evals.items():
@@ -39,8 +43,13 @@ def run_evals(evals: Mapping[str, Any], ctx: EvalContext, *, workdir: str | None
     ecfg = _named(ecfg, name)
     t0 = time.perf_counter()
     result = fn(ctx, eval_cfg=ecfg, workdir=workdir, step=step)
-    logging.info("eval %s at step %d (%.1fs): %s", name, step, time.perf_counter() - t0,
-                 {k: v for k, v in result.items() if not isinstance(v, (list, dict))})
+    logging.info(
+      "eval %s at step %d (%.1fs): %s",
+      name,
+      step,
+      time.perf_counter() - t0,
+      {k: v for k, v in result.items() if not isinstance(v, (list, dict))},
+    )
     out.update({f"{name}/{k}": v for k, v in result.items()})
   return out
 

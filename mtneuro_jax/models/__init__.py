@@ -6,6 +6,9 @@ Add a model by adding one line.
 from mtneuro_jax.models.resnet import resnet18_xray
 from mtneuro_jax.registry import Registry
 
-MODELS = Registry("model", {
+MODELS = Registry(
+  "model",
+  {
     "resnet18_xray": resnet18_xray,
-})
+  },
+)

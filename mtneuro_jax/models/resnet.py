@@ -19,6 +19,7 @@ The head (dropout + Linear(D, num_classes)) is what the paper's supervised
 baseline uses (20 % dropout); the reference code has no dropout, which changes
 nothing in eval mode.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,10 +39,11 @@ _PAD1 = ((1, 1), (1, 1))
 
 def _torch_default_bias_init(fan_in: int):
   """PyTorch Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / (fan_in ** 0.5)
+  bound = 1.0 / (fan_in**0.5)
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -51,15 +53,19 @@ class BasicBlock(nn.Module):
   The shortcut is a 1x1 strided conv + BN when the shape changes (``downsample``).
   Input/output [B, Y, X, C] (NHWC).
   """
+
   features: int
   strides: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_block_conv_init, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    conv = functools.partial(
+      nn.Conv, use_bias=False, kernel_init=_block_conv_init, dtype=self.dtype
+    )
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+    )
     s = (self.strides, self.strides)
     y = conv(self.features, (3, 3), s, padding=_PAD1, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
@@ -78,6 +84,7 @@ class ResNetXrayEncoder(nn.Module):
   ``width_multiplier`` scales every stage width (64/128/256/512 at 1.0) for
   quick CPU runs.
   """
+
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width_multiplier: float = 1.0
   dtype: Any = jnp.float32
@@ -90,15 +97,25 @@ class ResNetXrayEncoder(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     w = self.base_width
     x = x.astype(self.dtype)
-    x = nn.Conv(w, (3, 3), padding=_PAD1, use_bias=False, kernel_init=_torch_default_init,
-                dtype=self.dtype, name="conv1")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                     name="bn1")(x)
+    x = nn.Conv(
+      w,
+      (3, 3),
+      padding=_PAD1,
+      use_bias=False,
+      kernel_init=_torch_default_init,
+      dtype=self.dtype,
+      name="conv1",
+    )(x)
+    x = nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn1"
+    )(x)
     x = nn.relu(x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if (i > 0 and j == 0) else 1
-        x = BasicBlock(w * 2 ** i, strides, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train=train)
+        x = BasicBlock(w * 2**i, strides, dtype=self.dtype, name=f"layer{i + 1}_{j}")(
+          x, train=train
+        )
     # Global average pool over all spatial axes (works for 2D [B,Y,X,C] input).
     return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))).astype(jnp.float32)
 
@@ -111,6 +128,7 @@ class ResNetXray(nn.Module):
   encoder only (no 'logits'). Dropout needs a 'dropout' rng when ``train``.
   Variables: {'params': {'encoder': ..., 'head': ...}, 'batch_stats': {'encoder': ...}}.
   """
+
   num_classes: int = 4
   width_multiplier: float = 1.0
   dropout: float = 0.0
@@ -125,8 +143,12 @@ class ResNetXray(nn.Module):
     if self.num_classes:
       d = features.shape[-1]
       x = nn.Dropout(self.dropout, deterministic=not train)(features) if self.dropout else features
-      out["logits"] = nn.Dense(self.num_classes, kernel_init=_torch_default_init,
-                               bias_init=_torch_default_bias_init(d), name="head")(x)
+      out["logits"] = nn.Dense(
+        self.num_classes,
+        kernel_init=_torch_default_init,
+        bias_init=_torch_default_bias_init(d),
+        name="head",
+      )(x)
     return out
 
 

@@ -21,6 +21,7 @@ Layout conversion: conv OIHW -> HWIO, linear [out, in] -> [in, out]; BN weight,
 bias, running_mean, running_var -> scale, bias, mean, var.
 ``num_batches_tracked`` is ignored (only used by momentum=None BN).
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -28,8 +29,15 @@ from typing import Any, Mapping
 import numpy as np
 
 # Sequential index in the reference ``f`` -> torchvision child name.
-_SEQ_TO_NAME = {"0": "conv1", "1": "bn1", "3": "layer1", "4": "layer2", "5": "layer3", "6": "layer4",
-                "9": "fc"}
+_SEQ_TO_NAME = {
+  "0": "conv1",
+  "1": "bn1",
+  "3": "layer1",
+  "4": "layer2",
+  "5": "layer3",
+  "6": "layer4",
+  "9": "fc",
+}
 
 
 def _np(x) -> np.ndarray:
@@ -41,6 +49,7 @@ def _np(x) -> np.ndarray:
 def load_torch_file(path: str) -> dict[str, np.ndarray]:
   """Reads a ``.pt``/``.pth`` state_dict (or {'state_dict': ...}) into numpy arrays. Needs torch."""
   import torch
+
   obj = torch.load(path, map_location="cpu", weights_only=True)
   for key in ("state_dict", "model_state_dict", "model"):
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
@@ -51,6 +60,7 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
 def canonical_names(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Maps any supported layout to torchvision names (conv1, bn1, layerL.B..., fc)."""
   sd = {k: _np(v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+
   # The trunk prefix: whatever precedes the stem conv ('f.0.weight' or 'conv1.weight', 4-D).
   def is_stem(k: str) -> bool:
     if k == "f.0.weight" or k.endswith(".f.0.weight"):
@@ -61,15 +71,17 @@ def canonical_names(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
   stems = [k for k, v in sd.items() if v.ndim == 4 and is_stem(k)]
   if len(stems) != 1:
-    raise ValueError(f"cannot find a unique stem conv ('[prefix]f.0.weight' or '[prefix]conv1.weight') "
-                     f"among the keys; candidates: {stems}")
+    raise ValueError(
+      f"cannot find a unique stem conv ('[prefix]f.0.weight' or '[prefix]conv1.weight') "
+      f"among the keys; candidates: {stems}"
+    )
   stem = stems[0]
   sequential = stem.endswith("f.0.weight")
-  prefix = stem[:-len("f.0.weight")] if sequential else stem[:-len("conv1.weight")]
+  prefix = stem[: -len("f.0.weight")] if sequential else stem[: -len("conv1.weight")]
   out = {}
   for k, v in sd.items():
     if k.startswith(prefix):
-      rest = k[len(prefix):]
+      rest = k[len(prefix) :]
       if sequential:
         if not rest.startswith("f."):
           raise ValueError(f"unexpected key {k!r} next to the reference 'f' trunk")
@@ -98,8 +110,9 @@ def _bn(sd, name, params, stats):
   stats["var"] = sd.pop(f"{name}.running_var")
 
 
-def import_resnet_xray(state_dict: Mapping[str, Any], *, template: Mapping[str, Any] | None = None
-                       ) -> dict[str, Any]:
+def import_resnet_xray(
+  state_dict: Mapping[str, Any], *, template: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
   """Converts a reference PyTorch state_dict to ResNetXray variables.
 
   Args:
@@ -118,7 +131,9 @@ def import_resnet_xray(state_dict: Mapping[str, Any], *, template: Mapping[str, 
   enc_p["conv1"] = {"kernel": _conv(sd.pop("conv1.weight"))}
   enc_p["bn1"], enc_s["bn1"] = {}, {}
   _bn(sd, "bn1", enc_p["bn1"], enc_s["bn1"])
-  blocks = sorted({(int(k.split(".")[0][5:]), int(k.split(".")[1])) for k in sd if k.startswith("layer")})
+  blocks = sorted(
+    {(int(k.split(".")[0][5:]), int(k.split(".")[1])) for k in sd if k.startswith("layer")}
+  )
   for layer, b in blocks:
     src, dst = f"layer{layer}.{b}", f"layer{layer}_{b}"
     p, s = {}, {}
@@ -134,7 +149,10 @@ def import_resnet_xray(state_dict: Mapping[str, Any], *, template: Mapping[str, 
     enc_p[dst], enc_s[dst] = p, s
   params: dict[str, Any] = {"encoder": enc_p}
   if "fc.weight" in sd:
-    params["head"] = {"kernel": np.ascontiguousarray(sd.pop("fc.weight").T), "bias": sd.pop("fc.bias")}
+    params["head"] = {
+      "kernel": np.ascontiguousarray(sd.pop("fc.weight").T),
+      "bias": sd.pop("fc.bias"),
+    }
   if sd:
     raise ValueError(f"unused keys in the state_dict: {sorted(sd)}")
   variables = {"params": params, "batch_stats": {"encoder": enc_s}}
@@ -161,10 +179,15 @@ def _flat(tree, prefix=""):
 
 def _check_against(variables, template) -> None:
   got = _flat(variables)
-  want = {k: v for k, v in _flat({c: template[c] for c in ("params", "batch_stats") if c in template}).items()}
+  want = {
+    k: v
+    for k, v in _flat({c: template[c] for c in ("params", "batch_stats") if c in template}).items()
+  }
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
   bad = sorted(k for k in set(got) & set(want) if tuple(got[k].shape) != tuple(want[k].shape))
   if missing or extra or bad:
-    raise ValueError(f"imported weights do not fit the model: missing {missing[:5]}, extra {extra[:5]}, "
-                     f"shape mismatch {[(k, got[k].shape, want[k].shape) for k in bad[:5]]}")
+    raise ValueError(
+      f"imported weights do not fit the model: missing {missing[:5]}, extra {extra[:5]}, "
+      f"shape mismatch {[(k, got[k].shape, want[k].shape) for k in bad[:5]]}"
+    )

@@ -7,7 +7,10 @@ from mtneuro_jax.objectives.mixup import MIXUP
 from mtneuro_jax.objectives.supervised import SUPERVISED
 from mtneuro_jax.registry import Registry
 
-OBJECTIVES = Registry("objective", {
+OBJECTIVES = Registry(
+  "objective",
+  {
     "supervised": SUPERVISED,
     "mixup": MIXUP,
-})
+  },
+)

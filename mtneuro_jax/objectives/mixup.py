@@ -20,6 +20,7 @@ Config (``config.objective``): ``p`` (required), ``lambda_min`` (default 0),
 ``lambda_max`` (default 0.5). Prediction is the supervised one (eval mode, no
 mixing).
 """
+
 from __future__ import annotations
 
 import jax
@@ -27,12 +28,24 @@ import jax.numpy as jnp
 import optax
 
 from mtneuro_jax.objectives import supervised
-from mtneuro_jax.objectives.base import (Objective, apply_model, keep_aux, no_params_no_aux,
-                                         weighted_mean)
+from mtneuro_jax.objectives.base import (
+  Objective,
+  apply_model,
+  keep_aux,
+  no_params_no_aux,
+  weighted_mean,
+)
 
 
-def mix_batch(image: jax.Array, valid: jax.Array, rng: jax.Array, *, p: float, lambda_min: float = 0.0,
-              lambda_max: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array]:
+def mix_batch(
+  image: jax.Array,
+  valid: jax.Array,
+  rng: jax.Array,
+  *,
+  p: float,
+  lambda_min: float = 0.0,
+  lambda_max: float = 0.5,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Draws the mixing of one batch.
 
   Args:
@@ -56,7 +69,9 @@ def mix_batch(image: jax.Array, valid: jax.Array, rng: jax.Array, *, p: float, l
   return (1 - lam_x) * image + lam_x * image[perm], perm, lam
 
 
-def mixup_cross_entropy(logits: jax.Array, labels: jax.Array, perm: jax.Array, lam: jax.Array) -> jax.Array:
+def mixup_cross_entropy(
+  logits: jax.Array, labels: jax.Array, perm: jax.Array, lam: jax.Array
+) -> jax.Array:
   """Per-sample ``(1 - lam) CE(logits, y) + lam CE(logits, y[perm])``: logits [B, C] -> [B]."""
   ce_own = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   ce_partner = optax.softmax_cross_entropy_with_integer_labels(logits, labels[perm])
@@ -68,17 +83,28 @@ def loss(params, model_state, aux, batch, rng, *, model, config, ctx=None):
   labels = batch["label"]
   valid = batch.get("valid", jnp.ones(labels.shape, bool))
   k_mix, k_drop = jax.random.split(rng)
-  image, perm, lam = mix_batch(batch["image"], valid, k_mix, p=float(config.p),
-                               lambda_min=float(config.get("lambda_min", 0.0)),
-                               lambda_max=float(config.get("lambda_max", 0.5)))
+  image, perm, lam = mix_batch(
+    batch["image"],
+    valid,
+    k_mix,
+    p=float(config.p),
+    lambda_min=float(config.get("lambda_min", 0.0)),
+    lambda_max=float(config.get("lambda_max", 0.5)),
+  )
   out, new_state = apply_model(model, params, model_state, image, train=True, rng=k_drop)
   logits = out["logits"].astype(jnp.float32)
   value = weighted_mean(mixup_cross_entropy(logits, labels, perm, lam), valid)
   # Accuracy against the sample's own label, which dominates the mix (lam <= 0.5 by default).
   accuracy = weighted_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), valid)
   mixed_fraction = weighted_mean((lam > 0).astype(jnp.float32), valid)
-  metrics = {"train/loss": value, "train/accuracy": accuracy, "train/mixed_fraction": mixed_fraction}
+  metrics = {
+    "train/loss": value,
+    "train/accuracy": accuracy,
+    "train/mixed_fraction": mixed_fraction,
+  }
   return value, (metrics, new_state, aux)
 
 
-MIXUP = Objective(name="mixup", init=no_params_no_aux, loss=loss, update=keep_aux, predict=supervised.predict)
+MIXUP = Objective(
+  name="mixup", init=no_params_no_aux, loss=loss, update=keep_aux, predict=supervised.predict
+)

@@ -3,14 +3,20 @@
 Config (``config.objective``): ``label_smoothing`` (float, default 0).
 The model must return {'logits': [B, C], 'features': [B, D]}.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from mtneuro_jax.objectives.base import (Objective, apply_model, keep_aux, no_params_no_aux,
-                                         weighted_mean)
+from mtneuro_jax.objectives.base import (
+  Objective,
+  apply_model,
+  keep_aux,
+  no_params_no_aux,
+  weighted_mean,
+)
 
 
 def loss(params, model_state, aux, batch, rng, *, model, config, ctx=None):
@@ -37,5 +43,6 @@ def predict(params, model_state, aux, batch, *, model, config):
   return {"logits": out["logits"], "features": out["features"]}
 
 
-SUPERVISED = Objective(name="supervised", init=no_params_no_aux, loss=loss, update=keep_aux,
-                       predict=predict)
+SUPERVISED = Objective(
+  name="supervised", init=no_params_no_aux, loss=loss, update=keep_aux, predict=predict
+)

@@ -29,6 +29,7 @@ Top-level config keys read here (all but data/model/objective/optim optional):
 Multi-host by environment: MTNEURO_COORDINATOR=host:port, MTNEURO_NUM_PROCESSES,
 MTNEURO_PROCESS_ID -> jax.distributed.initialize(...) before anything touches JAX.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,9 +75,11 @@ def maybe_initialize_distributed(config=None) -> None:
     return
   coordinator = os.environ.get("MTNEURO_COORDINATOR")
   if coordinator:
-    jax.distributed.initialize(coordinator_address=coordinator,
-                               num_processes=int(os.environ["MTNEURO_NUM_PROCESSES"]),
-                               process_id=int(os.environ["MTNEURO_PROCESS_ID"]))
+    jax.distributed.initialize(
+      coordinator_address=coordinator,
+      num_processes=int(os.environ["MTNEURO_NUM_PROCESSES"]),
+      process_id=int(os.environ["MTNEURO_PROCESS_ID"]),
+    )
     _DISTRIBUTED_DONE = True
   elif config is not None and config.get("distributed", False):
     jax.distributed.initialize()
@@ -99,6 +102,7 @@ def enable_compilation_cache(path: str | None = DEFAULT_CACHE_DIR) -> None:
 
 def _default_data_module():
   from mtneuro_jax.data import pipeline  # lazy: tests pass fake data modules without TFDS
+
   return pipeline
 
 
@@ -111,8 +115,9 @@ def make_eval_context(predict_fn, data, config, mesh) -> EvalContext:
   infos: dict[Any, dict] = {}
 
   def open_batches(split: str, task: str | None = None):
-    return data.eval_batches(config.data, split, mesh=mesh, global_batch_size=int(config.data.eval_batch_size),
-                             task=task)
+    return data.eval_batches(
+      config.data, split, mesh=mesh, global_batch_size=int(config.data.eval_batch_size), task=task
+    )
 
   def dataset_info(task: str | None = None) -> dict:
     if task not in infos:
@@ -125,9 +130,10 @@ def make_eval_context(predict_fn, data, config, mesh) -> EvalContext:
 # Keys that may differ when a run resumes: they change logging, speed, evaluation or where
 # files are, not the training maths. Everything else must match the saved config.json.
 RESUME_FREE_KEYS = re.compile(
-    r"^(log_every_steps|checkpoint_every_steps|keep_checkpoints|compilation_cache_dir|progress|"
-    r"distributed|num_devices|data\.(eval_batch_size|read_threads|prefetch_batches)|evals(\..*)?|"
-    r"init_from(\..*)?)$")
+  r"^(log_every_steps|checkpoint_every_steps|keep_checkpoints|compilation_cache_dir|progress|"
+  r"distributed|num_devices|data\.(eval_batch_size|read_threads|prefetch_batches)|evals(\..*)?|"
+  r"init_from(\..*)?)$"
+)
 
 
 class ConfigChangedError(UserError):
@@ -147,8 +153,11 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]
   """{dotted key: (saved value, current value)} for keys that change the maths (see RESUME_FREE_KEYS)."""
   a, b = _flatten(saved), _flatten(current)
   missing = object()
-  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-          if not RESUME_FREE_KEYS.match(k) and a.get(k, missing) != b.get(k, missing)}
+  return {
+    k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
+    for k in sorted(set(a) | set(b))
+    if not RESUME_FREE_KEYS.match(k) and a.get(k, missing) != b.get(k, missing)
+  }
 
 
 def validate_config(config) -> None:
@@ -157,22 +166,32 @@ def validate_config(config) -> None:
   ebs = config.data.get("eval_batch_size", bs)
   for key, v in (("data.batch_size", bs), ("data.eval_batch_size", ebs)):
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-      raise ConfigError(f"config.{key}={v!r} must be a positive integer; set e.g. --config.{key}=32")
+      raise ConfigError(
+        f"config.{key}={v!r} must be a positive integer; set e.g. --config.{key}=32"
+      )
   total = config.get("total_steps", 0) or 0
   if total < 0:
-    raise ConfigError(f"config.total_steps={total} is negative; use a positive step count, or 0 to "
-                      "train for config.num_epochs")
+    raise ConfigError(
+      f"config.total_steps={total} is negative; use a positive step count, or 0 to "
+      "train for config.num_epochs"
+    )
   if total == 0 and not float(config.get("num_epochs", 0) or 0) > 0:
-    raise ConfigError(f"config.total_steps=0 and config.num_epochs={config.get('num_epochs', None)}: the run "
-                      "would not train; set --config.total_steps=N or --config.num_epochs=E > 0")
+    raise ConfigError(
+      f"config.total_steps=0 and config.num_epochs={config.get('num_epochs', None)}: the run "
+      "would not train; set --config.total_steps=N or --config.num_epochs=E > 0"
+    )
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "num_devices"):
     v = config.get(key, 0) or 0
     if v < 0:
       raise ConfigError(f"config.{key}={v} is negative; use 0 or a positive integer")
-  optim_lib.make_optimizer(config.optim, steps_per_epoch=1, total_steps=1, batch_size=1)  # raises ConfigError
+  optim_lib.make_optimizer(
+    config.optim, steps_per_epoch=1, total_steps=1, batch_size=1
+  )  # raises ConfigError
 
 
-def train_and_evaluate(config, workdir: str, *, data=None, allow_config_change: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+  config, workdir: str, *, data=None, allow_config_change: bool = False
+) -> dict[str, Any]:
   """Trains per ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
   Args:
@@ -198,18 +217,23 @@ def train_and_evaluate(config, workdir: str, *, data=None, allow_config_change: 
   validate_config(config)
   enable_compilation_cache(config.get("compilation_cache_dir", DEFAULT_CACHE_DIR))
   # Only process 0 writes the workdir's files, so it alone holds the lock.
-  lock = dirlock.exclusive_lock(workdir, what="training run") if jax.process_index() == 0 else (
-      contextlib.nullcontext())
+  lock = (
+    dirlock.exclusive_lock(workdir, what="training run")
+    if jax.process_index() == 0
+    else (contextlib.nullcontext())
+  )
   with lock:
-    return _train_and_evaluate(config, os.path.abspath(workdir), data or _default_data_module(),
-                               allow_config_change)
+    return _train_and_evaluate(
+      config, os.path.abspath(workdir), data or _default_data_module(), allow_config_change
+    )
 
 
 def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               keep=int(config.get("keep_checkpoints", 2) or 0) or None)
+  ckpt = ckpt_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=int(config.get("keep_checkpoints", 2) or 0) or None
+  )
   config_path = os.path.join(workdir, "config.json")
   changes = {}
   if ckpt.latest_step() is not None and os.path.exists(config_path):
@@ -219,53 +243,80 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
     if changes and not allow_config_change:
       listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:8])
       more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
-      raise ConfigChangedError(f"{workdir} holds a run with another config ({listed}{more}); resume it with "
-                               f"its own config ({config_path}), use a new workdir, or pass "
-                               "--allow_config_change")
+      raise ConfigChangedError(
+        f"{workdir} holds a run with another config ({listed}{more}); resume it with "
+        f"its own config ({config_path}), use a new workdir, or pass "
+        "--allow_config_change"
+      )
 
   mesh = sharding.make_mesh(config.get("num_devices", 0) or None)
   info = data.dataset_info(config.data)
   model_kwargs = dict(config.model)
   # A model with a classification head must match the dataset; an encoder-only model
   # (num_classes 0, e.g. for SSL or an objective that owns its head) has nothing to match.
-  if model_kwargs.get("num_classes") and info.get("num_classes") and model_kwargs["num_classes"] != info[
-      "num_classes"]:
-    raise ConfigError(f"config.model.num_classes={model_kwargs['num_classes']} but {info.get('task')} has "
-                      f"{info['num_classes']} classes; set --config.model.num_classes={info['num_classes']}")
+  if (
+    model_kwargs.get("num_classes")
+    and info.get("num_classes")
+    and model_kwargs["num_classes"] != info["num_classes"]
+  ):
+    raise ConfigError(
+      f"config.model.num_classes={model_kwargs['num_classes']} but {info.get('task')} has "
+      f"{info['num_classes']} classes; set --config.model.num_classes={info['num_classes']}"
+    )
   try:
     model = MODELS[config.model_name](**model_kwargs)
   except TypeError as e:  # an unknown or missing model kwarg
-    raise ConfigError(f"config.model does not fit model {config.model_name!r} ({e}); fix the config.model "
-                      "keys") from e
+    raise ConfigError(
+      f"config.model does not fit model {config.model_name!r} ({e}); fix the config.model keys"
+    ) from e
   objective = OBJECTIVES[config.objective_name]
   objective_cfg = config.get("objective", None)
   evals = {name: ecfg for name, ecfg in (config.get("evals", None) or {}).items()}
   check_kinds(evals)  # fail before training, not after it
 
   batch_size = int(config.data.batch_size)
-  train_it = data.train_iterator(config.data, seed=int(config.seed), mesh=mesh, global_batch_size=batch_size)
+  train_it = data.train_iterator(
+    config.data, seed=int(config.seed), mesh=mesh, global_batch_size=batch_size
+  )
   steps_per_epoch = int(train_it.steps_per_epoch)
-  total_steps = int(config.get("total_steps", 0) or 0) or int(math.ceil(config.num_epochs * steps_per_epoch))
-  optimizer, schedule = optim_lib.make_optimizer(config.optim, steps_per_epoch=steps_per_epoch,
-                                                 total_steps=total_steps, batch_size=batch_size)
+  total_steps = int(config.get("total_steps", 0) or 0) or int(
+    math.ceil(config.num_epochs * steps_per_epoch)
+  )
+  optimizer, schedule = optim_lib.make_optimizer(
+    config.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch_size=batch_size
+  )
 
   # The first batch fixes the input shape for init; it is also step 0's batch
   # unless a checkpoint resets the iterator below.
   first_batch = next(train_it)
-  example = jax.ShapeDtypeStruct((1,) + tuple(first_batch["image"].shape[1:]), first_batch["image"].dtype)
+  example = jax.ShapeDtypeStruct(
+    (1,) + tuple(first_batch["image"].shape[1:]), first_batch["image"].dtype
+  )
   last_saved = ckpt.latest_step()
   initial = None
   init_from = config.get("init_from", None)
   if last_saved is None and init_from and init_from.get("workdir", ""):
     # Only a fresh run starts from another run's weights; a resumed one has its own.
-    fresh = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                                              jax.numpy.zeros(example.shape, example.dtype), train=False))
+    fresh = jax.eval_shape(
+      lambda: model.init(
+        {"params": jax.random.key(0), "dropout": jax.random.key(0)},
+        jax.numpy.zeros(example.shape, example.dtype),
+        train=False,
+      )
+    )
     initial = ckpt_lib.load_pretrained(init_from, fresh)
     logging.info("init_from %s: %s", init_from.workdir, ckpt_lib.describe_subtrees(initial))
 
   def init(initial_variables):
-    return create_train_state(model, objective, optimizer, example, seed=int(config.seed),
-                              objective_config=objective_cfg, initial_variables=initial_variables)
+    return create_train_state(
+      model,
+      objective,
+      optimizer,
+      example,
+      seed=int(config.seed),
+      objective_config=objective_cfg,
+      initial_variables=initial_variables,
+    )
 
   state = jax.jit(init, out_shardings=sharding.replicated_sharding(mesh))(initial)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -282,12 +333,25 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
   if is_main:  # written only once the resume check passed and everything was built
     with open(config_path, "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  logging.info("model %s: %d params; %d steps (%d/epoch, batch %d) on %d devices, %d processes",
-               config.model_name, param_count(state.params), total_steps, steps_per_epoch, batch_size,
-               mesh.devices.size, jax.process_count())
+  logging.info(
+    "model %s: %d params; %d steps (%d/epoch, batch %d) on %d devices, %d processes",
+    config.model_name,
+    param_count(state.params),
+    total_steps,
+    steps_per_epoch,
+    batch_size,
+    mesh.devices.size,
+    jax.process_count(),
+  )
 
-  p_step = step_lib.jit_train_step(mesh, model=model, objective=objective, optimizer=optimizer,
-                                   config=objective_cfg, total_steps=total_steps)
+  p_step = step_lib.jit_train_step(
+    mesh,
+    model=model,
+    objective=objective,
+    optimizer=optimizer,
+    config=objective_cfg,
+    total_steps=total_steps,
+  )
   p_predict = step_lib.jit_predict(model=model, objective=objective, config=objective_cfg)
   log_every = int(config.get("log_every_steps", 50) or 1)
   ckpt_every = int(config.get("checkpoint_every_steps", 0) or 0)
@@ -299,8 +363,11 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
     """Pulls one step's metrics to host, guards NaN, and writes a line at log steps."""
     m = metrics_lib.scalar_items(jax.device_get(device_metrics))
     try:
-      metrics_lib.check_finite(m, done, last_good=(f"step {last_saved} in {ckpt.directory}"
-                                                   if last_saved is not None else ""))
+      metrics_lib.check_finite(
+        m,
+        done,
+        last_good=(f"step {last_saved} in {ckpt.directory}" if last_saved is not None else ""),
+      )
     except metrics_lib.NonFiniteLossError as e:
       writer.write(done, {"error": str(e), **m})
       raise
@@ -321,7 +388,10 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
   bar = None
   if is_main and config.get("progress", True):
     from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", mininterval=1.0, smoothing=0.1)
+
+    bar = tqdm(
+      total=total_steps, initial=start, desc="train", unit="step", mininterval=1.0, smoothing=0.1
+    )
   pending = None  # (steps done, metrics on device) not yet pulled to host
   t_start = time.perf_counter()
   try:
@@ -331,7 +401,10 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
       state, step_metrics = p_step(state, batch)
       if i == start:
         jax.block_until_ready(step_metrics)
-        logging.info("first step took %.1fs (compilation or cache load included)", time.perf_counter() - t_start)
+        logging.info(
+          "first step took %.1fs (compilation or cache load included)",
+          time.perf_counter() - t_start,
+        )
         timer.update(t=time.perf_counter(), steps=-1)  # steps/s from here on excludes compilation
       if pending is not None:
         flush(*pending)  # the previous step: by now done or nearly, so no stall
@@ -340,25 +413,36 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
       if bar is not None:
         bar.update(1)
       save_now = _is_due(done, ckpt_every) or done == total_steps
-      due_evals = {n: e for n, e in evals.items() if _is_due(done, int(e.get("every_steps", 0) or 0))
-                   and done != total_steps}
+      due_evals = {
+        n: e
+        for n, e in evals.items()
+        if _is_due(done, int(e.get("every_steps", 0) or 0)) and done != total_steps
+      }
       if save_now or due_evals:
         # Never checkpoint or evaluate a state whose step went non-finite.
         flush(*pending)
         pending = None
       if save_now:
         try:
-          ckpt.save(done, state, train_it.get_state(), meta={"total_steps": total_steps,
-                                                             "steps_per_epoch": steps_per_epoch})
+          ckpt.save(
+            done,
+            state,
+            train_it.get_state(),
+            meta={"total_steps": total_steps, "steps_per_epoch": steps_per_epoch},
+          )
         except FloatingPointError as e:  # finite loss but diverged state: stop like the NaN guard
           raise metrics_lib.NonFiniteLossError(
-              f"{e}; stopping the run. The last good checkpoint is kept "
-              f"({f'step {last_saved} in {ckpt.directory}' if last_saved is not None else 'none written yet'})"
+            f"{e}; stopping the run. The last good checkpoint is kept "
+            f"({f'step {last_saved} in {ckpt.directory}' if last_saved is not None else 'none written yet'})"
           ) from e
         last_saved = done
       if due_evals:
-        res = run_evals(due_evals, make_eval_context(functools.partial(p_predict, state), data, config, mesh),
-                        workdir=workdir, step=done)
+        res = run_evals(
+          due_evals,
+          make_eval_context(functools.partial(p_predict, state), data, config, mesh),
+          workdir=workdir,
+          step=done,
+        )
         writer.write(done, res)
     if pending is not None:
       flush(*pending)
@@ -368,8 +452,16 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
       bar.close()
     ckpt.close()
 
-  results = run_evals(evals, make_eval_context(functools.partial(p_predict, state), data, config, mesh),
-                      workdir=workdir, step=total_steps) if evals else {}
+  results = (
+    run_evals(
+      evals,
+      make_eval_context(functools.partial(p_predict, state), data, config, mesh),
+      workdir=workdir,
+      step=total_steps,
+    )
+    if evals
+    else {}
+  )
   results = metrics_lib.to_jsonable({**results, "step": total_steps})
   writer.write(total_steps, results)
   if is_main:
@@ -391,8 +483,9 @@ CONFIG_CLI_HELP = """usage: {prog} --config FILE[:ARG] --workdir DIR [--config.K
 """
 
 
-def parse_config_cli(argv, *, workdir_help: str = "Output directory.",
-                     allow_config_change: bool = False) -> dict[str, Any] | None:
+def parse_config_cli(
+  argv, *, workdir_help: str = "Output directory.", allow_config_change: bool = False
+) -> dict[str, Any] | None:
   """Parses ``[prog, --config FILE[:ARG], --config.key=value ..., --workdir DIR]``.
 
   Returns {'config': locked ConfigDict, 'workdir': str, 'allow_config_change': bool}, or None
@@ -405,18 +498,37 @@ def parse_config_cli(argv, *, workdir_help: str = "Output directory.",
   argv = list(argv if argv is not None else sys.argv)
   prog = argv[0] if argv else "mtneuro train"
   if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
-    extra = ("\n  --allow_config_change   resume although keys that change the training maths differ "
-             "from\n                          the workdir's config.json" if allow_config_change else "")
-    print(CONFIG_CLI_HELP.format(prog=prog, workdir_help=workdir_help, extra_help=extra,
-                                 extra_usage=" [--allow_config_change]" if allow_config_change else ""))
+    extra = (
+      "\n  --allow_config_change   resume although keys that change the training maths differ "
+      "from\n                          the workdir's config.json"
+      if allow_config_change
+      else ""
+    )
+    print(
+      CONFIG_CLI_HELP.format(
+        prog=prog,
+        workdir_help=workdir_help,
+        extra_help=extra,
+        extra_usage=" [--allow_config_change]" if allow_config_change else "",
+      )
+    )
     return None
   fv = flags.FlagValues()  # a private flag set: no clash with other absl users, callable twice
   # sys_argv: config_flags reads the --config.* overrides from it (by default from sys.argv).
-  config_flag = config_flags.DEFINE_config_file("config", None, "get_config() file[:arg].", flag_values=fv,
-                                                lock_config=True, sys_argv=[prog, *argv[1:]])
+  config_flag = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "get_config() file[:arg].",
+    flag_values=fv,
+    lock_config=True,
+    sys_argv=[prog, *argv[1:]],
+  )
   workdir_flag = flags.DEFINE_string("workdir", None, workdir_help, flag_values=fv)
-  allow_flag = (flags.DEFINE_boolean("allow_config_change", False, "resume with another config", flag_values=fv)
-                if allow_config_change else None)
+  allow_flag = (
+    flags.DEFINE_boolean("allow_config_change", False, "resume with another config", flag_values=fv)
+    if allow_config_change
+    else None
+  )
   try:
     rest = fv([prog, *argv[1:]])
     config = config_flag.value
@@ -432,11 +544,16 @@ def parse_config_cli(argv, *, workdir_help: str = "Output directory.",
     raise UsageError(f"{prog}: {_one_line(e)}; see `{prog} --help`") from e
   if len(rest) > 1:
     raise UsageError(f"{prog}: unexpected arguments {rest[1:]}; see `{prog} --help`")
-  missing = [f"--{n}" for n, v in (("config", config), ("workdir", workdir_flag.value)) if v is None]
+  missing = [
+    f"--{n}" for n, v in (("config", config), ("workdir", workdir_flag.value)) if v is None
+  ]
   if missing:
     raise UsageError(f"{prog}: {' and '.join(missing)} required; see `{prog} --help`")
-  return {"config": config, "workdir": workdir_flag.value,
-          "allow_config_change": bool(allow_flag.value) if allow_flag is not None else False}
+  return {
+    "config": config,
+    "workdir": workdir_flag.value,
+    "allow_config_change": bool(allow_flag.value) if allow_flag is not None else False,
+  }
 
 
 def _one_line(e: Exception) -> str:
@@ -447,7 +564,8 @@ def quiet_logging() -> None:
   """INFO logs of our own; Orbax logs every save step at INFO, keep only its warnings."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_logger().addFilter(
-      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+    lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
+  )
 
 
 def main(argv=None) -> int:
@@ -455,12 +573,17 @@ def main(argv=None) -> int:
 
   Raises UserError on bad input (``run_cli`` turns it into one line and exit 2).
   """
-  args = parse_config_cli(argv, workdir_help="output directory (resumes if it holds checkpoints)",
-                          allow_config_change=True)
+  args = parse_config_cli(
+    argv,
+    workdir_help="output directory (resumes if it holds checkpoints)",
+    allow_config_change=True,
+  )
   if args is None:
     return 0
   quiet_logging()
-  train_and_evaluate(args["config"], args["workdir"], allow_config_change=args["allow_config_change"])
+  train_and_evaluate(
+    args["config"], args["workdir"], allow_config_change=args["allow_config_change"]
+  )
   return 0
 
 

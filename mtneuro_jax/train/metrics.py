@@ -1,4 +1,5 @@
 """Metric logging (JSON lines in the workdir) and the NaN/Inf guard."""
+
 from __future__ import annotations
 
 import json
@@ -39,15 +40,21 @@ def scalar_items(metrics: Mapping[str, Any]) -> dict[str, float]:
   return out
 
 
-def check_finite(metrics: Mapping[str, float], step: int, *, keys=("train/loss", "train/grad_norm"),
-                 last_good: str = "") -> None:
+def check_finite(
+  metrics: Mapping[str, float],
+  step: int,
+  *,
+  keys=("train/loss", "train/grad_norm"),
+  last_good: str = "",
+) -> None:
   """Raises NonFiniteLossError if any of ``keys`` in ``metrics`` is NaN or Inf."""
   bad = {k: metrics[k] for k in keys if k in metrics and not math.isfinite(metrics[k])}
   if bad:
     raise NonFiniteLossError(
-        f"non-finite training values at step {step}: {bad}. Stopping the run; the checkpoint "
-        f"written before this step is kept ({last_good or 'none written yet'}). Lower the "
-        "learning rate, check the input normalisation, or resume from that checkpoint.")
+      f"non-finite training values at step {step}: {bad}. Stopping the run; the checkpoint "
+      f"written before this step is kept ({last_good or 'none written yet'}). Lower the "
+      "learning rate, check the input normalisation, or resume from that checkpoint."
+    )
 
 
 class MetricWriter:

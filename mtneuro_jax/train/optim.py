@@ -35,6 +35,7 @@ Derived values (steps per epoch, warmup steps, total steps) are computed by the
 caller (the loop) from the dataset size and passed in here, never stored in
 the config.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,7 +57,9 @@ def peak_learning_rate(cfg, batch_size: int) -> float:
   return lr * batch_size / base if base > 0 else lr
 
 
-def make_schedule(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: int) -> optax.Schedule:
+def make_schedule(
+  cfg, *, steps_per_epoch: int, total_steps: int, batch_size: int
+) -> optax.Schedule:
   """LR as a function of the update index (0-based)."""
   peak = peak_learning_rate(cfg, batch_size)
   warmup = int(round(float(_get(cfg, "warmup_epochs", 0.0)) * steps_per_epoch))
@@ -64,12 +67,15 @@ def make_schedule(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: in
   kind = _get(cfg, "schedule", "constant")
   if kind == "cosine":
     if warmup:
-      return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), 0.0)
+      return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup, max(total_steps, warmup + 1), 0.0
+      )
     return optax.cosine_decay_schedule(peak, max(total_steps, 1), alpha=0.0)
   if kind == "constant":
     if warmup:
-      return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
-                                  [warmup])
+      return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+      )
     return optax.constant_schedule(peak)
   raise ConfigError(f"unknown schedule {kind!r}; known: 'cosine', 'constant'")
 
@@ -103,12 +109,14 @@ class _Overlay:
     return self._over[key] if key in self._over else _get(self._cfg, key, default)
 
 
-def _update_chain(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: int,
-                  clip: bool) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+def _update_chain(
+  cfg, *, steps_per_epoch: int, total_steps: int, batch_size: int, clip: bool
+) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
   """(clip) -> coupled decay -> SGD momentum | Adam -> decoupled decay -> -lr: one group's update."""
   name = _get(cfg, "name", "sgd")
-  schedule = make_schedule(cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                           batch_size=batch_size)
+  schedule = make_schedule(
+    cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch_size=batch_size
+  )
   wd = float(_get(cfg, "weight_decay", 0.0))
   mode = _get(cfg, "weight_decay_mode", "decoupled" if name == "adamw" else "coupled")
   if mode not in ("coupled", "decoupled"):
@@ -131,8 +139,13 @@ def _update_chain(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: in
     if momentum:
       chain.append(optax.trace(decay=momentum, nesterov=bool(_get(cfg, "nesterov", False))))
   elif name in ("adam", "adamw"):
-    chain.append(optax.scale_by_adam(b1=float(_get(cfg, "b1", 0.9)), b2=float(_get(cfg, "b2", 0.999)),
-                                     eps=float(_get(cfg, "eps", 1e-8))))
+    chain.append(
+      optax.scale_by_adam(
+        b1=float(_get(cfg, "b1", 0.9)),
+        b2=float(_get(cfg, "b2", 0.999)),
+        eps=float(_get(cfg, "eps", 1e-8)),
+      )
+    )
   else:
     raise ConfigError(f"unknown optimizer {name!r}; known: 'sgd', 'adam', 'adamw'")
   if wd and mode == "decoupled":
@@ -141,8 +154,9 @@ def _update_chain(cfg, *, steps_per_epoch: int, total_steps: int, batch_size: in
   return optax.chain(*chain), schedule
 
 
-def make_optimizer(cfg, *, steps_per_epoch: int, total_steps: int,
-                   batch_size: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+def make_optimizer(
+  cfg, *, steps_per_epoch: int, total_steps: int, batch_size: int
+) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
   """Returns (optax optimizer, the top-level LR schedule). See the module docstring for keys."""
   sizes = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch_size=batch_size)
   freeze = list(_get(cfg, "freeze", ()) or ())
@@ -153,21 +167,27 @@ def make_optimizer(cfg, *, steps_per_epoch: int, total_steps: int,
     if "pattern" not in gcfg:
       raise ConfigError(f"optim.param_groups.{gname} has no 'pattern' (a regex over param paths)")
     if gname in ("train", "frozen"):
-      raise ConfigError(f"optim.param_groups.{gname}: 'train' and 'frozen' are reserved group names")
+      raise ConfigError(
+        f"optim.param_groups.{gname}: 'train' and 'frozen' are reserved group names"
+      )
     groups.append((gname, gcfg))
   if not groups:
     tx, schedule = _update_chain(cfg, clip=True, **sizes)
     if freeze:
-      tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                                 lambda params: param_labels(params, freeze))
+      tx = optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()}, lambda params: param_labels(params, freeze)
+      )
     return tx, schedule
 
   tx, schedule = _update_chain(cfg, clip=False, **sizes)
   transforms = {"train": tx, "frozen": optax.set_to_zero()}
   for gname, gcfg in groups:
     over = {k: v for k, v in gcfg.items() if k not in ("pattern", "freeze")}
-    transforms[gname] = (optax.set_to_zero() if gcfg.get("freeze", False) else
-                         _update_chain(_Overlay(cfg, over), clip=False, **sizes)[0])
+    transforms[gname] = (
+      optax.set_to_zero()
+      if gcfg.get("freeze", False)
+      else _update_chain(_Overlay(cfg, over), clip=False, **sizes)[0]
+    )
   patterns = [(gname, gcfg["pattern"]) for gname, gcfg in groups]
 
   def labels(params):

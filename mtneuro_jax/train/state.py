@@ -1,5 +1,6 @@
 """The train state: everything a step reads and writes, and all a checkpoint holds
 besides the data iterator's position."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,6 +23,7 @@ class TrainState(flax.struct.PyTreeNode):
     ``fold_in(base, step)``, so randomness depends on the step alone, not on
     how many devices or restarts produced it.
   """
+
   step: jax.Array
   params: Any
   model_state: Any
@@ -33,8 +35,16 @@ class TrainState(flax.struct.PyTreeNode):
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def create_train_state(model, objective, optimizer, example_image: Any, *, seed: int, objective_config,
-                       initial_variables: Any = None) -> TrainState:
+def create_train_state(
+  model,
+  objective,
+  optimizer,
+  example_image: Any,
+  *,
+  seed: int,
+  objective_config,
+  initial_variables: Any = None,
+) -> TrainState:
   """Initialises model variables, the objective's own params and aux, and the optimizer (pure; jit it).
 
   Args:
@@ -56,16 +66,25 @@ def create_train_state(model, objective, optimizer, example_image: Any, *, seed:
   variables = dict(model.init({"params": init_rng, "dropout": init_rng}, image, train=False))
   if initial_variables:
     variables = merge_subtrees(variables, initial_variables)
-  own_params, aux = objective.init(aux_rng, model=model, variables=variables, example_image=image,
-                                   config=objective_config)
+  own_params, aux = objective.init(
+    aux_rng, model=model, variables=variables, example_image=image, config=objective_config
+  )
   params = dict(variables.pop("params"))
   clash = sorted(set(own_params) & set(params))
   if clash:
-    raise ValueError(f"objective {objective.name!r} creates params {clash} that the model already has; "
-                     "give the objective's sub-trees other names")
+    raise ValueError(
+      f"objective {objective.name!r} creates params {clash} that the model already has; "
+      "give the objective's sub-trees other names"
+    )
   params.update(own_params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                    opt_state=optimizer.init(params), aux=aux, rng=jax.random.key_data(train_rng))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=variables,
+    opt_state=optimizer.init(params),
+    aux=aux,
+    rng=jax.random.key_data(train_rng),
+  )
 
 
 def merge_subtrees(tree: Any, update: Any) -> Any:

@@ -1,4 +1,5 @@
 """The pure train step and its jit binding (shardings come from ``sharding.py``)."""
+
 from __future__ import annotations
 
 import functools
@@ -17,11 +18,23 @@ from mtneuro_jax.train.state import TrainState
 def global_norm(tree) -> jax.Array:
   """sqrt(sum of squares) over all leaves (float32)."""
   leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)) if leaves else jnp.zeros(())
+  return (
+    jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    if leaves
+    else jnp.zeros(())
+  )
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, objective, optimizer,
-               config, total_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model,
+  objective,
+  optimizer,
+  config,
+  total_steps: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update.
 
   Args:
@@ -40,23 +53,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, objecti
   ctx = StepContext(step=state.step, total_steps=int(total_steps))
 
   def loss_fn(params):
-    return objective.loss(params, state.model_state, state.aux, batch, rng, ctx=ctx, model=model,
-                          config=config)
+    return objective.loss(
+      params, state.model_state, state.aux, batch, rng, ctx=ctx, model=model, config=config
+    )
 
-  (loss, (metrics, model_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (metrics, model_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state.params
+  )
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   aux = objective.update(aux, params, ctx=ctx, config=config)
   metrics = dict(metrics)
   metrics.setdefault("train/loss", loss)
   metrics["train/grad_norm"] = global_norm(grads)
-  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                            opt_state=opt_state, aux=aux)
+  new_state = state.replace(
+    step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state, aux=aux
+  )
   return new_state, metrics
 
 
-def jit_train_step(mesh: Mesh, *, model, objective, optimizer, config, total_steps: int,
-                   donate: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def jit_train_step(
+  mesh: Mesh, *, model, objective, optimizer, config, total_steps: int, donate: bool = True
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``train_step`` bound to its statics and jitted for ``mesh``.
 
   State in/out replicated, batch split on 'data' (P('data') on the leading axis),
@@ -64,11 +82,18 @@ def jit_train_step(mesh: Mesh, *, model, objective, optimizer, config, total_ste
   Under jit, BatchNorm statistics are over the global batch, so the result does
   not depend on the number of devices.
   """
-  fn = functools.partial(train_step, model=model, objective=objective, optimizer=optimizer, config=config,
-                         total_steps=total_steps)
+  fn = functools.partial(
+    train_step,
+    model=model,
+    objective=objective,
+    optimizer=optimizer,
+    config=config,
+    total_steps=total_steps,
+  )
   rep, data = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh)
-  return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep),
-                 donate_argnums=(0,) if donate else ())
+  return jax.jit(
+    fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,) if donate else ()
+  )
 
 
 def jit_predict(*, model, objective, config) -> Callable[[TrainState, dict], dict[str, Any]]:
@@ -78,7 +103,11 @@ def jit_predict(*, model, objective, config) -> Callable[[TrainState, dict], dic
   sharded on 'data' (also slices of them, e.g. the corners protocol), so the
   outputs stay batch-sharded and evaluators gather what they need.
   """
+
   @jax.jit
   def predict(state: TrainState, batch: dict[str, jax.Array]):
-    return objective.predict(state.params, state.model_state, state.aux, batch, model=model, config=config)
+    return objective.predict(
+      state.params, state.model_state, state.aux, batch, model=model, config=config
+    )
+
   return predict

@@ -80,7 +80,17 @@ from mtneuro_jax.volumes.sources import Source, make_source
 log = logging.getLogger(__name__)
 
 MAX_CUTOUT_BYTES = 500 * 1024 * 1024  # the Boss limit (HTTP 413 above it)
-FAULT_KINDS = ("delay", "5xx", "429", "drop", "truncate", "wrong_size", "wrong_dtype", "corrupt", "zeros")
+FAULT_KINDS = (
+  "delay",
+  "5xx",
+  "429",
+  "drop",
+  "truncate",
+  "wrong_size",
+  "wrong_dtype",
+  "corrupt",
+  "zeros",
+)
 COORD_FRAME = "mtneuro_local_frame"
 
 
@@ -121,11 +131,14 @@ class MemoSource(Source):
 
   def __init__(self, inner: Source, *, max_bytes: int = 1 << 30, prefetch_channels: bool = False):
     from mtneuro_jax.volumes.sources import ArrayVolumeProvider
+
     self.inner = inner
     self.kind = inner.kind
     self.max_bytes = int(max_bytes)
     self.prefetch_channels = bool(prefetch_channels)
-    self._boxes: collections.OrderedDict[tuple[str, spec.Box], np.ndarray] = collections.OrderedDict()
+    self._boxes: collections.OrderedDict[tuple[str, spec.Box], np.ndarray] = (
+      collections.OrderedDict()
+    )
     self._held = 0
     self._lock = threading.Lock()
     self._inflight = _KeyedLocks()
@@ -143,10 +156,21 @@ class MemoSource(Source):
   def _lookup(self, channel: str, box: spec.Box) -> np.ndarray | None:
     with self._lock:
       for (ch, b), arr in reversed(self._boxes.items()):
-        if ch == channel and b.z0 <= box.z0 and box.z1 <= b.z1 and b.y0 <= box.y0 and box.y1 <= b.y1 \
-            and b.x0 <= box.x0 and box.x1 <= b.x1:
+        if (
+          ch == channel
+          and b.z0 <= box.z0
+          and box.z1 <= b.z1
+          and b.y0 <= box.y0
+          and box.y1 <= b.y1
+          and b.x0 <= box.x0
+          and box.x1 <= b.x1
+        ):
           self._boxes.move_to_end((ch, b))
-          return arr[box.z0 - b.z0:box.z1 - b.z0, box.y0 - b.y0:box.y1 - b.y0, box.x0 - b.x0:box.x1 - b.x0]
+          return arr[
+            box.z0 - b.z0 : box.z1 - b.z0,
+            box.y0 - b.y0 : box.y1 - b.y0,
+            box.x0 - b.x0 : box.x1 - b.x0,
+          ]
     return None
 
   def _store(self, channel: str, box: spec.Box, arr: np.ndarray) -> None:
@@ -228,8 +252,10 @@ class FaultPlan:
       k, eq, v = item.partition("=")
       k = names.get(k.strip(), k.strip())
       if not eq or k not in {f.name for f in dataclasses.fields(cls)}:
-        raise ValueError(f"bad fault option {item!r}; expected key=value with key in "
-                         "rate, kinds, seed, delay, retry_after, max_per_path, fail_after, cutouts_only")
+        raise ValueError(
+          f"bad fault option {item!r}; expected key=value with key in "
+          "rate, kinds, seed, delay, retry_after, max_per_path, fail_after, cutouts_only"
+        )
       if k == "kinds":
         kw[k] = tuple(x for x in v.split("+") if x)
       elif k in ("seed", "max_per_path", "fail_after"):
@@ -253,7 +279,9 @@ class FaultPlan:
 class _Reply(Exception):
   """An HTTP error reply, Boss style: ``{"status", "code", "message"}``."""
 
-  def __init__(self, status: int, message: str, code: int = 0, headers: Mapping[str, str] | None = None):
+  def __init__(
+    self, status: int, message: str, code: int = 0, headers: Mapping[str, str] | None = None
+  ):
     super().__init__(message)
     self.status, self.message, self.code, self.headers = status, message, code, dict(headers or {})
 
@@ -261,9 +289,16 @@ class _Reply(Exception):
 class ServerState:
   """What the server serves and what it has seen. All counters are thread-safe."""
 
-  def __init__(self, source: Source, *, token: str | None = None, faults: FaultPlan | None = None,
-               max_cutout_bytes: int = MAX_CUTOUT_BYTES, cache_bytes: int = 256 * 2**20,
-               latency_s: float = 0.0):
+  def __init__(
+    self,
+    source: Source,
+    *,
+    token: str | None = None,
+    faults: FaultPlan | None = None,
+    max_cutout_bytes: int = MAX_CUTOUT_BYTES,
+    cache_bytes: int = 256 * 2**20,
+    latency_s: float = 0.0,
+  ):
     self.source = source
     self.latency_s = float(latency_s)
     self._token = token
@@ -276,7 +311,9 @@ class ServerState:
     self._cached = 0
     self._inflight = _KeyedLocks()
     # Channel tables, keyed the Boss way.
-    self.channels = {(c.collection, c.experiment, c.channel): (name, c) for name, c in spec.CHANNELS.items()}
+    self.channels = {
+      (c.collection, c.experiment, c.channel): (name, c) for name, c in spec.CHANNELS.items()
+    }
     self.reset_counters()
 
   def reset_counters(self) -> None:
@@ -306,11 +343,15 @@ class ServerState:
   def stats(self) -> dict[str, Any]:
     with self._lock:
       return {
-          "requests": dict(self.requests), "cutout_requests": int(sum(self.path_counts.values())),
-          "cutout_paths": len(self.path_counts), "cutouts_ok": self.cutouts_ok,
-          "injected": dict(sorted(self.injected.items())), "injected_total": int(sum(self.injected.values())),
-          "statuses": {str(k): v for k, v in sorted(self.statuses.items())}, "bytes_sent": self.bytes_sent,
-          "cache_hits": self.cache_hits,
+        "requests": dict(self.requests),
+        "cutout_requests": int(sum(self.path_counts.values())),
+        "cutout_paths": len(self.path_counts),
+        "cutouts_ok": self.cutouts_ok,
+        "injected": dict(sorted(self.injected.items())),
+        "injected_total": int(sum(self.injected.values())),
+        "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+        "bytes_sent": self.bytes_sent,
+        "cache_hits": self.cache_hits,
       }
 
   def cutout_body(self, channel: str, box: spec.Box) -> bytes:
@@ -341,17 +382,22 @@ class ServerState:
 
 _RANGE = r"(\d+):(\d+)"
 _ROUTES = [
-    ("cutout", re.compile(rf"^/v1/cutout/([^/]+)/([^/]+)/([^/]+)/(\d+)/{_RANGE}/{_RANGE}/{_RANGE}(?:/(\d+):(\d+))?/?$")),
-    ("collections", re.compile(r"^/v1/collection/?$")),
-    ("collection", re.compile(r"^/v1/collection/([^/]+)/?$")),
-    ("experiments", re.compile(r"^/v1/collection/([^/]+)/experiment/?$")),
-    ("experiment", re.compile(r"^/v1/collection/([^/]+)/experiment/([^/]+)/?$")),
-    ("channels", re.compile(r"^/v1/collection/([^/]+)/experiment/([^/]+)/channel/?$")),
-    ("channel", re.compile(r"^/v1/collection/([^/]+)/experiment/([^/]+)/channel/([^/]+)/?$")),
-    ("coords", re.compile(r"^/v1/coord/?$")),
-    ("coord", re.compile(r"^/v1/coord/([^/]+)/?$")),
-    ("meta", re.compile(r"^/v1/meta/([^/]+)(?:/([^/]+))?(?:/([^/]+))?/?$")),
-    ("downsample", re.compile(r"^/v1/downsample/([^/]+)/([^/]+)/([^/]+)/?$")),
+  (
+    "cutout",
+    re.compile(
+      rf"^/v1/cutout/([^/]+)/([^/]+)/([^/]+)/(\d+)/{_RANGE}/{_RANGE}/{_RANGE}(?:/(\d+):(\d+))?/?$"
+    ),
+  ),
+  ("collections", re.compile(r"^/v1/collection/?$")),
+  ("collection", re.compile(r"^/v1/collection/([^/]+)/?$")),
+  ("experiments", re.compile(r"^/v1/collection/([^/]+)/experiment/?$")),
+  ("experiment", re.compile(r"^/v1/collection/([^/]+)/experiment/([^/]+)/?$")),
+  ("channels", re.compile(r"^/v1/collection/([^/]+)/experiment/([^/]+)/channel/?$")),
+  ("channel", re.compile(r"^/v1/collection/([^/]+)/experiment/([^/]+)/channel/([^/]+)/?$")),
+  ("coords", re.compile(r"^/v1/coord/?$")),
+  ("coord", re.compile(r"^/v1/coord/([^/]+)/?$")),
+  ("meta", re.compile(r"^/v1/meta/([^/]+)(?:/([^/]+))?(?:/([^/]+))?/?$")),
+  ("downsample", re.compile(r"^/v1/downsample/([^/]+)/([^/]+)/([^/]+)/?$")),
 ]
 
 
@@ -370,8 +416,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     log.debug("%s %s", self.address_string(), fmt % args)
 
   # -- helpers
-  def _send(self, status: int, body: bytes, ctype: str, headers: Mapping[str, str] | None = None,
-            served_key=None) -> None:
+  def _send(
+    self,
+    status: int,
+    body: bytes,
+    ctype: str,
+    headers: Mapping[str, str] | None = None,
+    served_key=None,
+  ) -> None:
     """One complete reply. Counters move before the write (a client that has the
     reply must see them) and move back if the write fails."""
     st = self.state
@@ -402,7 +454,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self._send(status, json.dumps(obj).encode(), "application/json", headers)
 
   def _error(self, e: _Reply) -> None:
-    body = {"detail": e.message} if e.status == 401 else {"status": e.status, "code": e.code, "message": e.message}
+    body = (
+      {"detail": e.message}
+      if e.status == 401
+      else {"status": e.status, "code": e.code, "message": e.message}
+    )
     self._json(body, e.status, e.headers)
 
   def _drop(self) -> None:
@@ -477,8 +533,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self._json({"collections": sorted({c for (c, _, _) in self.state.channels})})
 
   def _get_collection(self, c, query):
-    self._json({"name": c, "description": f"local copy of {c} ({self.state.source.kind})",
-                "experiments": self._experiments(c), "creator": "mtneuro", "public": True})
+    self._json(
+      {
+        "name": c,
+        "description": f"local copy of {c} ({self.state.source.kind})",
+        "experiments": self._experiments(c),
+        "creator": "mtneuro",
+        "public": True,
+      }
+    )
 
   def _get_experiments(self, c, query):
     self._json({"experiments": self._experiments(c)})
@@ -487,22 +550,50 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if e not in self._experiments(c):
       raise _Reply(404, f"Experiment {c}/{e} not found", 4004)
     chans = sorted(ch for (cc, ee, ch) in self.state.channels if (cc, ee) == (c, e))
-    self._json({"name": e, "description": "", "collection": c, "coord_frame": COORD_FRAME,
-                "num_hierarchy_levels": 1, "hierarchy_method": "isotropic", "num_time_samples": 1,
-                "time_step": None, "time_step_unit": "", "creator": "mtneuro", "channels": chans,
-                "public": True})
+    self._json(
+      {
+        "name": e,
+        "description": "",
+        "collection": c,
+        "coord_frame": COORD_FRAME,
+        "num_hierarchy_levels": 1,
+        "hierarchy_method": "isotropic",
+        "num_time_samples": 1,
+        "time_step": None,
+        "time_step_unit": "",
+        "creator": "mtneuro",
+        "channels": chans,
+        "public": True,
+      }
+    )
 
   def _get_channels(self, c, e, query):
     if e not in self._experiments(c):
       raise _Reply(404, f"Experiment {c}/{e} not found", 4004)
-    self._json({"channels": sorted(ch for (cc, ee, ch) in self.state.channels if (cc, ee) == (c, e))})
+    self._json(
+      {"channels": sorted(ch for (cc, ee, ch) in self.state.channels if (cc, ee) == (c, e))}
+    )
 
   def _get_channel(self, c, e, ch, query):
     _, chan = self._channel(c, e, ch)
-    self._json({"name": ch, "description": chan.uri, "experiment": e, "default_time_sample": 0,
-                "type": chan.kind, "base_resolution": 0, "datatype": chan.dtype, "creator": "mtneuro",
-                "sources": [], "downsample_status": "NOT_DOWNSAMPLED", "related": [],
-                "storage_type": "spdb", "bucket": None, "cv_path": None})
+    self._json(
+      {
+        "name": ch,
+        "description": chan.uri,
+        "experiment": e,
+        "default_time_sample": 0,
+        "type": chan.kind,
+        "base_resolution": 0,
+        "datatype": chan.dtype,
+        "creator": "mtneuro",
+        "sources": [],
+        "downsample_status": "NOT_DOWNSAMPLED",
+        "related": [],
+        "storage_type": "spdb",
+        "bucket": None,
+        "cv_path": None,
+      }
+    )
 
   def _get_coords(self, query):
     self._json({"coords": [COORD_FRAME]})
@@ -512,9 +603,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       raise _Reply(404, f"Coordinate frame {name} not found", 4004)
     z, y, x = self.state.shape
     v = spec.VOXEL_SIZE_UM
-    self._json({"name": COORD_FRAME, "description": "", "x_start": 0, "x_stop": x, "y_start": 0,
-                "y_stop": y, "z_start": 0, "z_stop": z, "x_voxel_size": v, "y_voxel_size": v,
-                "z_voxel_size": v, "voxel_unit": "micrometers"})
+    self._json(
+      {
+        "name": COORD_FRAME,
+        "description": "",
+        "x_start": 0,
+        "x_stop": x,
+        "y_start": 0,
+        "y_stop": y,
+        "z_start": 0,
+        "z_stop": z,
+        "x_voxel_size": v,
+        "y_voxel_size": v,
+        "z_voxel_size": v,
+        "voxel_unit": "micrometers",
+      }
+    )
 
   def _get_meta(self, c, e, ch, query):
     if "key" in query:
@@ -524,8 +628,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   def _get_downsample(self, c, e, ch, query):
     self._channel(c, e, ch)
     z, y, x = self.state.shape
-    self._json({"num_hierarchy_levels": 1, "cuboid_size": {"0": [512, 512, 16]}, "status": "NOT_DOWNSAMPLED",
-                "voxel_size": {"0": [spec.VOXEL_SIZE_UM] * 3}, "extent": {"0": [x, y, z]}})
+    self._json(
+      {
+        "num_hierarchy_levels": 1,
+        "cuboid_size": {"0": [512, 512, 16]},
+        "status": "NOT_DOWNSAMPLED",
+        "voxel_size": {"0": [spec.VOXEL_SIZE_UM] * 3},
+        "extent": {"0": [x, y, z]},
+      }
+    )
 
   def _get_cutout(self, c, e, ch, res, x0, x1, y0, y1, z0, z1, t0, t1, query):
     st = self.state
@@ -541,8 +652,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       raise _Reply(400, f"Invalid cutout range: {err}", 4000) from None
     nbytes = int(np.prod(box.shape)) * np.dtype(chan.dtype).itemsize
     if nbytes > st.max_cutout_bytes:
-      raise _Reply(413, f"Cutout request is over {st.max_cutout_bytes / 2**20:.0f}MB when uncompressed. "
-                   "Reduce cutout dimensions.", 4014)
+      raise _Reply(
+        413,
+        f"Cutout request is over {st.max_cutout_bytes / 2**20:.0f}MB when uncompressed. "
+        "Reduce cutout dimensions.",
+        4014,
+      )
     path = urllib.parse.urlsplit(self.path).path
     key = (name, box.as_tuple())
     with st._lock:
@@ -556,7 +671,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     kind = faults.decide(path, nth)
     tissue = chan.kind == "image" and box.z0 < spec.TISSUE_Z[1] and box.z1 > spec.TISSUE_Z[0]
     if kind == "zeros" and not tissue:
-      kind = None  # undetectable there: it would silently corrupt the data instead of testing the client
+      kind = (
+        None  # undetectable there: it would silently corrupt the data instead of testing the client
+      )
     if kind is not None:
       with st._lock:
         st.injected[kind] += 1
@@ -578,8 +695,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       status = (500, 502, 503, 504)[int(hashlib.sha256(self.path.encode()).digest()[0]) % 4]
       raise _Reply(status, "Service temporarily unavailable (injected)", 5000)
     if kind == "429":
-      raise _Reply(429, "Request was throttled (injected)", 4029,
-                   headers={"Retry-After": f"{faults.retry_after_s:g}"})
+      raise _Reply(
+        429,
+        "Request was throttled (injected)",
+        4029,
+        headers={"Retry-After": f"{faults.retry_after_s:g}"},
+      )
     if kind == "drop":
       self._drop()
       return True
@@ -590,7 +711,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self.send_header("Content-Type", ctype)
     self.send_header("Content-Length", str(len(body)))
     self.end_headers()
-    self.wfile.write(body[:len(body) // 2])
+    self.wfile.write(body[: len(body) // 2])
     self.wfile.flush()
     self.close_connection = True
     with contextlib.suppress(OSError):
@@ -606,13 +727,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       return
     data = np.frombuffer(blosc.decompress(body), dtype=chan.dtype)
     if kind == "wrong_size":
-      bad = blosc.compress(data[:len(data) - max(1, len(data) // 10)].tobytes(), typesize=data.itemsize)
+      bad = blosc.compress(
+        data[: len(data) - max(1, len(data) // 10)].tobytes(), typesize=data.itemsize
+      )
     elif kind == "wrong_dtype":
       other = np.uint16 if data.dtype == np.uint8 else np.uint8
       bad = blosc.compress(data.astype(other).tobytes(), typesize=np.dtype(other).itemsize)
     elif kind == "corrupt":
       bad = hashlib.sha256(body).digest() * (len(body) // 32 + 1)
-      bad = bad[:len(body)]
+      bad = bad[: len(body)]
     elif kind == "zeros":
       bad = blosc.compress(np.zeros_like(data).tobytes(), typesize=data.itemsize)
     else:
@@ -627,11 +750,26 @@ class BossServer:
   per ``(channel name, box.as_tuple())``; ``latency_s`` delays every cutout reply.
   """
 
-  def __init__(self, source: Source, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-               faults: FaultPlan | None = None, max_cutout_bytes: int = MAX_CUTOUT_BYTES,
-               cache_bytes: int = 256 * 2**20, latency_s: float = 0.0):
-    self.state = ServerState(source, token=token, faults=faults, max_cutout_bytes=max_cutout_bytes,
-                             cache_bytes=cache_bytes, latency_s=latency_s)
+  def __init__(
+    self,
+    source: Source,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    faults: FaultPlan | None = None,
+    max_cutout_bytes: int = MAX_CUTOUT_BYTES,
+    cache_bytes: int = 256 * 2**20,
+    latency_s: float = 0.0,
+  ):
+    self.state = ServerState(
+      source,
+      token=token,
+      faults=faults,
+      max_cutout_bytes=max_cutout_bytes,
+      cache_bytes=cache_bytes,
+      latency_s=latency_s,
+    )
     self._httpd = http.server.ThreadingHTTPServer((host, int(port)), _Handler)
     self._httpd.daemon_threads = True  # a delayed reply must not block shutdown
     self._httpd.block_on_close = False
@@ -639,8 +777,12 @@ class BossServer:
     self.host, self.port = self._httpd.server_address[:2]
     self.host_port = f"{self.host}:{self.port}"
     self.url = f"http://{self.host_port}"
-    self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                    name=f"boss-server-{self.port}", daemon=True)
+    self._thread = threading.Thread(
+      target=self._httpd.serve_forever,
+      kwargs={"poll_interval": 0.1},
+      name=f"boss-server-{self.port}",
+      daemon=True,
+    )
     self._thread.start()
 
   def stats(self) -> dict[str, Any]:
@@ -684,24 +826,48 @@ def serve(source: Source, **kwargs) -> Iterator[BossServer]:
 
 def build_parser() -> ArgumentParser:
   ap = ArgumentParser(
-      prog="mtneuro serve",
-      description="Serve a Source (phantom, local:/path, ...) through the Boss v1 REST API that intern "
-                  "speaks, optionally with injected faults.")
-  ap.add_argument("--source", default="phantom",
-                  help="source spec, as `mtneuro export --source` (default: phantom)")
-  ap.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
-  ap.add_argument("--port", type=int, default=0, help="port (0 = pick a free one; the URL is printed)")
-  ap.add_argument("--token_env", default=None,
-                  help="require the token held in this environment variable (not on the command line, "
-                       "where ps shows it); default: accept any token")
-  ap.add_argument("--faults", default="", help="fault plan, e.g. 'rate=0.2,kinds=5xx+429+drop,seed=0,delay=2'")
-  ap.add_argument("--cache_mb", type=float, default=256,
-                  help="LRU cache of encoded cutouts, MiB (default 256)")
-  ap.add_argument("--max_cutout_mb", type=float, default=MAX_CUTOUT_BYTES / 2**20,
-                  help="refuse larger cutouts with 413 (Boss: 500)")
-  ap.add_argument("--latency_ms", type=float, default=0, help="added to every cutout reply (emulates a WAN)")
-  ap.add_argument("--memo_mb", type=float, default=0,
-                  help="keep decoded cutouts of the source in memory (MiB); for slow sources like the phantom")
+    prog="mtneuro serve",
+    description="Serve a Source (phantom, local:/path, ...) through the Boss v1 REST API that intern "
+    "speaks, optionally with injected faults.",
+  )
+  ap.add_argument(
+    "--source",
+    default="phantom",
+    help="source spec, as `mtneuro export --source` (default: phantom)",
+  )
+  ap.add_argument(
+    "--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)"
+  )
+  ap.add_argument(
+    "--port", type=int, default=0, help="port (0 = pick a free one; the URL is printed)"
+  )
+  ap.add_argument(
+    "--token_env",
+    default=None,
+    help="require the token held in this environment variable (not on the command line, "
+    "where ps shows it); default: accept any token",
+  )
+  ap.add_argument(
+    "--faults", default="", help="fault plan, e.g. 'rate=0.2,kinds=5xx+429+drop,seed=0,delay=2'"
+  )
+  ap.add_argument(
+    "--cache_mb", type=float, default=256, help="LRU cache of encoded cutouts, MiB (default 256)"
+  )
+  ap.add_argument(
+    "--max_cutout_mb",
+    type=float,
+    default=MAX_CUTOUT_BYTES / 2**20,
+    help="refuse larger cutouts with 413 (Boss: 500)",
+  )
+  ap.add_argument(
+    "--latency_ms", type=float, default=0, help="added to every cutout reply (emulates a WAN)"
+  )
+  ap.add_argument(
+    "--memo_mb",
+    type=float,
+    default=0,
+    help="keep decoded cutouts of the source in memory (MiB); for slow sources like the phantom",
+  )
   return ap
 
 
@@ -729,24 +895,38 @@ def run(argv: Sequence[str]) -> int:
   token = None
   if args.token_env:
     import os
+
     token = os.environ.get(args.token_env)
     if not token:
       ap.error(f"--token_env {args.token_env}: that environment variable is empty or unset")
   source = make_source(args.source)
   if args.memo_mb > 0:
-    source = MemoSource(source, max_bytes=int(args.memo_mb * 2**20),
-                        prefetch_channels=source.kind == "phantom")
+    source = MemoSource(
+      source, max_bytes=int(args.memo_mb * 2**20), prefetch_channels=source.kind == "phantom"
+    )
   try:
-    server = BossServer(source, host=args.bind, port=args.port, token=token, faults=faults,
-                        cache_bytes=int(args.cache_mb * 2**20),
-                        max_cutout_bytes=int(args.max_cutout_mb * 2**20), latency_s=args.latency_ms / 1e3)
+    server = BossServer(
+      source,
+      host=args.bind,
+      port=args.port,
+      token=token,
+      faults=faults,
+      cache_bytes=int(args.cache_mb * 2**20),
+      max_cutout_bytes=int(args.max_cutout_mb * 2**20),
+      latency_s=args.latency_ms / 1e3,
+    )
   except OSError as e:
-    raise UserError(f"cannot listen on {args.bind}:{args.port} ({e.strerror or e}); pick another "
-                    "--port (0 = any free one) or --bind address") from None
+    raise UserError(
+      f"cannot listen on {args.bind}:{args.port} ({e.strerror or e}); pick another "
+      "--port (0 = any free one) or --bind address"
+    ) from None
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   print(f"BOSS_SERVER_URL={server.url}", flush=True)
-  print(f"serving --source {args.source} as Boss API v1; read it with "
-        f"--source 'bossdb:host={server.host_port},protocol=http' (Ctrl-C stops)", flush=True)
+  print(
+    f"serving --source {args.source} as Boss API v1; read it with "
+    f"--source 'bossdb:host={server.host_port},protocol=http' (Ctrl-C stops)",
+    flush=True,
+  )
   stop = threading.Event()
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda *_: stop.set())

@@ -73,8 +73,18 @@ BOSS_MAX_CUTOUT_BYTES = 500 * 1024 * 1024
 DEFAULT_CHUNK_ZYX = (32, 512, 512)
 DEFAULT_CONCURRENCY = 4
 
-FAULT_KINDS = ("connection", "timeout", "http_5xx", "http_429", "truncated", "undecodable",
-               "wrong_size", "wrong_shape", "wrong_dtype", "all_zero")
+FAULT_KINDS = (
+  "connection",
+  "timeout",
+  "http_5xx",
+  "http_429",
+  "truncated",
+  "undecodable",
+  "wrong_size",
+  "wrong_shape",
+  "wrong_dtype",
+  "all_zero",
+)
 
 
 class BossFetchError(SourceError):
@@ -112,22 +122,32 @@ def _read_intern_config(path: str, environ: Mapping[str, str]) -> tuple[dict[str
     try:
       parser.read(path)
     except configparser.Error as e:
-      raise SourceError(f"cannot parse intern config {path}: {type(e).__name__}; fix or move that "
-                        "file, or pass host=/token= in the source spec") from None
+      raise SourceError(
+        f"cannot parse intern config {path}: {type(e).__name__}; fix or move that "
+        "file, or pass host=/token= in the source spec"
+      ) from None
     # BossRemote reads the cutout service from [Volume Service] when present.
     for section in ("Volume Service", "Default"):
       if parser.has_section(section):
         return {k: v for k, v in parser.items(section) if k in ("protocol", "host", "token")}, path
     return {}, path
-  values = {k: environ[f"INTERN_{k.upper()}"] for k in ("protocol", "host", "token")
-            if environ.get(f"INTERN_{k.upper()}")}
+  values = {
+    k: environ[f"INTERN_{k.upper()}"]
+    for k in ("protocol", "host", "token")
+    if environ.get(f"INTERN_{k.upper()}")
+  }
   return values, "INTERN_* environment"
 
 
-def resolve_boss_config(host: str | None = None, protocol: str | None = None,
-                        token: str | None = None, *, token_file: str | None = None,
-                        environ: Mapping[str, str] | None = None,
-                        intern_cfg: str = "~/.intern/intern.cfg") -> tuple[dict[str, str], dict[str, str]]:
+def resolve_boss_config(
+  host: str | None = None,
+  protocol: str | None = None,
+  token: str | None = None,
+  *,
+  token_file: str | None = None,
+  environ: Mapping[str, str] | None = None,
+  intern_cfg: str = "~/.intern/intern.cfg",
+) -> tuple[dict[str, str], dict[str, str]]:
   """Resolves ``{"protocol", "host", "token"}`` for a BossRemote.
 
   Precedence, field by field:
@@ -149,13 +169,18 @@ def resolve_boss_config(host: str | None = None, protocol: str | None = None,
       with open(os.path.expanduser(token_file)) as f:
         token = f.read().strip()
     except OSError as e:
-      raise SourceError(f"cannot read token_file {token_file}: {e.strerror}; check the path") from None
+      raise SourceError(
+        f"cannot read token_file {token_file}: {e.strerror}; check the path"
+      ) from None
     if not token:
       raise SourceError(f"token_file {token_file} is empty; put the token in it")
   env = {k: environ.get(f"MTNEURO_BOSS_{k.upper()}") or None for k in ("protocol", "host", "token")}
   cfg, cfg_origin = _read_intern_config(intern_cfg, environ)
-  levels = [({"host": host, "protocol": protocol, "token": token}, "argument"),
-            (env, "MTNEURO_BOSS_* environment"), (cfg, cfg_origin)]
+  levels = [
+    ({"host": host, "protocol": protocol, "token": token}, "argument"),
+    (env, "MTNEURO_BOSS_* environment"),
+    (cfg, cfg_origin),
+  ]
   out, origins = {}, {}
   for field in ("host", "protocol"):
     for values, origin in levels:
@@ -163,7 +188,10 @@ def resolve_boss_config(host: str | None = None, protocol: str | None = None,
         out[field], origins[field] = str(values[field]), origin
         break
     else:
-      out[field], origins[field] = (DEFAULT_HOST if field == "host" else DEFAULT_PROTOCOL), "default"
+      out[field], origins[field] = (
+        (DEFAULT_HOST if field == "host" else DEFAULT_PROTOCOL),
+        "default",
+      )
   out["token"], origins["token"] = PUBLIC_TOKEN, "default (public)"
   for values, origin in levels:
     if not values.get("token"):
@@ -175,11 +203,15 @@ def resolve_boss_config(host: str | None = None, protocol: str | None = None,
     break
   out["host"] = out["host"].rstrip("/")
   if out["protocol"] not in ("http", "https"):
-    raise SourceError(f"BossDB protocol must be 'http' or 'https', got {out['protocol']!r}; "
-                      "fix protocol= (or MTNEURO_BOSS_PROTOCOL)")
+    raise SourceError(
+      f"BossDB protocol must be 'http' or 'https', got {out['protocol']!r}; "
+      "fix protocol= (or MTNEURO_BOSS_PROTOCOL)"
+    )
   if "://" in out["host"] or "/" in out["host"]:
-    raise SourceError(f"BossDB host must be 'name[:port]' without scheme or path, got {out['host']!r}; "
-                      "pass the scheme as protocol=http|https")
+    raise SourceError(
+      f"BossDB host must be 'name[:port]' without scheme or path, got {out['host']!r}; "
+      "pass the scheme as protocol=http|https"
+    )
   if out["protocol"] == "http" and out["token"] != PUBLIC_TOKEN:
     log.warning("sending a non-public BossDB token to %s over plain http", out["host"])
   return out, origins
@@ -201,7 +233,9 @@ class BossRemoteProvider(_BossDBVolumeProvider):
   ``get_cutout`` returns the ZYX array of one HTTP request (C order, channel dtype).
   """
 
-  def __init__(self, config: Mapping[str, str], *, timeout_s: float = 60.0, connect_timeout_s: float = 10.0):
+  def __init__(
+    self, config: Mapping[str, str], *, timeout_s: float = 60.0, connect_timeout_s: float = 10.0
+  ):
     # Deliberately not calling super().__init__: it would build a default
     # BossRemote from ~/.intern; ``boss`` below is per-thread instead.
     self._config = {k: str(config[k]) for k in ("protocol", "host", "token")}
@@ -222,7 +256,9 @@ class BossRemoteProvider(_BossDBVolumeProvider):
       remote = BossRemote(dict(self._config))
       for service in (remote.project_service, remote.metadata_service, remote.volume_service):
         opts = dict(service.session_send_opts)
-        opts["timeout"] = self._timeout  # requests has no default timeout: a stall would hang forever
+        opts["timeout"] = (
+          self._timeout
+        )  # requests has no default timeout: a stall would hang forever
         if opts.get("verify") is False:
           opts["verify"] = True  # never talk to BossDB without TLS verification
         service.session_send_opts = opts
@@ -231,8 +267,9 @@ class BossRemoteProvider(_BossDBVolumeProvider):
 
   def get_cutout(self, channel, resolution, xs, ys, zs) -> np.ndarray:
     size_xyz = (xs[1] - xs[0], ys[1] - ys[0], zs[1] - zs[0])
-    return self.boss.get_cutout(channel, resolution, list(xs), list(ys), list(zs),
-                                parallel=False, chunk_size=size_xyz)
+    return self.boss.get_cutout(
+      channel, resolution, list(xs), list(ys), list(zs), parallel=False, chunk_size=size_xyz
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -270,11 +307,11 @@ def _retry_after(response) -> float | None:
 
 
 _FATAL_HINTS = {
-    400: "the server rejected the request (bad range or resolution?)",
-    401: "the token was refused: pass token=/token_file= or set MTNEURO_BOSS_TOKEN",
-    403: "no permission for this channel with this token",
-    404: "no such collection/experiment/channel on this host: check host= and the channel URI",
-    413: "the request is over the server's cutout size limit: lower chunk=",
+  400: "the server rejected the request (bad range or resolution?)",
+  401: "the token was refused: pass token=/token_file= or set MTNEURO_BOSS_TOKEN",
+  403: "no permission for this channel with this token",
+  404: "no such collection/experiment/channel on this host: check host= and the channel URI",
+  413: "the request is over the server's cutout size limit: lower chunk=",
 }
 
 
@@ -289,7 +326,9 @@ def classify(exc: BaseException) -> tuple[str | None, float | None]:
     return "timeout", None
   if isinstance(exc, requests.exceptions.ChunkedEncodingError):
     return "truncated", None
-  if isinstance(exc, (requests.exceptions.ContentDecodingError, requests.exceptions.JSONDecodeError)):
+  if isinstance(
+    exc, (requests.exceptions.ContentDecodingError, requests.exceptions.JSONDecodeError)
+  ):
     return "undecodable", None
   if isinstance(exc, requests.exceptions.HTTPError):
     status = getattr(exc.response, "status_code", None)
@@ -302,7 +341,9 @@ def classify(exc: BaseException) -> tuple[str | None, float | None]:
     return "connection", None
   if type(exc).__name__ == "error" and type(exc).__module__ == "blosc_extension":
     return "undecodable", None
-  if isinstance(exc, ValueError) and re.search(r"reshape|buffer size|multiple of element size", str(exc)):
+  if isinstance(exc, ValueError) and re.search(
+    r"reshape|buffer size|multiple of element size", str(exc)
+  ):
     return "wrong_size", None
   return None, None
 
@@ -313,7 +354,11 @@ def tissue_expected(channel, resolution: int, box: spec.Box) -> bool:
   ``channel`` is an intern ChannelResource; labels may legitimately be all zero.
   """
   del resolution  # z is not downsampled in the Boss hierarchies MTNeuro uses
-  return getattr(channel, "type", "") == "image" and box.z0 < spec.TISSUE_Z[1] and box.z1 > spec.TISSUE_Z[0]
+  return (
+    getattr(channel, "type", "") == "image"
+    and box.z0 < spec.TISSUE_Z[1]
+    and box.z1 > spec.TISSUE_Z[0]
+  )
 
 
 def never_expected(channel, resolution: int, box: spec.Box) -> bool:
@@ -321,7 +366,10 @@ def never_expected(channel, resolution: int, box: spec.Box) -> bool:
   return False
 
 
-EXPECT_NONZERO: Mapping[str, Callable[..., bool]] = {"image": tissue_expected, "none": never_expected}
+EXPECT_NONZERO: Mapping[str, Callable[..., bool]] = {
+  "image": tissue_expected,
+  "none": never_expected,
+}
 
 
 # ---------------------------------------------------------------------------
@@ -336,8 +384,10 @@ def parse_chunk(text: str | Sequence[int] | None) -> tuple[int, int, int]:
   except (TypeError, ValueError):
     chunk = ()
   if len(chunk) != 3 or min(chunk) < 1:
-    raise SourceError(f"chunk must be three positive ZYX sizes like '32x512x512', got {text!r}; "
-                      "fix the chunk= option")
+    raise SourceError(
+      f"chunk must be three positive ZYX sizes like '32x512x512', got {text!r}; "
+      "fix the chunk= option"
+    )
   return chunk  # type: ignore[return-value]
 
 
@@ -353,7 +403,12 @@ def plan_chunks(box: spec.Box, chunk_zyx: Sequence[int]) -> list[spec.Box]:
     n = -(-(hi - lo) // c)
     cuts = [lo + (hi - lo) * i // n for i in range(n + 1)]
     edges.append(list(zip(cuts[:-1], cuts[1:], strict=True)))
-  return [spec.Box(z0, z1, y0, y1, x0, x1) for z0, z1 in edges[0] for y0, y1 in edges[1] for x0, x1 in edges[2]]
+  return [
+    spec.Box(z0, z1, y0, y1, x0, x1)
+    for z0, z1 in edges[0]
+    for y0, y1 in edges[1]
+    for x0, x1 in edges[2]
+  ]
 
 
 # ---------------------------------------------------------------------------
@@ -396,12 +451,17 @@ class FetchStats:
   def snapshot(self) -> dict[str, Any]:
     with self._lock:
       return {
-          "requests": self.requests, "ok": self.ok, "bytes": self.bytes, "cutouts": self.cutouts,
-          "metadata_requests": self.metadata_requests,
-          "retries": int(sum(self.retries.values())), "retries_by_kind": dict(sorted(self.retries.items())),
-          "faults_by_kind": dict(sorted(self.faults.items())),
-          "failures_by_kind": dict(sorted(self.failures.items())), "fatal": self.fatal,
-          "backoff_wait_s": round(self.wait_s, 3),
+        "requests": self.requests,
+        "ok": self.ok,
+        "bytes": self.bytes,
+        "cutouts": self.cutouts,
+        "metadata_requests": self.metadata_requests,
+        "retries": int(sum(self.retries.values())),
+        "retries_by_kind": dict(sorted(self.retries.items())),
+        "faults_by_kind": dict(sorted(self.faults.items())),
+        "failures_by_kind": dict(sorted(self.failures.items())),
+        "fatal": self.fatal,
+        "backoff_wait_s": round(self.wait_s, 3),
       }
 
 
@@ -425,11 +485,20 @@ class ResilientVolumeProvider(VolumeProvider):
     secret: a string never to appear in errors (the token).
   """
 
-  def __init__(self, inner: VolumeProvider, *, chunk_zyx: Sequence[int] = DEFAULT_CHUNK_ZYX,
-               concurrency: int = DEFAULT_CONCURRENCY, retry: RetryPolicy | None = None,
-               expect_nonzero: Callable[..., bool] = tissue_expected,
-               max_request_bytes: int = BOSS_MAX_CUTOUT_BYTES, sleep: Callable[[float], None] = time.sleep,
-               seed: int | None = None, describe_target: str = "", secret: str | None = None):
+  def __init__(
+    self,
+    inner: VolumeProvider,
+    *,
+    chunk_zyx: Sequence[int] = DEFAULT_CHUNK_ZYX,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    retry: RetryPolicy | None = None,
+    expect_nonzero: Callable[..., bool] = tissue_expected,
+    max_request_bytes: int = BOSS_MAX_CUTOUT_BYTES,
+    sleep: Callable[[float], None] = time.sleep,
+    seed: int | None = None,
+    describe_target: str = "",
+    secret: str | None = None,
+  ):
     self.inner = inner
     self.chunk_zyx = parse_chunk(chunk_zyx)
     if int(concurrency) < 1:
@@ -458,23 +527,35 @@ class ResilientVolumeProvider(VolumeProvider):
     return self.inner.get_remote() if hasattr(self.inner, "get_remote") else None
 
   def get_channel(self, channel: str, collection: str, experiment: str):
-    return self._call(f"channel {collection}/{experiment}/{channel}",
-                      lambda: self.inner.get_channel(channel, collection, experiment))
+    return self._call(
+      f"channel {collection}/{experiment}/{channel}",
+      lambda: self.inner.get_channel(channel, collection, experiment),
+    )
 
   def get_project(self, resource):
-    return self._call(f"resource {getattr(resource, 'name', resource)}", lambda: self.inner.get_project(resource))
+    return self._call(
+      f"resource {getattr(resource, 'name', resource)}", lambda: self.inner.get_project(resource)
+    )
 
   def get_shape(self, channel, resolution: int = 0):
-    return self._call(f"shape of {_uri(channel)}", lambda: self.inner.get_shape(channel, resolution))
+    return self._call(
+      f"shape of {_uri(channel)}", lambda: self.inner.get_shape(channel, resolution)
+    )
 
   def get_voxel_size(self, channel, resolution: int = 0):
-    return self._call(f"voxel size of {_uri(channel)}", lambda: self.inner.get_voxel_size(channel, resolution))
+    return self._call(
+      f"voxel size of {_uri(channel)}", lambda: self.inner.get_voxel_size(channel, resolution)
+    )
 
   def get_voxel_unit(self, channel, resolution: int = 0):
-    return self._call(f"voxel unit of {_uri(channel)}", lambda: self.inner.get_voxel_unit(channel, resolution))
+    return self._call(
+      f"voxel unit of {_uri(channel)}", lambda: self.inner.get_voxel_unit(channel, resolution)
+    )
 
   def get_available_resolutions(self, channel):
-    return self._call(f"resolutions of {_uri(channel)}", lambda: self.inner.get_available_resolutions(channel))
+    return self._call(
+      f"resolutions of {_uri(channel)}", lambda: self.inner.get_available_resolutions(channel)
+    )
 
   # -- cutouts.
   def get_cutout(self, channel, resolution, xs, ys, zs) -> np.ndarray:
@@ -492,8 +573,9 @@ class ResilientVolumeProvider(VolumeProvider):
     chunk_bytes = int(np.prod(self.chunk_zyx)) * dtype.itemsize
     if chunk_bytes > self.max_request_bytes:
       raise SourceError(
-          f"chunk {'x'.join(map(str, self.chunk_zyx))} of {dtype.name} is {chunk_bytes / 2**20:.0f} MiB per "
-          f"request, over the server's {self.max_request_bytes / 2**20:.0f} MiB cutout limit; lower chunk=")
+        f"chunk {'x'.join(map(str, self.chunk_zyx))} of {dtype.name} is {chunk_bytes / 2**20:.0f} MiB per "
+        f"request, over the server's {self.max_request_bytes / 2**20:.0f} MiB cutout limit; lower chunk="
+      )
     outs = [np.empty(b.shape, dtype=dtype) for b in boxes]
     cancel = threading.Event()
     pool = self._executor()
@@ -518,8 +600,11 @@ class ResilientVolumeProvider(VolumeProvider):
               other.cancel()
           continue
         b = boxes[i]
-        outs[i][chunk.z0 - b.z0:chunk.z1 - b.z0, chunk.y0 - b.y0:chunk.y1 - b.y0,
-                chunk.x0 - b.x0:chunk.x1 - b.x0] = data
+        outs[i][
+          chunk.z0 - b.z0 : chunk.z1 - b.z0,
+          chunk.y0 - b.y0 : chunk.y1 - b.y0,
+          chunk.x0 - b.x0 : chunk.x1 - b.x0,
+        ] = data
     except BaseException:
       # Interrupted (KeyboardInterrupt): stop queued requests, return nothing.
       cancel.set()
@@ -540,7 +625,9 @@ class ResilientVolumeProvider(VolumeProvider):
   def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
     with self._pool_lock:
       if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="bossdb")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+          self.concurrency, thread_name_prefix="bossdb"
+        )
       return self._pool
 
   def _backoff(self, retry: int, retry_after: float | None) -> None:
@@ -560,7 +647,9 @@ class ResilientVolumeProvider(VolumeProvider):
       raise _Fault("all_zero", "all-zero image where tissue is expected")
     return data
 
-  def _fetch_chunk(self, channel, resolution, box: spec.Box, chunk: spec.Box, cancel: threading.Event):
+  def _fetch_chunk(
+    self, channel, resolution, box: spec.Box, chunk: spec.Box, cancel: threading.Event
+  ):
     kinds: list[str] = []
     last = ""
     for attempt in range(1, self.retry.max_attempts + 1):
@@ -568,8 +657,9 @@ class ResilientVolumeProvider(VolumeProvider):
         raise _Cancelled()
       self.stats.add(requests=1)
       try:
-        data = self.inner.get_cutout(channel, resolution, (chunk.x0, chunk.x1), (chunk.y0, chunk.y1),
-                                     (chunk.z0, chunk.z1))
+        data = self.inner.get_cutout(
+          channel, resolution, (chunk.x0, chunk.x1), (chunk.y0, chunk.y1), (chunk.z0, chunk.z1)
+        )
         data = self._validate(channel, resolution, chunk, data)
       except Exception as e:  # noqa: BLE001 - classified below; unknown errors are fatal
         kind, retry_after = classify(e)
@@ -577,22 +667,39 @@ class ResilientVolumeProvider(VolumeProvider):
         if kind is None:
           self.stats.add(fatal=1)
           raise BossFetchError(
-              f"{self._target}: cutout of {_uri(channel)} {box} failed (request {chunk}): {last}"
-              f"{_hint(e)}", box=box, chunk=chunk, kind="fatal", attempts=attempt) from None
+            f"{self._target}: cutout of {_uri(channel)} {box} failed (request {chunk}): {last}"
+            f"{_hint(e)}",
+            box=box,
+            chunk=chunk,
+            kind="fatal",
+            attempts=attempt,
+          ) from None
         kinds.append(kind)
         self.stats.add(fault=kind)
         if attempt < self.retry.max_attempts:
           self.stats.add(retry=kind)
-          log.info("%s: %s on %s %s (attempt %d/%d), retrying", self._target, kind, _uri(channel), chunk,
-                   attempt, self.retry.max_attempts)
+          log.info(
+            "%s: %s on %s %s (attempt %d/%d), retrying",
+            self._target,
+            kind,
+            _uri(channel),
+            chunk,
+            attempt,
+            self.retry.max_attempts,
+          )
           self._backoff(attempt, retry_after)
           continue
         self.stats.add(failure=kind)
         seen = ", ".join(f"{k} x{n}" for k, n in collections.Counter(kinds).items())
         raise BossFetchError(
-            f"{self._target}: cutout of {_uri(channel)} {box} failed after {attempt} attempts on request "
-            f"{chunk} (faults: {seen}); last error: {last}. Check the server and network, or raise "
-            "retries=/timeout= in the source spec", box=box, chunk=chunk, kind=kind, attempts=attempt) from None
+          f"{self._target}: cutout of {_uri(channel)} {box} failed after {attempt} attempts on request "
+          f"{chunk} (faults: {seen}); last error: {last}. Check the server and network, or raise "
+          "retries=/timeout= in the source spec",
+          box=box,
+          chunk=chunk,
+          kind=kind,
+          attempts=attempt,
+        ) from None
       self.stats.add(ok=1, bytes=int(data.nbytes))
       return data
     raise AssertionError("unreachable")
@@ -611,8 +718,9 @@ class ResilientVolumeProvider(VolumeProvider):
         last = _scrub(f"{type(e).__name__}: {e}", self._secret)[:500]
         if kind is None:
           self.stats.add(fatal=1)
-          raise BossFetchError(f"{self._target}: {what} failed: {last}{_hint(e)}", kind="fatal",
-                               attempts=attempt) from None
+          raise BossFetchError(
+            f"{self._target}: {what} failed: {last}{_hint(e)}", kind="fatal", attempts=attempt
+          ) from None
         kinds.append(kind)
         self.stats.add(fault=kind)
         if attempt < self.retry.max_attempts:
@@ -620,8 +728,12 @@ class ResilientVolumeProvider(VolumeProvider):
           self._backoff(attempt, retry_after)
           continue
         self.stats.add(failure=kind)
-        raise BossFetchError(f"{self._target}: {what} failed after {attempt} attempts "
-                             f"({', '.join(kinds)}); last error: {last}", kind=kind, attempts=attempt) from None
+        raise BossFetchError(
+          f"{self._target}: {what} failed after {attempt} attempts "
+          f"({', '.join(kinds)}); last error: {last}",
+          kind=kind,
+          attempts=attempt,
+        ) from None
       return out
     raise AssertionError("unreachable")
 
@@ -638,16 +750,29 @@ def _hint(exc: BaseException) -> str:
   return f" ({_FATAL_HINTS[status]})" if status in _FATAL_HINTS else ""
 
 
-def make_boss_provider(config: Mapping[str, str], *, chunk_zyx=DEFAULT_CHUNK_ZYX,
-                       concurrency: int = DEFAULT_CONCURRENCY, retry: RetryPolicy | None = None,
-                       timeout_s: float = 60.0, connect_timeout_s: float = 10.0,
-                       expect_nonzero: Callable[..., bool] = tissue_expected,
-                       max_request_bytes: int = BOSS_MAX_CUTOUT_BYTES,
-                       seed: int | None = None) -> ResilientVolumeProvider:
+def make_boss_provider(
+  config: Mapping[str, str],
+  *,
+  chunk_zyx=DEFAULT_CHUNK_ZYX,
+  concurrency: int = DEFAULT_CONCURRENCY,
+  retry: RetryPolicy | None = None,
+  timeout_s: float = 60.0,
+  connect_timeout_s: float = 10.0,
+  expect_nonzero: Callable[..., bool] = tissue_expected,
+  max_request_bytes: int = BOSS_MAX_CUTOUT_BYTES,
+  seed: int | None = None,
+) -> ResilientVolumeProvider:
   """The resilient provider over intern's BossRemote for ``config`` (see
   ``resolve_boss_config``)."""
   inner = BossRemoteProvider(config, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
   return ResilientVolumeProvider(
-      inner, chunk_zyx=chunk_zyx, concurrency=concurrency, retry=retry, expect_nonzero=expect_nonzero,
-      max_request_bytes=max_request_bytes, seed=seed,
-      describe_target=f"{config['protocol']}://{config['host']}", secret=config.get("token"))
+    inner,
+    chunk_zyx=chunk_zyx,
+    concurrency=concurrency,
+    retry=retry,
+    expect_nonzero=expect_nonzero,
+    max_request_bytes=max_request_bytes,
+    seed=seed,
+    describe_target=f"{config['protocol']}://{config['host']}",
+    secret=config.get("token"),
+  )

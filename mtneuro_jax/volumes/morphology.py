@@ -43,7 +43,7 @@ def quadrants(tiles: np.ndarray, size: int = spec.QUADRANT) -> np.ndarray:
   tiles = np.asarray(tiles)
   n, h, w = tiles.shape
   ny, nx = h // size, w // size
-  t = tiles[:, :ny * size, :nx * size].reshape(n, ny, size, nx, size)
+  t = tiles[:, : ny * size, : nx * size].reshape(n, ny, size, nx, size)
   return t.transpose(0, 1, 3, 2, 4).reshape(n * ny * nx, size, size)
 
 
@@ -63,11 +63,13 @@ def component_shapes(lab: np.ndarray, n: int) -> dict[str, np.ndarray]:
   area = np.bincount(lab_r, minlength=n + 1)[1:].astype(np.float64)
   moments = {}
   for name, v in (("y", yy), ("x", xx), ("yy", yy * yy), ("xx", xx * xx), ("xy", yy * xx)):
-    moments[name] = np.bincount(lab_r, weights=v.ravel().astype(np.float64), minlength=n + 1)[1:] / area
+    moments[name] = (
+      np.bincount(lab_r, weights=v.ravel().astype(np.float64), minlength=n + 1)[1:] / area
+    )
   vyy = moments["yy"] - moments["y"] ** 2 + 1.0 / 12  # +1/12: a pixel's own extent
   vxx = moments["xx"] - moments["x"] ** 2 + 1.0 / 12
   vxy = moments["xy"] - moments["y"] * moments["x"]
-  tr, det = vyy + vxx, vyy * vxx - vxy ** 2
+  tr, det = vyy + vxx, vyy * vxx - vxy**2
   disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0.0))
   l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-12)
   return {"area": area, "elongation": np.sqrt(l1 / l2)}
@@ -85,8 +87,11 @@ def tile_stats(tiles: np.ndarray) -> dict:
   tiles = np.asarray(tiles)
   if tiles.ndim != 3:
     raise ValueError(f"tiles must be [N, H, W], got shape {tiles.shape}")
-  out: dict = {"n_tiles": int(len(tiles)), "tile_shape": list(tiles.shape[1:]),
-               "fractions": dict(zip(CLASS_NAMES, class_fractions(tiles).round(5).tolist(), strict=True))}
+  out: dict = {
+    "n_tiles": int(len(tiles)),
+    "tile_shape": list(tiles.shape[1:]),
+    "fractions": dict(zip(CLASS_NAMES, class_fractions(tiles).round(5).tolist(), strict=True)),
+  }
   for cid, name in enumerate(CLASS_NAMES):
     if cid == 0:
       continue
@@ -101,10 +106,12 @@ def tile_stats(tiles: np.ndarray) -> dict:
         largest.append(sh["area"].max() / sh["area"].sum())
     a = np.concatenate(areas) if areas else np.zeros(0)
     e = np.concatenate(elong) if elong else np.zeros(0)
-    st = {"components_per_tile": float(np.mean(counts)),
-          "median_area": float(np.median(a)) if a.size else 0.0,
-          "mean_area": float(a.mean()) if a.size else 0.0,
-          "median_elongation": float(np.median(e)) if e.size else 0.0}
+    st = {
+      "components_per_tile": float(np.mean(counts)),
+      "median_area": float(np.median(a)) if a.size else 0.0,
+      "mean_area": float(a.mean()) if a.size else 0.0,
+      "median_elongation": float(np.median(e)) if e.size else 0.0,
+    }
     if name == "axon":
       st["largest_component_share"] = float(np.mean(largest)) if largest else 0.0
     out[name] = st
@@ -117,12 +124,14 @@ def tile_stats(tiles: np.ndarray) -> dict:
 REAL_MASKS_ENV = "MTNEURO_REAL_MASKS"
 # Pinned so that a truncated, re-saved or look-alike file fails loudly instead of silently
 # changing the calibration numbers.
-REAL_MASKS_SHA256: Mapping[str, str] = types.MappingProxyType({
+REAL_MASKS_SHA256: Mapping[str, str] = types.MappingProxyType(
+  {
     "masks_ctx.npz": "e3d2f710cc723b70b5a1991de308b100d206c4bee47eff5bfe48d7f1ad7bc3e2",
     "masks_str.npz": "7579b3efd00f1dc2a4de7139540c7e00b8618fe035d334cafb04633979114016",
     "masks_trn.npz": "a1447d9e9e726a679e586274a04c9cc60cda1cf0cf66bdd56ba2e580b9912cc0",
     "masks_zi.npz": "de83ecccd2076af511402b4f124a5b9a8565ee9efaec3ce228aa400654dc6c51",
-})
+  }
+)
 
 
 def real_masks_source(masks_dir: str | None = None) -> str:
@@ -151,11 +160,15 @@ def _read_verified(name: str, masks_dir: str | None) -> bytes:
   try:
     data = resource.read_bytes()
   except OSError as e:
-    raise UserError(f"real mask file {where} cannot be read ({e.__class__.__name__}); {fix}") from None
+    raise UserError(
+      f"real mask file {where} cannot be read ({e.__class__.__name__}); {fix}"
+    ) from None
   digest = hashlib.sha256(data).hexdigest()
   if digest != REAL_MASKS_SHA256[name]:
-    raise UserError(f"real mask file {where} has SHA-256 {digest}, expected {REAL_MASKS_SHA256[name]} "
-                    f"(corrupted or not the xray-thc release); {fix}")
+    raise UserError(
+      f"real mask file {where} has SHA-256 {digest}, expected {REAL_MASKS_SHA256[name]} "
+      f"(corrupted or not the xray-thc release); {fix}"
+    )
   return data
 
 

@@ -170,7 +170,9 @@ def _point_noise(key: int, spacing, coords) -> np.ndarray:
     idx.append(i.astype(np.int64))
   out = np.zeros(coords[0].shape, np.float32)
   for corner in itertools.product((0, 1), repeat=len(coords)):
-    v = _unit(_hash_nd(key, [i + c for i, c in zip(idx, corner, strict=True)])) * np.float32(2.0) - np.float32(1.0)
+    v = _unit(_hash_nd(key, [i + c for i, c in zip(idx, corner, strict=True)])) * np.float32(
+      2.0
+    ) - np.float32(1.0)
     wt = np.ones_like(out)
     for w, c in zip(ws, corner, strict=True):
       wt = wt * (w if c else np.float32(1.0) - w)
@@ -202,7 +204,9 @@ def _lattice_noise(key: int, q, bounds=None) -> np.ndarray:
     bounds = [(int(f.min()), int(f.max())) for f in fl]
   lo = [b[0] for b in bounds]
   n = [b[1] - b[0] + 3 for b in bounds]
-  lat = np.meshgrid(*[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True)
+  lat = np.meshgrid(
+    *[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True
+  )
   v = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
   # Each row holds the 4 corners of a lattice cell's face: (i, j, k), (i, j, k+1),
   # (i, j+1, k), (i, j+1, k+1); two row gathers per point instead of eight.
@@ -230,7 +234,9 @@ def _lattice_noise2(key: int, q, bounds) -> np.ndarray:
   w = [_smoothstep(c - f) for c, f in zip(q, fl, strict=True)]
   lo = [b[0] for b in bounds]
   n = [b[1] - b[0] + 3 for b in bounds]
-  lat = np.meshgrid(*[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True)
+  lat = np.meshgrid(
+    *[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True
+  )
   v = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
   quad = np.stack([v[:-1, :-1], v[:-1, 1:], v[1:, :-1], v[1:, 1:]], -1).reshape(-1, 4)
   base = (fl[0] - np.float32(lo[0])).astype(np.int32) * np.int32(n[1] - 1)
@@ -250,7 +256,9 @@ def _noise_quantile(p) -> np.ndarray:
   global _quantile_table
   if _quantile_table is None:
     h = _hash_nd(_key("quantile-table"), [np.arange(1 << 17)])
-    pts = [(_unit(_mix32(h ^ np.uint32(k + 1))) * np.float32(61.0)).astype(np.float32) for k in range(3)]
+    pts = [
+      (_unit(_mix32(h ^ np.uint32(k + 1))) * np.float32(61.0)).astype(np.float32) for k in range(3)
+    ]
     _quantile_table = np.quantile(_lattice_noise(_key("quantile-lattice"), pts), _QUANTILE_LEVELS)
   return np.interp(p, _QUANTILE_LEVELS, _quantile_table).astype(np.float32)
 
@@ -280,8 +288,10 @@ class _Anatomy:
   """Region id (BossDB roi id; 0 outside tissue) of any voxel, annotated or not."""
 
   def __init__(self, seed: int):
-    self.k = {name: _key(seed, "anatomy", name) for name in
-              ("hyp", "hyp_v", "zv", "s", "cc", "top", "bot", "left", "right")}
+    self.k = {
+      name: _key(seed, "anatomy", name)
+      for name in ("hyp", "hyp_v", "zv", "s", "cc", "top", "bot", "left", "right")
+    }
 
   def _bounds(self, z, y, x):
     """Boundary positions: x limits as functions of (z, y), y limits of (z, x)."""
@@ -295,12 +305,23 @@ class _Anatomy:
     x_s = 3290.0 + 260.0 * ramp + 15.0 * n("s", zy)
     x_cc = 4300.0 + 0.1 * (y - 700.0) + 25.0 * n("cc", zy)
     # (x limit, region id on its high side), from the highest-precedence boundary down.
-    xb = [(x_cc + 110.0, _ROI["CTX"]), (x_cc, _ROI["corpus_callosum"]), (x_s, _ROI["STR"]),
-          (x_s - 80.0, _ROI["internal_capsule"]), (x_s - 120.0, _ROI["TRN"]),
-          (2103.0 + 20.0 * n("zv", zy), _ROI["VP"])]
-    return dict(xb=xb, x_hyp=985.0 + 20.0 * n("hyp", zy), y_hyp=1245.0 + 20.0 * n("hyp_v", zx),
-                y_top=130.0 + 40.0 * n("top", zx), y_bot=1300.0 + 40.0 * n("bot", zx),
-                x_lo=60.0 + 20.0 * n("left", zy), x_hi=5745.0 + 20.0 * n("right", zy))
+    xb = [
+      (x_cc + 110.0, _ROI["CTX"]),
+      (x_cc, _ROI["corpus_callosum"]),
+      (x_s, _ROI["STR"]),
+      (x_s - 80.0, _ROI["internal_capsule"]),
+      (x_s - 120.0, _ROI["TRN"]),
+      (2103.0 + 20.0 * n("zv", zy), _ROI["VP"]),
+    ]
+    return dict(
+      xb=xb,
+      x_hyp=985.0 + 20.0 * n("hyp", zy),
+      y_hyp=1245.0 + 20.0 * n("hyp_v", zx),
+      y_top=130.0 + 40.0 * n("top", zx),
+      y_bot=1300.0 + 40.0 * n("bot", zx),
+      x_lo=60.0 + 20.0 * n("left", zy),
+      x_hi=5745.0 + 20.0 * n("right", zy),
+    )
 
   def __call__(self, z, y, x) -> np.ndarray:
     """Region ids for broadcastable point arrays z, y, x (any shapes; float or int)."""
@@ -313,8 +334,14 @@ class _Anatomy:
 
   @staticmethod
   def _tissue(z, y, x, b):
-    return ((z >= spec.TISSUE_Z[0]) & (z < spec.TISSUE_Z[1]) & (y >= b["y_top"]) & (y < b["y_bot"])
-            & (x >= b["x_lo"]) & (x < b["x_hi"]))
+    return (
+      (z >= spec.TISSUE_Z[0])
+      & (z < spec.TISSUE_Z[1])
+      & (y >= b["y_top"])
+      & (y < b["y_bot"])
+      & (x >= b["x_lo"])
+      & (x < b["x_hi"])
+    )
 
   def grid(self, z, y, x) -> np.ndarray:
     """Region ids (uint8, shape (Z, Y, X)) on the outer grid of 1D coordinates.
@@ -322,7 +349,9 @@ class _Anatomy:
     Same values as ``__call__``; comparisons that are constant over the grid
     (the usual case: a render chunk inside one region) are not expanded.
     """
-    zz, yy, xx = (np.asarray(a, np.float64) for a in (z[:, None, None], y[None, :, None], x[None, None, :]))
+    zz, yy, xx = (
+      np.asarray(a, np.float64) for a in (z[:, None, None], y[None, :, None], x[None, None, :])
+    )
     b = self._bounds(zz, yy, xx)
 
     def cmp_ge(a, lim):  # a >= lim, as a Python bool when the grid is all one way
@@ -343,9 +372,14 @@ class _Anatomy:
       elif cond is not False:
         r = np.where(cond, np.uint8(rid), r)
     tissue = True
-    for c in (cmp_ge(zz, float(spec.TISSUE_Z[0])), _neg(cmp_ge(zz, float(spec.TISSUE_Z[1]))),
-              cmp_ge(yy, b["y_top"]), _neg(cmp_ge(yy, b["y_bot"])), cmp_ge(xx, b["x_lo"]),
-              _neg(cmp_ge(xx, b["x_hi"]))):
+    for c in (
+      cmp_ge(zz, float(spec.TISSUE_Z[0])),
+      _neg(cmp_ge(zz, float(spec.TISSUE_Z[1]))),
+      cmp_ge(yy, b["y_top"]),
+      _neg(cmp_ge(yy, b["y_bot"])),
+      cmp_ge(xx, b["x_lo"]),
+      _neg(cmp_ge(xx, b["x_hi"])),
+    ):
       tissue = _and(tissue, c)
     shape = (len(z), len(y), len(x))
     if tissue is True:
@@ -394,20 +428,37 @@ class RegionParams:
 _NO_FIBRE = (0.0, 0.0, 1.0)
 _P = RegionParams
 REGION_PARAMS: dict[int, RegionParams] = {
-    _ROI["CTX"]: _P(16.5, 4.5, 1.5, 1.95, "none", _NO_FIBRE, 0.0, 0.0, (-1.0, 0.0), 124.0, 0.0, 74.0),
-    _ROI["STR"]: _P(15.5, 5.5, 1.4, 1.95, "fascicle", (0.25, 0.45, 0.86), 0.21, 0.8, (1.5, 0.5), 117.0, 66.0, 74.0),
-    _ROI["TRN"]: _P(11.0, 5.4, 2.0, 1.95, "fibre", (0.3, 0.85, 0.45), 0.5, 1.0, (0.0, 0.0), 108.0, 50.0, 72.0),
-    _ROI["VP"]: _P(11.5, 6.05, 2.5, 2.0, "fibre", (0.35, -0.55, 0.77), 0.74, 1.3, (0.0, 1.0), 105.0, 56.0, 72.0),
-    _ROI["ZI"]: _P(19.5, 6.05, 4.0, 1.95, "fibre", (0.18, 0.22, 0.96), 0.60, 2.2, (0.0, 1.2), 112.0, 42.0, 72.0),
-    _ROI["internal_capsule"]: _P(4.0, 3.8, 1.5, 1.7, "fibre", (0.45, 0.85, 0.3), 0.85, 0.5, (0.0, 0.0), 108.0, 60.0, 55.0),
-    _ROI["hypothalamus"]: _P(16.0, 5.0, 2.5, 1.95, "fibre", (0.1, 0.95, 0.3), 0.15, 1.0, (0.0, 0.0), 122.0, 36.0, 72.0),
-    _ROI["corpus_callosum"]: _P(4.0, 3.8, 1.5, 1.7, "fibre", (0.05, 1.0, 0.1), 0.88, 0.5, (0.0, 0.0), 108.0, 60.0, 55.0),
+  _ROI["CTX"]: _P(16.5, 4.5, 1.5, 1.95, "none", _NO_FIBRE, 0.0, 0.0, (-1.0, 0.0), 124.0, 0.0, 74.0),
+  _ROI["STR"]: _P(
+    15.5, 5.5, 1.4, 1.95, "fascicle", (0.25, 0.45, 0.86), 0.21, 0.8, (1.5, 0.5), 117.0, 66.0, 74.0
+  ),
+  _ROI["TRN"]: _P(
+    11.0, 5.4, 2.0, 1.95, "fibre", (0.3, 0.85, 0.45), 0.5, 1.0, (0.0, 0.0), 108.0, 50.0, 72.0
+  ),
+  _ROI["VP"]: _P(
+    11.5, 6.05, 2.5, 2.0, "fibre", (0.35, -0.55, 0.77), 0.74, 1.3, (0.0, 1.0), 105.0, 56.0, 72.0
+  ),
+  _ROI["ZI"]: _P(
+    19.5, 6.05, 4.0, 1.95, "fibre", (0.18, 0.22, 0.96), 0.60, 2.2, (0.0, 1.2), 112.0, 42.0, 72.0
+  ),
+  _ROI["internal_capsule"]: _P(
+    4.0, 3.8, 1.5, 1.7, "fibre", (0.45, 0.85, 0.3), 0.85, 0.5, (0.0, 0.0), 108.0, 60.0, 55.0
+  ),
+  _ROI["hypothalamus"]: _P(
+    16.0, 5.0, 2.5, 1.95, "fibre", (0.1, 0.95, 0.3), 0.15, 1.0, (0.0, 0.0), 122.0, 36.0, 72.0
+  ),
+  _ROI["corpus_callosum"]: _P(
+    4.0, 3.8, 1.5, 1.7, "fibre", (0.05, 1.0, 0.1), 0.88, 0.5, (0.0, 0.0), 108.0, 60.0, 55.0
+  ),
 }
 
 # Fibre noise geometry: lattice spacing across / along the fibre direction (voxels),
 # domain-warp amplitude (lattice units across) and warp spacing (voxels).
-_FIBRE_GEOM = {"fibre": (3.6, 30.0, 5.0, 90.0), "fascicle": (20.0, 110.0, 1.1, 272.0),
-               "striation": (3.0, 28.0, 4.0, 90.0)}  # striation: fine fibres inside fascicles
+_FIBRE_GEOM = {
+  "fibre": (3.6, 30.0, 5.0, 90.0),
+  "fascicle": (20.0, 110.0, 1.1, 272.0),
+  "striation": (3.0, 28.0, 4.0, 90.0),
+}  # striation: fine fibres inside fascicles
 _OBJ = 32  # object block edge for seeding cells and capillaries (voxels)
 _CAP_SLOTS = 10  # candidate capillary walkers per object block
 _CAP_SEGMENTS = 3  # segments per walker (+ an optional branch)
@@ -427,19 +478,22 @@ _LUMEN_PROB = 0.2
 # shift), and each cube keeps a characteristic look along z. They are anchored
 # to 0 at the centre of each region's set-A cube, where the calibration holds.
 _DRIFT = {  # name: (spacing z, y, x; amplitude)
-    "shading": ((420.0, 260.0, 260.0), 14.0),  # grey offset (illumination), also within a tile
-    "contrast": ((1000.0, 420.0, 420.0), 0.3),  # relative gain of all structure contrast
-    "axon_gain": ((1000.0, 380.0, 380.0), 0.4),  # relative brightness of axons
-    "fibre_density": ((1000.0, 380.0, 380.0), 0.14),  # fibre threshold shift (noise units) x axon_drift
-    "cell_density": ((1000.0, 380.0, 380.0), 0.4),  # relative cell density
+  "shading": ((420.0, 260.0, 260.0), 14.0),  # grey offset (illumination), also within a tile
+  "contrast": ((1000.0, 420.0, 420.0), 0.3),  # relative gain of all structure contrast
+  "axon_gain": ((1000.0, 380.0, 380.0), 0.4),  # relative brightness of axons
+  "fibre_density": (
+    (1000.0, 380.0, 380.0),
+    0.14,
+  ),  # fibre threshold shift (noise units) x axon_drift
+  "cell_density": ((1000.0, 380.0, 380.0), 0.4),  # relative cell density
 }
 # Systematic trends (RegionParams.trend, t = 0 at the set-A cube centre): per unit t,
 # fibre threshold shift (x axon_drift), relative cell density and axon brightness.
 _TREND = {"fibre_density": 0.12, "cell_density": 0.2, "axon_gain": 0.2}
 # Local variation (changes along z too, not anchored); fibre density x axon_drift.
 _LOCAL = {
-    "fibre_density": ((110.0, 300.0, 300.0), 0.06),
-    "cell_density": ((120.0, 300.0, 300.0), 0.2),
+  "fibre_density": ((110.0, 300.0, 300.0), 0.06),
+  "cell_density": ((120.0, 300.0, 300.0), 0.2),
 }
 _SLICE_DRIFT = (24.0, 3.0)  # per-slice grey offset: z spacing, amplitude
 _MOTTLE = ((3.5, 3.5, 3.5), 26.0)  # fine tissue texture
@@ -477,7 +531,9 @@ def _ball_offsets(radius: float) -> np.ndarray:
   return off[np.sum(off * off, 1) <= (radius + 0.5) ** 2]
 
 
-def _splat_spheres(mask: np.ndarray, origin, centres: np.ndarray, radii: np.ndarray, batch: int = 2048) -> None:
+def _splat_spheres(
+  mask: np.ndarray, origin, centres: np.ndarray, radii: np.ndarray, batch: int = 2048
+) -> None:
   """Sets ``mask`` (a grid whose voxel [0, 0, 0] is at global ``origin``) True at every
   voxel within ``radii[i]`` of ``centres[i]`` (global float coordinates [P, 3])."""
   shape = np.array(mask.shape)
@@ -495,12 +551,15 @@ def _splat_spheres(mask: np.ndarray, origin, centres: np.ndarray, radii: np.ndar
   offf = off.astype(np.float32)
   flat_mask = padded.reshape(-1)
   for b0 in range(0, len(centres), batch):
-    c = centres[b0:b0 + batch]
+    c = centres[b0 : b0 + batch]
     base = np.floor(c + 0.5)
     frac = (c - base).astype(np.float32)
-    d2 = ((offf[None, :, 0] - frac[:, None, 0]) ** 2 + (offf[None, :, 1] - frac[:, None, 1]) ** 2
-          + (offf[None, :, 2] - frac[:, None, 2]) ** 2)
-    r2 = (radii[b0:b0 + batch] ** 2).astype(np.float32)[:, None]
+    d2 = (
+      (offf[None, :, 0] - frac[:, None, 0]) ** 2
+      + (offf[None, :, 1] - frac[:, None, 1]) ** 2
+      + (offf[None, :, 2] - frac[:, None, 2]) ** 2
+    )
+    r2 = (radii[b0 : b0 + batch] ** 2).astype(np.float32)[:, None]
     flat = (base.astype(np.int64) + pad) @ strides
     idx = (flat[:, None] + off_flat[None, :])[d2 <= r2]
     flat_mask[idx] = True
@@ -521,8 +580,9 @@ class PhantomVolume:
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self._cache_bytes = int(cache_bytes)
     self._lock = threading.Lock()
-    self._tables = {f.name: _param_table(f.name) for f in dataclasses.fields(RegionParams)
-                    if f.type == "float"}
+    self._tables = {
+      f.name: _param_table(f.name) for f in dataclasses.fields(RegionParams) if f.type == "float"
+    }
 
     # Drift fields are anchored to 0 at the centre of each benchmark region's set-A cube.
     self._anchors = {name: np.zeros(_N_ROI, np.float32) for name in _DRIFT}
@@ -530,7 +590,9 @@ class PhantomVolume:
       x0, x1, y0, y1 = spec.CUBE_SETS["A"][r]
       centre = (float(sum(spec.Z_FULL) // 2), float((y0 + y1) // 2), float((x0 + x1) // 2))
       for name, (sp, _) in _DRIFT.items():
-        self._anchors[name][_ROI[r]] = _point_noise(self.key("drift", name), sp, [np.array([c]) for c in centre])[0]
+        self._anchors[name][_ROI[r]] = _point_noise(
+          self.key("drift", name), sp, [np.array([c]) for c in centre]
+        )[0]
 
     self._trend = {k: np.zeros(_N_ROI, np.float32) for k in ("gy", "gx", "y0", "x0")}
     for rid, p in REGION_PARAMS.items():
@@ -547,7 +609,9 @@ class PhantomVolume:
     t = self._trend
     yy = y.astype(np.float32)[None, :, None]
     xx = x.astype(np.float32)[None, None, :]
-    return per_region(t["gy"]) * (yy - per_region(t["y0"])) + per_region(t["gx"]) * (xx - per_region(t["x0"]))
+    return per_region(t["gy"]) * (yy - per_region(t["y0"])) + per_region(t["gx"]) * (
+      xx - per_region(t["x0"])
+    )
 
   def _drift(self, name, z, y, x, per_region):
     """amplitude * (drift noise - its value at the region's set-A cube centre), on the grid."""
@@ -564,10 +628,24 @@ class PhantomVolume:
     out = np.empty(box.shape, np.dtype(spec.CHANNELS[channel].dtype))
     for part in self._render_boxes(box):
       arrays, rbox = self._rendered(part)
-      src = tuple(slice(a - r0, b - r0) for a, b, r0 in
-                  zip((part.z0, part.y0, part.x0), (part.z1, part.y1, part.x1), (rbox.z0, rbox.y0, rbox.x0), strict=True))
-      dst = tuple(slice(a - b0, b - b0) for a, b, b0 in
-                  zip((part.z0, part.y0, part.x0), (part.z1, part.y1, part.x1), (box.z0, box.y0, box.x0), strict=True))
+      src = tuple(
+        slice(a - r0, b - r0)
+        for a, b, r0 in zip(
+          (part.z0, part.y0, part.x0),
+          (part.z1, part.y1, part.x1),
+          (rbox.z0, rbox.y0, rbox.x0),
+          strict=True,
+        )
+      )
+      dst = tuple(
+        slice(a - b0, b - b0)
+        for a, b, b0 in zip(
+          (part.z0, part.y0, part.x0),
+          (part.z1, part.y1, part.x1),
+          (box.z0, box.y0, box.x0),
+          strict=True,
+        )
+      )
       out[dst] = arrays[channel][src]
     return out
 
@@ -584,13 +662,21 @@ class PhantomVolume:
       n = -(-(hi - lo) // _MAX_RENDER_XY)
       edges.append([int(e) for e in np.linspace(lo, hi, n + 1).round()])
     pairs = [list(zip(e[:-1], e[1:], strict=True)) for e in edges]
-    return [spec.Box(a, b, c, d, e, f) for a, b in pairs[0] for c, d in pairs[1] for e, f in pairs[2]]
+    return [
+      spec.Box(a, b, c, d, e, f) for a, b in pairs[0] for c, d in pairs[1] for e, f in pairs[2]
+    ]
 
   def _rendered(self, part: spec.Box):
     with self._lock:
       for rbox in reversed(self._cache):
-        if (rbox.z0 <= part.z0 and part.z1 <= rbox.z1 and rbox.y0 <= part.y0 and part.y1 <= rbox.y1
-            and rbox.x0 <= part.x0 and part.x1 <= rbox.x1):
+        if (
+          rbox.z0 <= part.z0
+          and part.z1 <= rbox.z1
+          and rbox.y0 <= part.y0
+          and part.y1 <= rbox.y1
+          and rbox.x0 <= part.x0
+          and part.x1 <= rbox.x1
+        ):
           self._cache.move_to_end(rbox)
           return self._cache[rbox], rbox
     rbox = self._widen(part)
@@ -606,8 +692,13 @@ class PhantomVolume:
   def _widen(self, part: spec.Box) -> spec.Box:
     """Widens a thin request to the aligned block around it (values never depend on it)."""
     out = []
-    for lo, hi, m, n in zip((part.z0, part.y0, part.x0), (part.z1, part.y1, part.x1), _MIN_RENDER_ZYX,
-                            self.shape, strict=True):
+    for lo, hi, m, n in zip(
+      (part.z0, part.y0, part.x0),
+      (part.z1, part.y1, part.x1),
+      _MIN_RENDER_ZYX,
+      self.shape,
+      strict=True,
+    ):
       if hi - lo < m:
         a, b = (lo // m) * m, -(-hi // m) * m
         if m == _CHUNK_Z:  # stay inside the part's z chunk (parts never cross one)
@@ -653,20 +744,28 @@ class PhantomVolume:
       pix[self._vessels(z, y, x, shape)] = _PIX["vessel"]
       if not tissue_all:
         pix[~tissue] = _PIX["background"]
-      img = self._image(z, y, x, pix, ax_strength, cell_profile, per_region, None if tissue_all else tissue)
+      img = self._image(
+        z, y, x, pix, ax_strength, cell_profile, per_region, None if tissue_all else tissue
+      )
     g1 = ndi.gaussian_filter(img, _BLUR[0], mode="nearest", truncate=_BLUR[1])
     g2 = ndi.gaussian_filter(img, _FRINGE[0], mode="nearest", truncate=_FRINGE[1])
     img = g1[core] + np.float32(_FRINGE[2]) * (g1[core] - g2[core])
     del g1, g2
     zc, yc, xc = z[h:-h], y[h:-h], x[h:-h]
     hn = _voxel_hash(self.key("noise"), zc, yc, xc)
-    tri = ((hn & np.uint32(0xFFFF)).astype(np.float32) + (hn >> 16).astype(np.float32)) * np.float32(1.0 / 65536.0)
+    tri = (
+      (hn & np.uint32(0xFFFF)).astype(np.float32) + (hn >> 16).astype(np.float32)
+    ) * np.float32(1.0 / 65536.0)
     img += (tri - np.float32(1.0)) * np.float32(_NOISE * 2.0)
     img += np.float32(0.5)
     np.clip(img, 0.0, 255.0, out=img)
     roi = np.array(anat[core], np.uint8)
     roi[(zc < spec.ROI_ANNOTATED_Z[0]) | (zc >= spec.ROI_ANNOTATED_Z[1])] = _ROI["clear"]
-    return {"image": img.astype(np.uint8), "roi_labels": roi, "pixel_labels": np.ascontiguousarray(pix[core])}
+    return {
+      "image": img.astype(np.uint8),
+      "roi_labels": roi,
+      "pixel_labels": np.ascontiguousarray(pix[core]),
+    }
 
   def _axons(self, z, y, x, anat, present, per_region):
     """Axon mask and fibre strength in [0, 1] (bright fibre cores) on the grid."""
@@ -676,7 +775,9 @@ class PhantomVolume:
       p = REGION_PARAMS[rid]
       if p.fibre == "none" or p.axon_frac <= 0:
         continue
-      if drift is None:  # threshold shifts: location drift and trend (scaled per region) + local variation
+      if (
+        drift is None
+      ):  # threshold shifts: location drift and trend (scaled per region) + local variation
         drift = self._drift("fibre_density", z, y, x, per_region)
         drift = drift + np.float32(_TREND["fibre_density"]) * self._trend_at(y, x, per_region)
         sp, amp = _LOCAL["fibre_density"]
@@ -688,7 +789,9 @@ class PhantomVolume:
         m &= anat == rid
       if p.fibre == "fascicle":
         fine, _ = self._fibre_field(rid, "striation", p.fibre_dir, z, y, x, warp=warp)
-        s = np.float32(0.55) + np.float32(0.45) * np.clip(fine * np.float32(1.6) + np.float32(0.4), 0.0, 1.0)
+        s = np.float32(0.55) + np.float32(0.45) * np.clip(
+          fine * np.float32(1.6) + np.float32(0.4), 0.0, 1.0
+        )
       else:
         s = np.clip((f - thr) * np.float32(2.5) + np.float32(0.3), 0.0, 1.0)
       if axon is None:
@@ -710,10 +813,15 @@ class PhantomVolume:
     """
     across, along, warp_amp, warp_sp = _FIBRE_GEOM[kind]
     frame = _fibre_frame(direction)
-    corners = np.array(list(itertools.product((z[0], z[-1]), (y[0], y[-1]), (x[0], x[-1]))), np.float64)
+    corners = np.array(
+      list(itertools.product((z[0], z[-1]), (y[0], y[-1]), (x[0], x[-1]))), np.float64
+    )
     if warp is None:
       amp_vox = np.float32(warp_amp * across)
-      warp = [amp_vox * _grid_noise(self.key("warp", rid, kind, k), (warp_sp,) * 3, (z, y, x)) for k in range(2)]
+      warp = [
+        amp_vox * _grid_noise(self.key("warp", rid, kind, k), (warp_sp,) * 3, (z, y, x))
+        for k in range(2)
+      ]
       warp_max = float(amp_vox)
     else:
       warp_max = float(max(np.abs(w).max() for w in warp))
@@ -721,8 +829,11 @@ class PhantomVolume:
     q, bounds = [], []
     for k in range(dims):
       e = frame[k] / (across if k < 2 else along)
-      proj = ((e[0] * z).astype(np.float32)[:, None, None] + (e[1] * y).astype(np.float32)[None, :, None]
-              + (e[2] * x).astype(np.float32)[None, None, :])
+      proj = (
+        (e[0] * z).astype(np.float32)[:, None, None]
+        + (e[1] * y).astype(np.float32)[None, :, None]
+        + (e[2] * x).astype(np.float32)[None, None, :]
+      )
       amp = warp_max / across if k < 2 else 0.0
       if k < 2:
         proj = proj + warp[k] * np.float32(1.0 / across)
@@ -762,12 +873,16 @@ class PhantomVolume:
     reach = int(np.ceil(_CAP_SEGMENTS * lmax + 3.5))
     origin, u = self._candidates("capillaries", _CAP_SLOTS, reach, z, y, x, 40)
     start = origin + np.stack(u[:3], 1).astype(np.float64) * o
-    near = np.all((start > np.array([z[0], y[0], x[0]]) - reach) & (start < np.array([z[-1], y[-1], x[-1]]) + reach), 1)
+    near = np.all(
+      (start > np.array([z[0], y[0], x[0]]) - reach)
+      & (start < np.array([z[-1], y[-1], x[-1]]) + reach),
+      1,
+    )
     idx = np.flatnonzero(near)
     start, u = start[idx], [a[idx] for a in u]
     reg = self._anatomy(start[:, 0], start[:, 1], start[:, 2])
     mean_len = _CAP_SEGMENTS * 0.5 * sum(_CAP_SEG_LEN) + _CAP_BRANCH_PROB * 0.5 * sum(_CAP_SEG_LEN)
-    p = self._tables["vessel_density"][reg] * 1e-3 * o ** 3 / (_CAP_SLOTS * mean_len)
+    p = self._tables["vessel_density"][reg] * 1e-3 * o**3 / (_CAP_SLOTS * mean_len)
     sel = np.flatnonzero((reg > 0) & (u[3] < p))
     mask = np.zeros(shape, bool)
     if not len(sel):
@@ -801,11 +916,13 @@ class PhantomVolume:
     _splat_spheres(mask, np.array([z[0], y[0], x[0]]), centres, rad)
     return mask
 
-
   def _lumens(self, z, y, x):
     """Large vessels: tilted capsules (radius 4-9), seeded per large object block."""
     reach = (110, 210, 210)  # max half-length (+ tilt) + radius, per axis
-    rngs = [np.arange((a[0] - r) // o, (a[-1] + r) // o + 1) for a, r, o in zip((z, y, x), reach, _LUMEN_OBJ, strict=True)]
+    rngs = [
+      np.arange((a[0] - r) // o, (a[-1] + r) // o + 1)
+      for a, r, o in zip((z, y, x), reach, _LUMEN_OBJ, strict=True)
+    ]
     cz, cy, cx = (g.ravel() for g in np.meshgrid(*rngs, indexing="ij"))
     h = _hash_nd(self.key("lumen"), [cz, cy, cx])
     u = [_unit(_mix32(h ^ np.uint32(k + 1))).astype(np.float64) for k in range(8)]
@@ -821,7 +938,9 @@ class PhantomVolume:
     for c, hl, sl, r in zip(centre, half, slope, radius, strict=True):
       a, b = c - hl * sl, c + hl * sl
       lo, hi = np.minimum(a, b) - r, np.maximum(a, b) + r
-      sel = [np.flatnonzero((g >= a_) & (g <= b_)) for g, a_, b_ in zip((z, y, x), lo, hi, strict=True)]
+      sel = [
+        np.flatnonzero((g >= a_) & (g <= b_)) for g, a_, b_ in zip((z, y, x), lo, hi, strict=True)
+      ]
       if any(len(s_) == 0 for s_ in sel):
         continue
       gz = (z[sel[0]] - a[0])[:, None, None]
@@ -836,6 +955,7 @@ class PhantomVolume:
         mask = np.zeros((len(z), len(y), len(x)), bool)
       mask[np.ix_(*sel)] |= inside
     return mask
+
   def _cells(self, z, y, x, shape):
     """Cell bodies: rotated ellipsoids, seeded per object block. Returns (mask, profile).
 
@@ -847,8 +967,14 @@ class PhantomVolume:
     cy = origin[:, 1] + u[1].astype(np.float64) * o
     cx = origin[:, 2] + u[2].astype(np.float64) * o
     # Cheap bounding test first, then the region/density test at the centres.
-    near = ((cz > z[0] - rmax) & (cz < z[-1] + rmax) & (cy > y[0] - rmax) & (cy < y[-1] + rmax)
-            & (cx > x[0] - rmax) & (cx < x[-1] + rmax))
+    near = (
+      (cz > z[0] - rmax)
+      & (cz < z[-1] + rmax)
+      & (cy > y[0] - rmax)
+      & (cy < y[-1] + rmax)
+      & (cx > x[0] - rmax)
+      & (cx < x[-1] + rmax)
+    )
     idx = np.flatnonzero(near)
     cz, cy, cx = cz[idx], cy[idx], cx[idx]
     u = [a[idx] for a in u]
@@ -858,13 +984,16 @@ class PhantomVolume:
     # an ellipsoid of mean semi-axis r is cut by ~2r slices.
     dens = self._tables["cells_per_tile"][reg] / (128.0 * 128.0 * 2.0 * np.maximum(rmean, 1.0))
     sp, amp = _DRIFT["cell_density"]
-    drift = _point_noise(self.key("drift", "cell_density"), sp, (cz, cy, cx)) - self._anchors["cell_density"][reg]
+    drift = (
+      _point_noise(self.key("drift", "cell_density"), sp, (cz, cy, cx))
+      - self._anchors["cell_density"][reg]
+    )
     sp, lamp = _LOCAL["cell_density"]
     local = _point_noise(self.key("local-cell-density"), sp, (cz, cy, cx))
     t = self._trend
     trend = t["gy"][reg] * (cy - t["y0"][reg]) + t["gx"][reg] * (cx - t["x0"][reg])
     dens = dens * np.maximum(0.2, 1.0 + amp * drift + lamp * local + _TREND["cell_density"] * trend)
-    accept = (reg > 0) & (u[3] < dens * (o ** 3) / _CELL_SLOTS)
+    accept = (reg > 0) & (u[3] < dens * (o**3) / _CELL_SLOTS)
     mask = np.zeros(shape, bool)
     profile = np.zeros(shape, np.float32)
     if not accept.any():
@@ -879,10 +1008,14 @@ class PhantomVolume:
     qv = np.stack([(u[7 + 2 * k] + u[8 + 2 * k] - 1.0).astype(np.float64) for k in range(4)], 1)
     qv = qv / np.sqrt(np.sum(qv * qv, 1, keepdims=True) + 1e-12)
     a, b, c, d = qv.T
-    rot = np.stack([
+    rot = np.stack(
+      [
         np.stack([a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)], 1),
         np.stack([2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)], 1),
-        np.stack([2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d], 1)], 1)
+        np.stack([2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d], 1),
+      ],
+      1,
+    )
     # Quadratic form A = R^T diag(1/r^2) R per cell.
     inv = 1.0 / (radii * radii)
     A = np.einsum("nki,nk,nkj->nij", rot, inv, rot)
@@ -892,16 +1025,27 @@ class PhantomVolume:
     ball = oz * oz + oy * oy + ox * ox <= (rmax + 0.5) ** 2
     oz, oy, ox = oz[ball], oy[ball], ox[ball]
     iz, iy, ix = np.floor(cz), np.floor(cy), np.floor(cx)
-    dz = (oz[None, :] - (cz - iz)[:, None])
-    dy = (oy[None, :] - (cy - iy)[:, None])
-    dx = (ox[None, :] - (cx - ix)[:, None])
-    rho2 = (A[:, 0, 0, None] * dz * dz + A[:, 1, 1, None] * dy * dy + A[:, 2, 2, None] * dx * dx
-            + 2.0 * (A[:, 0, 1, None] * dz * dy + A[:, 0, 2, None] * dz * dx + A[:, 1, 2, None] * dy * dx))
+    dz = oz[None, :] - (cz - iz)[:, None]
+    dy = oy[None, :] - (cy - iy)[:, None]
+    dx = ox[None, :] - (cx - ix)[:, None]
+    rho2 = (
+      A[:, 0, 0, None] * dz * dz
+      + A[:, 1, 1, None] * dy * dy
+      + A[:, 2, 2, None] * dx * dx
+      + 2.0 * (A[:, 0, 1, None] * dz * dy + A[:, 0, 2, None] * dz * dx + A[:, 1, 2, None] * dy * dx)
+    )
     vz = iz.astype(np.int64)[:, None] + oz[None, :] - z[0]
     vy = iy.astype(np.int64)[:, None] + oy[None, :] - y[0]
     vx = ix.astype(np.int64)[:, None] + ox[None, :] - x[0]
-    ok = ((rho2 <= 1.0) & (vz >= 0) & (vz < shape[0]) & (vy >= 0) & (vy < shape[1])
-          & (vx >= 0) & (vx < shape[2]))
+    ok = (
+      (rho2 <= 1.0)
+      & (vz >= 0)
+      & (vz < shape[0])
+      & (vy >= 0)
+      & (vy < shape[1])
+      & (vx >= 0)
+      & (vx < shape[2])
+    )
     flat = (vz * shape[1] + vy) * shape[2] + vx
     dark = (np.float32(0.75) + np.float32(0.5) * u[15])[:, None]
     val = dark * (np.float32(1.0) - rho2.astype(np.float32) * np.float32(0.35))
@@ -916,21 +1060,31 @@ class PhantomVolume:
 
   def _image(self, z, y, x, pix, ax_strength, cell_profile, per_region, tissue):
     """Pre-blur grey levels (float32, grid shape). ``tissue`` None means all tissue."""
+
     def table(name):
       return per_region(self._tables[name])
 
     grey = table("grey") + self._drift("shading", z, y, x, per_region)
     contrast = np.float32(1.0) + self._drift("contrast", z, y, x, per_region)
-    gain = table("axon_gain") * (np.float32(1.0) + self._drift("axon_gain", z, y, x, per_region)
-                                 + np.float32(_TREND["axon_gain"]) * self._trend_at(y, x, per_region))
+    gain = table("axon_gain") * (
+      np.float32(1.0)
+      + self._drift("axon_gain", z, y, x, per_region)
+      + np.float32(_TREND["axon_gain"]) * self._trend_at(y, x, per_region)
+    )
     zs, za = _SLICE_DRIFT
     grey += np.float32(za) * _grid_noise(self.key("slice"), (zs,), (z,))[:, None, None]
     sp, amp = _MOTTLE
     tex = np.float32(amp) * _grid_noise(self.key("mottle"), sp, (z, y, x))
-    tex += (_unit(_voxel_hash(self.key("grain"), z, y, x)) - np.float32(0.5)) * np.float32(2.0 * _GRAIN)
+    tex += (_unit(_voxel_hash(self.key("grain"), z, y, x)) - np.float32(0.5)) * np.float32(
+      2.0 * _GRAIN
+    )
     img = grey + contrast * (gain * ax_strength * (pix == _PIX["axon"]) + tex)
-    img = np.where(pix == _PIX["cell"], grey - contrast * (table("cell_dark") * cell_profile - tex), img)
-    img = np.where(pix == _PIX["vessel"], np.float32(_VESSEL_GREY) + np.float32(0.1) * (grey - 120.0) + tex, img)
+    img = np.where(
+      pix == _PIX["cell"], grey - contrast * (table("cell_dark") * cell_profile - tex), img
+    )
+    img = np.where(
+      pix == _PIX["vessel"], np.float32(_VESSEL_GREY) + np.float32(0.1) * (grey - 120.0) + tex, img
+    )
     if tissue is not None:
       img = np.where(tissue, img, np.float32(_OUTSIDE_GREY))
     return img.astype(np.float32)

@@ -41,8 +41,12 @@ from mtneuro_jax.volumes.errors import SourceError
 
 def _channel_resource(channel: spec.Channel) -> ChannelResource:
   return ChannelResource(
-      channel.channel, channel.collection, channel.experiment,
-      type=channel.kind, datatype=channel.dtype)
+    channel.channel,
+    channel.collection,
+    channel.experiment,
+    type=channel.kind,
+    datatype=channel.dtype,
+  )
 
 
 class ArrayVolumeProvider(VolumeProvider):
@@ -51,8 +55,12 @@ class ArrayVolumeProvider(VolumeProvider):
   Used for the phantom and for local volumes: intern sees an ordinary provider.
   """
 
-  def __init__(self, vp_type: str, read_fn: Callable[[str, spec.Box], np.ndarray],
-               shape_zyx=spec.VOLUME_SHAPE_ZYX):
+  def __init__(
+    self,
+    vp_type: str,
+    read_fn: Callable[[str, spec.Box], np.ndarray],
+    shape_zyx=spec.VOLUME_SHAPE_ZYX,
+  ):
     self._vp_type = vp_type
     self._read_fn = read_fn
     self._shape = tuple(int(s) for s in shape_zyx)
@@ -71,8 +79,10 @@ class ArrayVolumeProvider(VolumeProvider):
 
   def get_cutout(self, channel, resolution, xs, ys, zs) -> np.ndarray:
     if resolution != 0:
-      raise SourceError(f"{self._vp_type} serves resolution 0 only (asked {resolution}); "
-                        "downsample in the pipeline instead")
+      raise SourceError(
+        f"{self._vp_type} serves resolution 0 only (asked {resolution}); "
+        "downsample in the pipeline instead"
+      )
     return self._read_fn(channel.name, spec.Box(zs[0], zs[1], ys[0], ys[1], xs[0], xs[1]))
 
   def get_shape(self, channel, resolution: int = 0):
@@ -111,8 +121,9 @@ def _ids_text(ids) -> str:
   return ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
 
 
-def to_channel_dtype(channel: str, data: np.ndarray, *, where: str = "source",
-                     scale: float | None = None) -> np.ndarray:
+def to_channel_dtype(
+  channel: str, data: np.ndarray, *, where: str = "source", scale: float | None = None
+) -> np.ndarray:
   """``data`` (any numeric dtype, ZYX) in ``channel``'s dtype, converted only where values allow.
 
   Image (uint8): uint8 passes as is; integers pass if every value lies in [0, 255];
@@ -134,29 +145,39 @@ def to_channel_dtype(channel: str, data: np.ndarray, *, where: str = "source",
     if scale is not None:
       x = data.astype(np.float64) * float(scale)
       if not np.isfinite(x).all():
-        raise SourceError(f"{what} with non-finite values (NaN or inf); replace them before exporting")
+        raise SourceError(
+          f"{what} with non-finite values (NaN or inf); replace them before exporting"
+        )
       y = np.rint(x)
       if y.size and (y.min() < 0 or y.max() > 255):
-        raise SourceError(f"{what} with values in {_range(data)}, which scale={scale:g} maps to "
-                          f"{_range(y)}, outside uint8 [0, 255]; choose scale so that "
-                          "max * scale <= 255 (e.g. scale=255 for values in [0, 1])")
+        raise SourceError(
+          f"{what} with values in {_range(data)}, which scale={scale:g} maps to "
+          f"{_range(y)}, outside uint8 [0, 255]; choose scale so that "
+          "max * scale <= 255 (e.g. scale=255 for values in [0, 1])"
+        )
       return y.astype(np.uint8)
     if data.dtype == want:
       return data
     if kind == "f":
-      raise SourceError(f"{what} with values in {_range(data)}; a float image is never cast "
-                        "silently: save it as uint8, or add the scaling rule scale=S to the source "
-                        "(e.g. 'local:DIR,scale=255' for values in [0, 1]: uint8 = round(x * S))")
+      raise SourceError(
+        f"{what} with values in {_range(data)}; a float image is never cast "
+        "silently: save it as uint8, or add the scaling rule scale=S to the source "
+        "(e.g. 'local:DIR,scale=255' for values in [0, 1]: uint8 = round(x * S))"
+      )
     if data.size and (data.min() < 0 or data.max() > 255):
-      raise SourceError(f"{what} with values in {_range(data)}, outside uint8 [0, 255] (a cast would "
-                        "wrap); rescale it to uint8, or add scale=S to the source "
-                        "(uint8 = round(x * S), e.g. scale=0.0625 for 12-bit values)")
+      raise SourceError(
+        f"{what} with values in {_range(data)}, outside uint8 [0, 255] (a cast would "
+        "wrap); rescale it to uint8, or add scale=S to the source "
+        "(uint8 = round(x * S), e.g. scale=0.0625 for 12-bit values)"
+      )
     return data.astype(want)
   # Label channels: ids, nothing else.
   if kind == "f":
     if not np.isfinite(data).all() or not np.array_equal(data, np.floor(data)):
-      raise SourceError(f"{what} with non-integer values (in {_range(data)}); label ids must be "
-                        "integers: save the labels as an unsigned integer array")
+      raise SourceError(
+        f"{what} with non-integer values (in {_range(data)}); label ids must be "
+        "integers: save the labels as an unsigned integer array"
+      )
   name, known = _known_ids(channel)
   if data.size:
     lo, hi = data.min(), data.max()
@@ -165,9 +186,11 @@ def to_channel_dtype(channel: str, data: np.ndarray, *, where: str = "source",
       present = np.unique(data)
       unknown = [v for v in present if v < 0 or int(v) not in known]
       if unknown:
-        raise SourceError(f"{what} with ids {_ids_text(unknown)} that are not MTNeuro {name} "
-                          f"{known[0]}..{known[-1]}; map them to those ids before exporting "
-                          "(mtneuro_jax/volumes/spec.py lists them)")
+        raise SourceError(
+          f"{what} with ids {_ids_text(unknown)} that are not MTNeuro {name} "
+          f"{known[0]}..{known[-1]}; map them to those ids before exporting "
+          "(mtneuro_jax/volumes/spec.py lists them)"
+        )
   return data if data.dtype == want else data.astype(want)
 
 
@@ -206,8 +229,11 @@ class Source(abc.ABC):
     """``intern.array`` for one channel name of ``spec.CHANNELS``."""
     if channel not in spec.CHANNELS:
       raise SourceError(f"unknown channel {channel!r}; known: {', '.join(spec.CHANNELS)}")
-    return intern_array(_channel_resource(spec.CHANNELS[channel]), resolution=resolution,
-                        volume_provider=self.volume_provider())
+    return intern_array(
+      _channel_resource(spec.CHANNELS[channel]),
+      resolution=resolution,
+      volume_provider=self.volume_provider(),
+    )
 
   def read(self, channel: str, box: spec.Box, resolution: int = 0) -> np.ndarray:
     """Cutout ``box`` (ZYX, full-res coordinates) of ``channel`` as a 3D ZYX array.
@@ -222,18 +248,26 @@ class Source(abc.ABC):
       raise SourceError(str(e)) from None
     arr = self.open(channel, resolution)
     fetch = _widen_singletons(box, self.shape())
-    data = np.asarray(arr[fetch.z0:fetch.z1, fetch.y0:fetch.y1, fetch.x0:fetch.x1])
+    data = np.asarray(arr[fetch.z0 : fetch.z1, fetch.y0 : fetch.y1, fetch.x0 : fetch.x1])
     # intern squeezes length-1 axes; restore the 3D box shape.
     if data.size != int(np.prod(fetch.shape)):
-      raise SourceError(f"{self.kind}: cutout {fetch} of {channel} returned shape {data.shape}, "
-                        f"expected {fetch.shape}")
+      raise SourceError(
+        f"{self.kind}: cutout {fetch} of {channel} returned shape {data.shape}, "
+        f"expected {fetch.shape}"
+      )
     data = data.reshape(fetch.shape)
     if fetch != box:
-      data = data[box.z0 - fetch.z0:box.z1 - fetch.z0, box.y0 - fetch.y0:box.y1 - fetch.y0,
-                  box.x0 - fetch.x0:box.x1 - fetch.x0]
-    return to_channel_dtype(channel, data, scale=self.image_scale,
-                            where=f"{self.where()}, box z{box.z0}:{box.z1} y{box.y0}:{box.y1} "
-                                  f"x{box.x0}:{box.x1}")
+      data = data[
+        box.z0 - fetch.z0 : box.z1 - fetch.z0,
+        box.y0 - fetch.y0 : box.y1 - fetch.y0,
+        box.x0 - fetch.x0 : box.x1 - fetch.x0,
+      ]
+    return to_channel_dtype(
+      channel,
+      data,
+      scale=self.image_scale,
+      where=f"{self.where()}, box z{box.z0}:{box.z1} y{box.y0}:{box.y1} x{box.x0}:{box.x1}",
+    )
 
 
 def _widen_singletons(box: spec.Box, shape_zyx) -> spec.Box:
@@ -261,9 +295,15 @@ class PhantomSource(Source):
 
   def __init__(self, seed: int = 0):
     from mtneuro_jax.volumes import phantom  # lazy: heavy-ish import
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, str)) \
-        or not re.fullmatch(r"\s*-?\d+\s*", str(seed)):
-      raise SourceError(f"phantom seed must be an integer, got {seed!r}; e.g. --source phantom:seed=3")
+
+    if (
+      isinstance(seed, bool)
+      or not isinstance(seed, (int, np.integer, str))
+      or not re.fullmatch(r"\s*-?\d+\s*", str(seed))
+    ):
+      raise SourceError(
+        f"phantom seed must be an integer, got {seed!r}; e.g. --source phantom:seed=3"
+      )
     self.seed = int(seed)
     self._volume = phantom.PhantomVolume(seed=self.seed)
     self._provider = ArrayVolumeProvider("phantom", self._volume.cutout)
@@ -273,8 +313,13 @@ class PhantomSource(Source):
 
   def describe(self):
     from mtneuro_jax.volumes import phantom
-    return {"kind": "phantom", "seed": self.seed, "generator_version": phantom.GENERATOR_VERSION,
-            "note": "SYNTHETIC phantom volume: results are not comparable to the paper's"}
+
+    return {
+      "kind": "phantom",
+      "seed": self.seed,
+      "generator_version": phantom.GENERATOR_VERSION,
+      "note": "SYNTHETIC phantom volume: results are not comparable to the paper's",
+    }
 
 
 class LocalSource(Source):
@@ -294,16 +339,20 @@ class LocalSource(Source):
   def __init__(self, path: str, scale: float | str | None = None):
     self.path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(self.path):
-      raise SourceError(f"local volume {self.path} does not exist; pass a folder of "
-                        "<channel>.npy files or a zarr group")
+      raise SourceError(
+        f"local volume {self.path} does not exist; pass a folder of "
+        "<channel>.npy files or a zarr group"
+      )
     if scale is not None:
       try:
         value = float(scale)
       except (TypeError, ValueError):
         value = math.nan
       if not (math.isfinite(value) and value > 0):
-        raise SourceError(f"local source option scale must be a positive number, got {scale!r}; "
-                          "e.g. 'local:DIR,scale=255' for a float image in [0, 1]")
+        raise SourceError(
+          f"local source option scale must be a positive number, got {scale!r}; "
+          "e.g. 'local:DIR,scale=255' for a float image in [0, 1]"
+        )
       scale = value
     self.image_scale = scale
     self._arrays: dict[str, Any] = {}
@@ -319,20 +368,27 @@ class LocalSource(Source):
       with open(npy, "rb") as f:
         magic = f.read(6)
       if magic != b"\x93NUMPY":  # np.load would try it as a pickle and say so, confusingly
-        raise SourceError(f"{npy} is not a .npy file (no NUMPY header); write it with numpy.save "
-                          "(a numeric ZYX array)")
+        raise SourceError(
+          f"{npy} is not a .npy file (no NUMPY header); write it with numpy.save "
+          "(a numeric ZYX array)"
+        )
       try:
         return np.load(npy, mmap_mode="r", allow_pickle=False)
       except (OSError, ValueError, EOFError) as e:
-        raise SourceError(f"{npy} is not a readable .npy array ({e}); write it with numpy.save "
-                          "(a numeric ZYX array, no pickled objects)") from None
+        raise SourceError(
+          f"{npy} is not a readable .npy array ({e}); write it with numpy.save "
+          "(a numeric ZYX array, no pickled objects)"
+        ) from None
     try:
       import zarr  # lazy: optional dependency, only for zarr volumes
+
       return zarr.open_group(self.path, mode="r")[channel]
     except Exception as e:  # noqa: BLE001 - report any zarr failure the same way
-      raise SourceError(f"local volume {self.path} has no readable channel {channel!r} ({channel}.npy "
-                        f"or zarr array: {type(e).__name__}: {e}); add {channel}.npy (ZYX) to the "
-                        "folder") from None
+      raise SourceError(
+        f"local volume {self.path} has no readable channel {channel!r} ({channel}.npy "
+        f"or zarr array: {type(e).__name__}: {e}); add {channel}.npy (ZYX) to the "
+        "folder"
+      ) from None
 
   def _array(self, channel: str):
     """The array of ``channel`` (memory-mapped), checked for rank, shape and a numeric dtype."""
@@ -340,23 +396,31 @@ class LocalSource(Source):
       arr = self._open_array(channel)
       shape, dtype = tuple(int(n) for n in arr.shape), np.dtype(arr.dtype)
       if len(shape) != 3:
-        raise SourceError(f"local volume {channel} must be 3D ZYX, got shape {shape}; save it "
-                          "without channel or time axes")
+        raise SourceError(
+          f"local volume {channel} must be 3D ZYX, got shape {shape}; save it "
+          "without channel or time axes"
+        )
       if channel != "image" and shape != self.shape():
-        raise SourceError(f"local volume {channel} has shape {shape}, the image {self.shape()}; "
-                          "every channel must cover the same ZYX extent")
+        raise SourceError(
+          f"local volume {channel} has shape {shape}, the image {self.shape()}; "
+          "every channel must cover the same ZYX extent"
+        )
       if dtype.kind not in "buif":
-        raise SourceError(f"local volume {channel} is {dtype}, not a numeric array; save it as "
-                          f"{spec.CHANNELS[channel].dtype}")
+        raise SourceError(
+          f"local volume {channel} is {dtype}, not a numeric array; save it as "
+          f"{spec.CHANNELS[channel].dtype}"
+        )
       if channel == "image" and dtype.kind == "f" and self.image_scale is None:
         # Refused before anything is read (every cutout would be); a small central sample
         # shows the value range, which decides the scale.
         z, y, x = (n // 2 for n in shape)
-        sample = np.asarray(arr[z, y:y + 64, x:x + 64])
-        raise SourceError(f"{self.where()}: channel image is {dtype} (values in {_range(sample)} in a "
-                          f"64x64 sample of slice {z}); a float image is never cast silently: save it as "
-                          "uint8, or add the scaling rule scale=S to the source (e.g. 'local:DIR,scale=255' "
-                          "for values in [0, 1]: uint8 = round(x * S))")
+        sample = np.asarray(arr[z, y : y + 64, x : x + 64])
+        raise SourceError(
+          f"{self.where()}: channel image is {dtype} (values in {_range(sample)} in a "
+          f"64x64 sample of slice {z}); a float image is never cast silently: save it as "
+          "uint8, or add the scaling rule scale=S to the source (e.g. 'local:DIR,scale=255' "
+          "for values in [0, 1]: uint8 = round(x * S))"
+        )
       self._arrays[channel] = arr
     return self._arrays[channel]
 
@@ -392,11 +456,15 @@ def _number(name: str, value, cast, minimum, *, strict: bool = False):
     if isinstance(out, float) and not math.isfinite(out):
       raise ValueError
   except (TypeError, ValueError):
-    raise SourceError(f"source option {name} must be {'an integer' if cast is int else 'a number'}, "
-                      f"got {value!r}; e.g. {name}={max(minimum or 0, 1)}") from None
+    raise SourceError(
+      f"source option {name} must be {'an integer' if cast is int else 'a number'}, "
+      f"got {value!r}; e.g. {name}={max(minimum or 0, 1)}"
+    ) from None
   if minimum is not None and (out <= minimum if strict else out < minimum):
-    raise SourceError(f"source option {name} must be {'>' if strict else '>='} {minimum}, got {value!r}; "
-                      "fix the source spec")
+    raise SourceError(
+      f"source option {name} must be {'>' if strict else '>='} {minimum}, got {value!r}; "
+      "fix the source spec"
+    )
   return out
 
 
@@ -436,26 +504,50 @@ class BossDBSource(Source):
 
   kind = "bossdb"
 
-  def __init__(self, host: str | None = None, protocol: str | None = None, token: str | None = None,
-               token_file: str | None = None, chunk: str | None = None, concurrency: int = 4,
-               retries: int = 5, timeout: float = 60.0, connect_timeout: float = 10.0,
-               backoff: float = 0.5, max_backoff: float = 30.0, expect_tissue: str = "image",
-               max_request_mb: float = 500.0, seed: int | None = None,
-               intern_cfg: str = "~/.intern/intern.cfg"):
-    for name, value in (("host", host), ("protocol", protocol), ("token", token),
-                        ("token_file", token_file)):
+  def __init__(
+    self,
+    host: str | None = None,
+    protocol: str | None = None,
+    token: str | None = None,
+    token_file: str | None = None,
+    chunk: str | None = None,
+    concurrency: int = 4,
+    retries: int = 5,
+    timeout: float = 60.0,
+    connect_timeout: float = 10.0,
+    backoff: float = 0.5,
+    max_backoff: float = 30.0,
+    expect_tissue: str = "image",
+    max_request_mb: float = 500.0,
+    seed: int | None = None,
+    intern_cfg: str = "~/.intern/intern.cfg",
+  ):
+    for name, value in (
+      ("host", host),
+      ("protocol", protocol),
+      ("token", token),
+      ("token_file", token_file),
+    ):
       if value is not None and not str(value).strip():
         # An empty value must not fall back to api.bossdb.io (or a stored token) silently.
-        raise SourceError(f"bossdb option {name} is empty; give it a value ({name}=...) or leave "
-                          "it out to use the default")
+        raise SourceError(
+          f"bossdb option {name} is empty; give it a value ({name}=...) or leave "
+          "it out to use the default"
+        )
     config, self.config_origins = bossdb.resolve_boss_config(
-        None if host is None else str(host), protocol, None if token is None else str(token),
-        token_file=token_file, intern_cfg=intern_cfg)
+      None if host is None else str(host),
+      protocol,
+      None if token is None else str(token),
+      token_file=token_file,
+      intern_cfg=intern_cfg,
+    )
     self._config = config
     self.host, self.protocol = config["host"], config["protocol"]
     if expect_tissue not in bossdb.EXPECT_NONZERO:
-      raise SourceError(f"bossdb option expect_tissue must be one of {', '.join(bossdb.EXPECT_NONZERO)}, "
-                        f"got {expect_tissue!r}; e.g. expect_tissue=none")
+      raise SourceError(
+        f"bossdb option expect_tissue must be one of {', '.join(bossdb.EXPECT_NONZERO)}, "
+        f"got {expect_tissue!r}; e.g. expect_tissue=none"
+      )
     retries = _number("retries", retries, int, 0)
     concurrency = _number("concurrency", concurrency, int, 1)
     timeout = _number("timeout", timeout, float, 0, strict=True)
@@ -495,22 +587,34 @@ class BossDBSource(Source):
     with self._lock:
       if self._provider is None:
         self._provider = bossdb.make_boss_provider(
-            self._config, chunk_zyx=self.chunk_zyx, concurrency=self.concurrency, retry=self.retry,
-            timeout_s=self.timeouts[1], connect_timeout_s=self.timeouts[0],
-            expect_nonzero=bossdb.EXPECT_NONZERO[self.expect_tissue],
-            max_request_bytes=self.max_request_bytes, seed=self.seed)
+          self._config,
+          chunk_zyx=self.chunk_zyx,
+          concurrency=self.concurrency,
+          retry=self.retry,
+          timeout_s=self.timeouts[1],
+          connect_timeout_s=self.timeouts[0],
+          expect_nonzero=bossdb.EXPECT_NONZERO[self.expect_tissue],
+          max_request_bytes=self.max_request_bytes,
+          seed=self.seed,
+        )
       return self._provider
 
   def describe(self):
     # Data identity only (cache keys): no token, no transfer tuning.
-    return {"kind": "bossdb", "host": self.host, "protocol": self.protocol,
-            "uris": {k: c.uri for k, c in spec.CHANNELS.items()}}
+    return {
+      "kind": "bossdb",
+      "host": self.host,
+      "protocol": self.protocol,
+      "uris": {k: c.uri for k, c in spec.CHANNELS.items()},
+    }
 
   def shape(self):
     """ZYX extent of the coordinate frame the server reports (fetched once)."""
     if self._shape is None:
-      self._shape = tuple(int(s) for s in self.volume_provider().get_shape(
-          _channel_resource(spec.CHANNELS["image"]), 0))
+      self._shape = tuple(
+        int(s)
+        for s in self.volume_provider().get_shape(_channel_resource(spec.CHANNELS["image"]), 0)
+      )
     return self._shape
 
   def _check_channel(self, channel: str) -> None:
@@ -520,9 +624,11 @@ class BossDBSource(Source):
     c = spec.CHANNELS[channel]
     remote = self.volume_provider().get_channel(c.channel, c.collection, c.experiment)
     if remote.datatype != c.dtype:
-      raise SourceError(f"{self.protocol}://{self.host} serves {c.uri} as {remote.datatype}, "
-                        f"expected {c.dtype}; is this the MTNeuro volume? point host= at a server "
-                        "that holds it")
+      raise SourceError(
+        f"{self.protocol}://{self.host} serves {c.uri} as {remote.datatype}, "
+        f"expected {c.dtype}; is this the MTNeuro volume? point host= at a server "
+        "that holds it"
+      )
     self._checked.add(channel)
 
   def check_channels(self, channels) -> None:
@@ -552,9 +658,13 @@ class BossDBSource(Source):
         raise SourceError(str(e)) from None
     self._check_channel(channel)
     boxes = list(boxes)
-    outs = self.volume_provider().get_cutouts(_channel_resource(spec.CHANNELS[channel]), resolution, boxes)
-    return [to_channel_dtype(channel, a, where=f"{self.where()}, box {b}")
-            for a, b in zip(outs, boxes, strict=True)]
+    outs = self.volume_provider().get_cutouts(
+      _channel_resource(spec.CHANNELS[channel]), resolution, boxes
+    )
+    return [
+      to_channel_dtype(channel, a, where=f"{self.where()}, box {b}")
+      for a, b in zip(outs, boxes, strict=True)
+    ]
 
   def fetch_stats(self) -> dict[str, Any]:
     """Requests, bytes, retries and faults by kind so far (JSON-able)."""
@@ -568,9 +678,9 @@ class BossDBSource(Source):
 
 
 SOURCES: Mapping[str, type[Source]] = {
-    "phantom": PhantomSource,
-    "local": LocalSource,
-    "bossdb": BossDBSource,
+  "phantom": PhantomSource,
+  "local": LocalSource,
+  "bossdb": BossDBSource,
 }
 
 
@@ -581,11 +691,15 @@ def _parse_options(source_spec: str, items: list[str]) -> dict[str, Any]:
     k, eq, v = item.partition("=")
     k, v = k.strip(), v.strip()
     if not eq or not k:
-      raise SourceError(f"bad source option {item!r} in {source_spec!r}; expected key=value, "
-                        "e.g. 'phantom:seed=3' or 'bossdb:host=127.0.0.1:8123,protocol=http'")
+      raise SourceError(
+        f"bad source option {item!r} in {source_spec!r}; expected key=value, "
+        "e.g. 'phantom:seed=3' or 'bossdb:host=127.0.0.1:8123,protocol=http'"
+      )
     if not v:
-      raise SourceError(f"source option {k} is empty in {source_spec!r}; give it a value ({k}=...) "
-                        "or leave it out to use the default")
+      raise SourceError(
+        f"source option {k} is empty in {source_spec!r}; give it a value ({k}=...) "
+        "or leave it out to use the default"
+      )
     if k in kwargs:
       raise SourceError(f"source option {k} is given twice in {source_spec!r}; keep one")
     kwargs[k] = int(v) if re.fullmatch(r"-?\d+", v) else v
@@ -606,8 +720,10 @@ def make_source(source_spec: str) -> Source:
   """Builds a Source from a spec string (see module docstring); SourceError naming the fix."""
   kind, _, rest = str(source_spec).partition(":")
   if kind not in SOURCES:
-    raise SourceError(f"unknown source {kind!r}; use one of: {', '.join(SOURCES)} "
-                      "(e.g. 'phantom', 'local:/data/vol', 'bossdb')")
+    raise SourceError(
+      f"unknown source {kind!r}; use one of: {', '.join(SOURCES)} "
+      "(e.g. 'phantom', 'local:/data/vol', 'bossdb')"
+    )
   if kind == "local":
     path, items = _split_local(rest)
     if not path.strip():
@@ -615,13 +731,17 @@ def make_source(source_spec: str) -> Source:
     kwargs = _parse_options(source_spec, items)
     unknown = sorted(set(kwargs) - set(LocalSource.OPTIONS))
     if unknown:
-      raise SourceError(f"unknown option(s) {', '.join(unknown)} for source 'local' in {source_spec!r}; "
-                        f"known: {', '.join(LocalSource.OPTIONS)}")
+      raise SourceError(
+        f"unknown option(s) {', '.join(unknown)} for source 'local' in {source_spec!r}; "
+        f"known: {', '.join(LocalSource.OPTIONS)}"
+      )
     return LocalSource(path, **kwargs)
   kwargs = _parse_options(source_spec, rest.split(",")) if rest else {}
   known = [p for p in inspect.signature(SOURCES[kind].__init__).parameters if p != "self"]
   unknown = sorted(set(kwargs) - set(known))
   if unknown:
-    raise SourceError(f"bad options for source {kind!r} in {source_spec!r}: unknown option(s) "
-                      f"{', '.join(unknown)}; known: {', '.join(known) or 'none'}")
+    raise SourceError(
+      f"bad options for source {kind!r} in {source_spec!r}: unknown option(s) "
+      f"{', '.join(unknown)}; known: {', '.join(known) or 'none'}"
+    )
   return SOURCES[kind](**kwargs)
