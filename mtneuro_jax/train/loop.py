@@ -47,7 +47,7 @@ import jax
 from absl import logging
 
 from mtneuro_jax import dirlock, sharding
-from mtneuro_jax.errors import ConfigError, UsageError, UserError, run_cli
+from mtneuro_jax.errors import ConfigError, UsageError, UserError, one_line, run_cli
 from mtneuro_jax.eval.common import EvalContext
 from mtneuro_jax.eval.registry import check_kinds, run_evals
 from mtneuro_jax.models import MODELS
@@ -541,7 +541,7 @@ def parse_config_cli(
       # original message (the last line, after "module.ErrorType: ").
       last = [x for x in str(cause).splitlines() if x.strip()][-1]
       raise type(cause)(last.split(f"{type(cause).__name__}: ", 1)[-1]) from e
-    raise UsageError(f"{prog}: {_one_line(e)}; see `{prog} --help`") from e
+    raise UsageError(f"{prog}: {one_line(e)}; see `{prog} --help`") from e
   if len(rest) > 1:
     raise UsageError(f"{prog}: unexpected arguments {rest[1:]}; see `{prog} --help`")
   missing = [
@@ -554,10 +554,6 @@ def parse_config_cli(
     "workdir": workdir_flag.value,
     "allow_config_change": bool(allow_flag.value) if allow_flag is not None else False,
   }
-
-
-def _one_line(e: Exception) -> str:
-  return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def quiet_logging() -> None:
