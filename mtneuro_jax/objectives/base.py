@@ -27,8 +27,9 @@ mining pool, running statistics). The one training loop calls:
       Eval mode: 'logits' [B, C], 'features' [B, D], dense maps, ...
 
 ``ctx`` is a ``StepContext``: ``ctx.step`` (int32 [] traced: updates applied
-before this one, so 0 on the first step) and ``ctx.total_steps`` (a Python int,
-static under jit), enough for schedules such as BYOL's cosine EMA momentum.
+before this one, so 0 on the first step), ``ctx.total_steps`` and
+``ctx.steps_per_epoch`` (Python ints, static under jit), enough for schedules
+such as BYOL's cosine EMA momentum or MYOW's weight ramp over epochs.
 
 ``batch`` is a dict of arrays: 'image' float32 [B, Y, X, 1] (2D) or
 [B, Z, Y, X, 1] (3D), 'label' int32 [B] or 'mask' int32 [B, (Z,) Y, X],
@@ -77,10 +78,15 @@ import jax.numpy as jnp
 
 
 class StepContext(flax.struct.PyTreeNode):
-  """Where a step is in the run: ``step`` int32 [] (updates done before this one), ``total_steps`` (static int)."""
+  """Where a step is in the run.
+
+  ``step`` int32 [] (updates done before this one, traced); ``total_steps`` and
+  ``steps_per_epoch`` (static ints; 0 = unknown) turn epoch-based schedules into steps.
+  """
 
   step: jax.Array
   total_steps: int = flax.struct.field(pytree_node=False)
+  steps_per_epoch: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def progress(self) -> jax.Array:

@@ -351,6 +351,7 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
     optimizer=optimizer,
     config=objective_cfg,
     total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
   )
   p_predict = step_lib.jit_predict(model=model, objective=objective, config=objective_cfg)
   log_every = int(config.get("log_every_steps", 50) or 1)

@@ -34,6 +34,7 @@ def train_step(
   optimizer,
   config,
   total_steps: int,
+  steps_per_epoch: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update.
 
@@ -42,7 +43,8 @@ def train_step(
     batch: dict of [B, ...] arrays (see objectives/base.py).
     model, objective, optimizer: bound with functools.partial (static).
     config: the objective's ConfigDict (``config.objective``).
-    total_steps: the run's length (static), for the objective's StepContext.
+    total_steps, steps_per_epoch: the run's length and epoch size (static), for the
+      objective's StepContext (steps_per_epoch 0 = unknown).
 
   Returns:
     (new state, metrics: dict of float32 scalars). Metrics are the objective's
@@ -50,7 +52,9 @@ def train_step(
     not name it (the loop's NaN guard reads both).
   """
   rng = state.step_rng()
-  ctx = StepContext(step=state.step, total_steps=int(total_steps))
+  ctx = StepContext(
+    step=state.step, total_steps=int(total_steps), steps_per_epoch=int(steps_per_epoch)
+  )
 
   def loss_fn(params):
     return objective.loss(
@@ -73,7 +77,15 @@ def train_step(
 
 
 def jit_train_step(
-  mesh: Mesh, *, model, objective, optimizer, config, total_steps: int, donate: bool = True
+  mesh: Mesh,
+  *,
+  model,
+  objective,
+  optimizer,
+  config,
+  total_steps: int,
+  steps_per_epoch: int = 0,
+  donate: bool = True,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``train_step`` bound to its statics and jitted for ``mesh``.
 
@@ -89,6 +101,7 @@ def jit_train_step(
     optimizer=optimizer,
     config=config,
     total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
   )
   rep, data = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh)
   return jax.jit(
