@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -53,11 +54,21 @@ import time
 import traceback
 from typing import Any, Sequence
 
+import numpy as np
+
 from experiments import paper_reference as paper
 from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
 from mtneuro_jax import configlib
 
-METHODS = ("supervised", "mixup", "pca", "nmf")
+METHODS = ("supervised", "mixup", "pca", "nmf", "byol", "myow", "myow_merged", "vicreg")
+# Self-supervised methods: pretraining config (configs/task1_<method>.py) then a frozen linear
+# probe (configs/task1_linear_probe.py, init_from the pretraining run's encoder), scored on the
+# four half-size corners of each test tile (the crop scale the encoder was trained on).
+SSL_METHODS = ("byol", "myow", "myow_merged", "vicreg")
+PROBE_PROTOCOL = "corners"
+BOOTSTRAP_RESAMPLES = 10_000
+# Row labels: the paper's, plus methods the paper did not run.
+LABELS = {**paper.METHOD_LABELS, "vicreg": "VICReg (not in the paper)"}
 SETTINGS = ("ROI-C1", "ROI-C2", "ROI-C3")
 # Training task of each setting; ROI-C2 reuses the ROI-C1 training run.
 TRAIN_TASK = {"c12": "task1_roi_c1", "c3": "task1_roi_c3"}
@@ -172,6 +183,8 @@ def build_config(run: Run, preset: Preset, data_dir: str):
 
   from configs import task1_mixup, task1_pca_nmf, task1_supervised
 
+  if run.method in SSL_METHODS:
+    return build_ssl_configs(run, preset, data_dir)[1]
   if run.method == "supervised":
     c = task1_supervised.get_config(preset.config_arg)
   elif run.method == "mixup":
@@ -188,20 +201,59 @@ def build_config(run: Run, preset: Preset, data_dir: str):
     c.progress = False  # the driver prints one line per run instead
   for k, v in preset.baseline_overrides if run.method in ("pca", "nmf") else preset.overrides:
     _set(c, k, v)
+  c.evals = _run_evals(run, "whole")
+  c.lock()
+  return c
+
+
+def _run_evals(run: Run, protocol: str):
+  """'val' on the training task plus the run's test evals, each a classification eval."""
+  import ml_collections
+
   evals = ml_collections.ConfigDict()
   for name in ("val",) + run.evals:
     evals[name] = ml_collections.ConfigDict(
       {
         "kind": "classification",
         "split": "val" if name == "val" else "test",
-        "protocol": "whole",
+        "protocol": protocol,
         "task": TRAIN_TASK[run.setting] if name == "val" else TEST_TASK[name],
         "name": name,
       }
     )
-  c.evals = evals
-  c.lock()
-  return c
+  return evals
+
+
+def build_ssl_configs(run: Run, preset: Preset, data_dir: str, out: str | None = None):
+  """(pretraining config, linear-probe config) of one SSL run.
+
+  The pretraining run writes ``<workdir>/pretrain``; its evals are dropped (the frozen
+  probe is the evaluation; the online probe's ``probe/acc`` is still logged). The probe
+  starts from that run's encoder (``init_from.subtree = 'encoder'``).
+  """
+  import importlib
+
+  import ml_collections
+
+  from configs import task1_linear_probe
+
+  pre = importlib.import_module(f"configs.task1_{run.method}").get_config(preset.config_arg)
+  probe = task1_linear_probe.get_config(preset.config_arg)
+  for c in (pre, probe):
+    c.unlock()
+    c.seed = int(run.seed)
+    c.data.data_dir = data_dir
+    c.data.task = TRAIN_TASK[run.setting]
+    c.data.downsample = int(run.downsample)
+    c.progress = False
+  pre.evals = ml_collections.ConfigDict()
+  probe.model.width_multiplier = pre.model.width_multiplier
+  probe.init_from.workdir = os.path.join(run.workdir(out or "."), "pretrain")
+  probe.init_from.subtree = "encoder"
+  probe.evals = _run_evals(run, PROBE_PROTOCOL)
+  for c in (pre, probe):
+    c.lock()
+  return pre, probe
 
 
 def execute(run: Run, preset: Preset, data_dir: str, out: str) -> dict:
@@ -211,6 +263,13 @@ def execute(run: Run, preset: Preset, data_dir: str, out: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
+  if run.method in SSL_METHODS:
+    from mtneuro_jax.train import loop
+
+    pre, probe = build_ssl_configs(run, preset, data_dir, out)
+    pre_results = loop.train_and_evaluate(pre, os.path.join(wd, "pretrain"))
+    res = loop.train_and_evaluate(probe, wd)
+    return {**res, **{f"pretrain/{k}": v for k, v in pre_results.items()}}
   cfg = build_config(run, preset, data_dir)
   if run.method in ("pca", "nmf"):
     from mtneuro_jax.baselines import pca_nmf
@@ -242,6 +301,48 @@ def fmt(cell: dict | None) -> str:
   elif cell.get("n") == 1:
     s += " (1 seed)"
   return s
+
+
+def bootstrap_ci(
+  values: Sequence[float],
+  *,
+  level: float = 0.95,
+  resamples: int = BOOTSTRAP_RESAMPLES,
+  seed: int = 0,
+) -> tuple[float, float] | None:
+  """Percentile bootstrap interval of the mean over seeds (None for fewer than 2 values).
+
+  Seeds are resampled with replacement ``resamples`` times (a fixed numpy seed, so the
+  interval is reproducible); with few seeds it is wide and only indicative.
+  """
+  v = np.asarray([float(x) for x in values], np.float64)
+  if v.size < 2:
+    return None
+  idx = np.random.default_rng(seed).integers(0, v.size, (resamples, v.size))
+  means = v[idx].mean(axis=1)
+  lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+  return float(lo), float(hi)
+
+
+def paired_comparison(a: dict, b: dict) -> dict | None:
+  """Method a vs b on the seeds both ran ({seed: accuracy} each): mean difference a - b, its
+  bootstrap 95% interval, and the exact two-sided sign-flip permutation p-value (all 2^n sign
+  patterns of the per-seed differences; the paper reports neither)."""
+  common = sorted(set(a) & set(b))
+  if not common:
+    return None
+  d = np.asarray([float(a[k]) - float(b[k]) for k in common], np.float64)
+  observed = abs(d.mean())
+  signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+  p = float(np.mean(np.abs((signs * d).mean(axis=1)) >= observed - 1e-12))
+  ci = bootstrap_ci(d)
+  return {
+    "seeds": common,
+    "mean_diff": float(d.mean()),
+    "ci95": list(ci) if ci else None,
+    "p_sign_flip": p,
+    "n": int(d.size),
+  }
 
 
 def select_p(
@@ -282,7 +383,7 @@ def cell_for(
     if p is None:
       return {"mean": None, "note": "not run"}
     extra = {"p_selected": p, "val_accuracy_by_p": {f"{k:g}": v for k, v in sorted(means.items())}}
-  vals, found = [], False
+  vals, found, by_seed = [], False, {}
   for r in runs:
     if (
       r.method == method
@@ -296,9 +397,13 @@ def cell_for(
       res = results.get(r)
       if res and f"{test}/accuracy" in res:
         vals.append(res[f"{test}/accuracy"])
+        by_seed[r.seed] = res[f"{test}/accuracy"]
   if not found:
     return {"mean": None, "note": "not run"}
-  cell = {**mean_sd(vals), **extra}
+  cell = {**mean_sd(vals), **extra, "by_seed": {str(k): v for k, v in sorted(by_seed.items())}}
+  ci = bootstrap_ci(vals)
+  if ci is not None:
+    cell["ci95"] = list(ci)
   if not vals:
     cell["note"] = "failed"
   return cell
@@ -368,7 +473,7 @@ def build_tables(
   for m in methods:
     row = {
       "method": m,
-      "label": paper.METHOD_LABELS[m],
+      "label": LABELS[m],
       "data_source": row_source,
       "comparable": comparable,
       "downsample": d1,
@@ -377,13 +482,16 @@ def build_tables(
     for s in SETTINGS:
       setting, test = SETTING_RUN[s]
       ours = cell_for(results, runs, m, setting, d1, test, seeds)
-      row["cells"][s] = {"ours": ours, "paper": _paper_cell(paper.TABLE1[m][s], paper_ds=2)}
+      row["cells"][s] = {
+        "ours": ours,
+        "paper": _paper_cell(paper.TABLE1.get(m, {}).get(s), paper_ds=2),
+      }
     t1_rows.append(row)
   a3_rows = []
   for m in methods:
     row = {
       "method": m,
-      "label": paper.METHOD_LABELS[m],
+      "label": LABELS[m],
       "data_source": row_source,
       "comparable": comparable,
       "cells": {},
@@ -394,7 +502,10 @@ def build_tables(
         if d in preset.a3_downsamplings or d == d1
         else {"mean": None, "note": f"not run ({preset_name})"}
       )
-      row["cells"][str(d)] = {"ours": ours, "paper": _paper_cell(paper.TABLE_A3[m][d], paper_ds=d)}
+      row["cells"][str(d)] = {
+        "ours": ours,
+        "paper": _paper_cell(paper.TABLE_A3.get(m, {}).get(d), paper_ds=d),
+      }
     a3_rows.append(row)
   common = {
     "preset": preset_name,
@@ -409,12 +520,42 @@ def build_tables(
     "timings_s": timings,
     "machine": machine_info(),
   }
-  t1 = {**common, "table": "Table 1", "downsample": d1, "paper_downsample": 2, "rows": t1_rows}
+  t1 = {
+    **common,
+    "table": "Table 1",
+    "downsample": d1,
+    "paper_downsample": 2,
+    "rows": t1_rows,
+    "paired_vs_supervised": paired_vs_supervised(t1_rows),
+  }
   a3 = {**common, "table": "Table A3 (ROI-C1 by downsampling)", "rows": a3_rows}
   return t1, a3
 
 
+def paired_vs_supervised(rows: list[dict]) -> dict:
+  """{method: {setting: paired_comparison(method, supervised)}} for every non-supervised row."""
+  sup = next((r for r in rows if r["method"] == "supervised"), None)
+  if sup is None:
+    return {}
+  out = {}
+  for row in rows:
+    if row["method"] == "supervised":
+      continue
+    per = {}
+    for setting, cell in row["cells"].items():
+      cmp = paired_comparison(
+        cell["ours"].get("by_seed") or {}, sup["cells"][setting]["ours"].get("by_seed") or {}
+      )
+      if cmp is not None:
+        per[setting] = cmp
+    if per:
+      out[row["method"]] = per
+  return out
+
+
 def _paper_cell(value, paper_ds: int) -> dict:
+  if value is None:  # a method the paper did not run (e.g. VICReg)
+    return {"mean": None, "sd": None, "downsample": paper_ds}
   mean, sd = value
   return {"mean": mean, "sd": sd, "downsample": paper_ds}
 
@@ -440,7 +581,47 @@ def table1_markdown(t1: dict) -> str:
     "|---|---|" + "---|---|" * len(SETTINGS) + "---|",
   ]
   lines += [_row_markdown(row, [(s, s) for s in SETTINGS]) for row in t1["rows"]]
+  if any(row["method"] in SSL_METHODS for row in t1["rows"]):
+    lines += [
+      "",
+      f"SSL rows: a frozen encoder (inference-mode BatchNorm, stop-gradient) + a linear probe trained "
+      f"on half-size crops, scored on the four half-size corners of each test tile (`{PROBE_PROTOCOL}`), "
+      "as the reference scores its SSL encoders; the other rows score whole tiles.",
+    ]
+  lines += _statistics_markdown(t1)
   return "\n".join(lines) + "\n"
+
+
+def _ci(ci) -> str:
+  return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—"
+
+
+def _statistics_markdown(t1: dict) -> list[str]:
+  """95% bootstrap intervals over seeds and paired differences to supervised (same seeds)."""
+  lines = [
+    "",
+    "## Seed statistics (not in the paper)",
+    "",
+    f"95% percentile bootstrap interval of the mean over seeds ({BOOTSTRAP_RESAMPLES} resamples; "
+    "indicative only with few seeds) and, per method, the paired difference to Supervised on the "
+    "same seeds: mean Δ, its bootstrap interval and the exact sign-flip permutation p-value.",
+    "",
+    "| method | " + " | ".join(f"{s} 95% CI | {s} Δ vs sup (p)" for s in SETTINGS) + " |",
+    "|---|" + "---|---|" * len(SETTINGS),
+  ]
+  paired = t1.get("paired_vs_supervised", {})
+  for row in t1["rows"]:
+    cells = []
+    for s in SETTINGS:
+      cells.append(_ci(row["cells"][s]["ours"].get("ci95")))
+      cmp = paired.get(row["method"], {}).get(s)
+      cells.append(
+        f"{cmp['mean_diff']:+.3f} {_ci(cmp['ci95'])} (p={cmp['p_sign_flip']:.2f}, n={cmp['n']})"
+        if cmp
+        else "—"
+      )
+    lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def _row_markdown(row: dict, columns: list[tuple[str, str]]) -> str:
@@ -448,7 +629,11 @@ def _row_markdown(row: dict, columns: list[tuple[str, str]]) -> str:
   cells, notes = [], []
   for key, name in columns:
     c = row["cells"][key]
-    cells += [fmt(c["ours"]), paper.format_paper((c["paper"]["mean"], c["paper"]["sd"]))]
+    theirs = c["paper"]
+    cells += [
+      fmt(c["ours"]),
+      paper.format_paper(None if theirs["mean"] is None else (theirs["mean"], theirs["sd"])),
+    ]
     if "p_selected" in c["ours"]:
       notes.append(f"{name}: p={c['ours']['p_selected']:g}")
   return (

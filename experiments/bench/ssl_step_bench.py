@@ -1,0 +1,192 @@
+"""Self-supervised train-step throughput on this CPU, beside the supervised step (benchmark, not a test).
+
+Usage:
+  python -m experiments.bench.ssl_step_bench                       # B=32, 1x64^2 views, full width
+  python -m experiments.bench.ssl_step_bench --methods supervised,byol --width 0.25 --steps 3
+
+What is timed: one optimizer step of the one train step (``train/step.py``) on a fixed batch,
+after ``--warmup`` untimed steps (compilation excluded), each ended by ``block_until_ready``.
+Every method uses its own config file at ``:paper`` (full-width ResNet18-xray, the paper's
+heads), the batch is B tiles of 128^2 so the SSL views are 1x64^2 crops (half the side, as the
+paper's 128 of 256); the supervised step sees whole 64^2 tiles, so every step processes
+B images of 64^2 per view. MYOW's batch carries B queries plus a pool of B candidates (its
+config's "one extra batch"). img/s = B / median step time. Each method runs in a fresh
+subprocess so its peak RSS (``ru_maxrss``, interpreter included) is its own; the 1-minute load
+average before and after is recorded (the machine may be shared).
+
+Writes ``<out>/ssl_step_bench.{json,md}`` (default experiments/bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("supervised", "byol", "myow", "myow_merged", "vicreg")
+
+
+def worker(method: str, batch: int, width: float, warmup: int, steps: int) -> dict:
+  import importlib
+  import resource
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mtneuro_jax import sharding
+  from mtneuro_jax.models import MODELS
+  from mtneuro_jax.objectives import OBJECTIVES
+  from mtneuro_jax.train import optim
+  from mtneuro_jax.train import step as step_lib
+  from mtneuro_jax.train.state import create_train_state, param_count
+
+  cfg = importlib.import_module(f"configs.task1_{method}").get_config("paper")
+  cfg.unlock()
+  cfg.model.width_multiplier = width
+  model = MODELS[cfg.model_name](**dict(cfg.model))
+  objective = OBJECTIVES[cfg.objective_name]
+  mesh = sharding.make_mesh(1)
+  side = 64 if method == "supervised" else 128
+  rows = batch * 2 if method.startswith("myow") else batch
+  rng = np.random.default_rng(0)
+  host = {
+    "image": rng.normal(size=(rows, side, side, 1)).astype(np.float32),
+    "label": rng.integers(0, 4, rows).astype(np.int32),
+    "region": np.zeros(rows, np.int32),
+    "valid": np.ones(rows, bool),
+  }
+  data = sharding.shard_batch(host, mesh)
+  tx, _ = optim.make_optimizer(cfg.optim, steps_per_epoch=100, total_steps=1000, batch_size=rows)
+  example = jax.ShapeDtypeStruct((1, side, side, 1), jnp.float32)
+  state = jax.jit(
+    lambda: create_train_state(
+      model, objective, tx, example, seed=0, objective_config=cfg.objective
+    ),
+    out_shardings=sharding.replicated_sharding(mesh),
+  )()
+  n_params = param_count(state.params)
+  p_step = step_lib.jit_train_step(
+    mesh,
+    model=model,
+    objective=objective,
+    optimizer=tx,
+    config=cfg.objective,
+    total_steps=1000,
+    steps_per_epoch=100,
+  )
+  t0 = time.perf_counter()
+  for _ in range(warmup):
+    state, m = p_step(state, data)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = p_step(state, data)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  med = statistics.median(times)
+  return {
+    "method": method,
+    "batch": batch,
+    "rows_per_step": rows,
+    "view": "1x64x64",
+    "width": width,
+    "params": n_params,
+    "warmup_s": round(compile_s, 2),
+    "step_s": [round(t, 3) for t in times],
+    "median_step_s": round(med, 3),
+    "img_per_s": round(batch / med, 2),
+    "loss": float(m["train/loss"]),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  }
+
+
+def _markdown(rows: list[dict], meta: dict) -> str:
+  lines = [
+    "# SSL train-step throughput (CPU)",
+    "",
+    f"Machine: {meta['cpu']} ({meta['cpu_count']} cores), jax {meta['jax']}; batch {meta['batch']}, "
+    f"width {meta['width']}, {meta['steps']} timed steps after {meta['warmup']} warm-up steps. "
+    "Command: `python -m experiments.bench.ssl_step_bench`.",
+    "",
+    "| method | rows/step | params | median step (s) | img/s | vs supervised | peak RSS (MB) | load before/after |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  sup = next((r for r in rows if r["method"] == "supervised" and "img_per_s" in r), None)
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | | |")
+      continue
+    rel = f"{r['img_per_s'] / sup['img_per_s']:.2f}x" if sup else "—"
+    lines.append(
+      f"| {r['method']} | {r['rows_per_step']} | {r['params']:,} | {r['median_step_s']} | "
+      f"{r['img_per_s']} | {rel} | {r['peak_rss_mb']} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--width", type=float, default=1.0)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--out", default=os.path.join("experiments", "bench", "results"))
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    print(
+      "RESULT " + json.dumps(worker(args.worker, args.batch, args.width, args.warmup, args.steps))
+    )
+    return 0
+  rows = []
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one real CPU device, no fake devices
+  for method in [m for m in args.methods.split(",") if m]:
+    load0 = os.getloadavg()[0]
+    cmd = [sys.executable, "-m", "experiments.bench.ssl_step_bench", "--worker", method]
+    cmd += ["--batch", str(args.batch), "--width", str(args.width)]
+    cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    row = json.loads(line[7:]) if line else {"method": method, "error": proc.stderr[-500:]}
+    row["load"] = (load0, os.getloadavg()[0])
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  import jax
+
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), cpu)
+  except OSError:
+    pass
+  meta = {
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
+    "batch": args.batch,
+    "width": args.width,
+    "warmup": args.warmup,
+    "steps": args.steps,
+  }
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "ssl_step_bench.json"), "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  md = _markdown(rows, meta)
+  with open(os.path.join(args.out, "ssl_step_bench.md"), "w") as f:
+    f.write(md)
+  print(md)
+  return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
