@@ -1,6 +1,6 @@
 """Task 1 linear evaluation of a frozen (self-supervised) encoder: a linear probe, plus kNN.
 
-Run (after an SSL run wrote its checkpoints to out/runs/t1_byol_quick):
+Run: (after an SSL run wrote its checkpoints to out/runs/t1_byol_quick)
   python -m mtneuro_jax.train.loop --config configs/task1_linear_probe.py:quick \
       --workdir out/runs/t1_byol_quick_probe --config.init_from.workdir=out/runs/t1_byol_quick
   python -m mtneuro_jax.train.loop --config configs/task1_linear_probe.py:paper \
