@@ -108,7 +108,7 @@ def test_knn_predict_matches_brute_force_and_sklearn():
 
 
 def _fake_ctx(splits, num_classes=3):
-  """EvalContext over {split: (features [N, D], labels [N])}: 'image' [B, 2, D/2... ] carries them."""
+  """EvalContext over {split: (tiles [N, Y, X, 1], labels [N])}; features = the flattened pixels."""
 
   def open_batches(split, task=None):
     feats, labels = splits[split]
