@@ -14,12 +14,14 @@ from absl import logging
 
 from mtneuro_jax.eval.classification import classification
 from mtneuro_jax.eval.common import EvalContext
+from mtneuro_jax.eval.knn import knn
 from mtneuro_jax.registry import Registry
 
 EVALUATORS = Registry(
   "evaluator kind",
   {
     "classification": classification,
+    "knn": knn,
   },
 )
 

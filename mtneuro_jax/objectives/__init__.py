@@ -3,8 +3,10 @@
 Add an objective by adding one line (the interface is in ``base.py``).
 """
 
+from mtneuro_jax.objectives.linear_probe import LINEAR_PROBE
 from mtneuro_jax.objectives.mixup import MIXUP
 from mtneuro_jax.objectives.supervised import SUPERVISED
+from mtneuro_jax.objectives.vicreg import VICREG
 from mtneuro_jax.registry import Registry
 
 OBJECTIVES = Registry(
@@ -12,5 +14,7 @@ OBJECTIVES = Registry(
   {
     "supervised": SUPERVISED,
     "mixup": MIXUP,
+    "linear_probe": LINEAR_PROBE,
+    "vicreg": VICREG,
   },
 )
