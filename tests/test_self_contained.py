@@ -51,9 +51,9 @@ RULES = (
   ),
   (
     L + "objectives",
-    "never",
-    (L + "data", L + "train", L + "eval", L + "baselines"),
-    "objectives know no I/O, loop or evaluator",
+    "only",
+    (L + "objectives", L + "models", L + "data.augment", L + "errors", L + "registry"),
+    "objectives know no I/O, loop or evaluator (on-device views are pure JAX)",
   ),
   (
     L + "eval",
