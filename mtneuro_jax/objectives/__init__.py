@@ -3,7 +3,9 @@
 Add an objective by adding one line (the interface is in ``base.py``).
 """
 
+from mtneuro_jax.objectives.byol import BYOL
 from mtneuro_jax.objectives.mixup import MIXUP
+from mtneuro_jax.objectives.myow import MYOW, MYOW_MERGED
 from mtneuro_jax.objectives.supervised import SUPERVISED
 from mtneuro_jax.registry import Registry
 
@@ -12,5 +14,8 @@ OBJECTIVES = Registry(
   {
     "supervised": SUPERVISED,
     "mixup": MIXUP,
+    "byol": BYOL,
+    "myow": MYOW,
+    "myow_merged": MYOW_MERGED,
   },
 )
