@@ -3,8 +3,10 @@
 Add an objective by adding one line (the interface is in ``base.py``).
 """
 
+from mtneuro_jax.objectives.byol import BYOL
 from mtneuro_jax.objectives.linear_probe import LINEAR_PROBE
 from mtneuro_jax.objectives.mixup import MIXUP
+from mtneuro_jax.objectives.myow import MYOW, MYOW_MERGED
 from mtneuro_jax.objectives.supervised import SUPERVISED
 from mtneuro_jax.objectives.vicreg import VICREG
 from mtneuro_jax.registry import Registry
@@ -14,7 +16,10 @@ OBJECTIVES = Registry(
   {
     "supervised": SUPERVISED,
     "mixup": MIXUP,
-    "linear_probe": LINEAR_PROBE,
+    "byol": BYOL,
+    "myow": MYOW,
+    "myow_merged": MYOW_MERGED,
     "vicreg": VICREG,
+    "linear_probe": LINEAR_PROBE,
   },
 )

@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules from ``config.optim``.
 
 Keys (all but ``name`` and ``learning_rate`` optional):
-  name:              'sgd' | 'adam' | 'adamw'
+  name:              'sgd' | 'adam' | 'adamw' | 'lars'
   learning_rate:     peak LR (after warmup)
   lr_base_batch_size: if > 0, LR is scaled by batch_size / lr_base_batch_size
                      (the "LARS scaling rule" of the reference SSL trainer)
@@ -16,6 +16,12 @@ Keys (all but ``name`` and ``learning_rate`` optional):
                      (AdamW / SGDW). 'adamw' is always decoupled.
   decay_bias_and_norm: also decay 1-D params (biases, BN scale/shift); default
                      True, as the reference (``exclude_bias_and_bn=False``)
+  trust_coefficient: LARS only (default 0.001, BYOL's eta). 'lars' = ``optax.lars``: the
+                     decay is added to the gradient (LARS's own coupling; 'decoupled' is
+                     refused), then the layer-wise trust ratio, the LR, then momentum
+                     (``momentum``, ``nesterov``). 1-D params (biases, BN scale/shift) get
+                     neither weight decay nor trust-ratio adaptation, whatever
+                     ``decay_bias_and_norm`` says (as BYOL's LARS).
   schedule:          'cosine' (to 0 at the last step) | 'constant'
   warmup_epochs:     linear warmup from 0 (float epochs; default 0)
   grad_clip_norm:    clip by global norm if > 0 (default 0 = off)
@@ -131,6 +137,26 @@ def _update_chain(
   clip_norm = float(_get(cfg, "grad_clip_norm", 0.0) or 0.0)
   if clip and clip_norm > 0:
     chain.append(optax.clip_by_global_norm(clip_norm))
+  if name == "lars":
+    if wd and mode != "coupled":
+      raise ConfigError(
+        "lars adds its weight decay to the gradient before the trust ratio; "
+        "set optim.weight_decay_mode='coupled' (or use sgd for decoupled decay)"
+      )
+    # Kernels only (ndim > 1): BN scale/shift and biases are neither decayed nor adapted.
+    kernels = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    chain.append(
+      optax.lars(
+        schedule,
+        weight_decay=wd,
+        weight_decay_mask=kernels,
+        trust_coefficient=float(_get(cfg, "trust_coefficient", 0.001)),
+        trust_ratio_mask=kernels,
+        momentum=float(_get(cfg, "momentum", 0.9)),
+        nesterov=bool(_get(cfg, "nesterov", False)),
+      )
+    )
+    return optax.chain(*chain), schedule
   if wd and mode == "coupled":
     chain.append(optax.add_decayed_weights(wd, mask))
   if name == "sgd":
@@ -147,7 +173,7 @@ def _update_chain(
       )
     )
   else:
-    raise ConfigError(f"unknown optimizer {name!r}; known: 'sgd', 'adam', 'adamw'")
+    raise ConfigError(f"unknown optimizer {name!r}; known: 'sgd', 'adam', 'adamw', 'lars'")
   if wd and mode == "decoupled":
     chain.append(optax.add_decayed_weights(wd, mask))
   chain.append(optax.scale_by_learning_rate(schedule))

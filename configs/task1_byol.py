@@ -1,0 +1,109 @@
+"""Task 1 self-supervised pretraining with BYOL (the paper's "BYOL" row), with an online probe.
+
+Run:
+  python -m mtneuro_jax.train.loop --config configs/task1_byol.py:quick \
+      --workdir out/runs/t1_byol_quick
+  python -m mtneuro_jax.train.loop --config configs/task1_byol.py:paper \
+      --workdir out/runs/t1_byol_paper --config.seed=1 --config.data.data_dir=out/data/bossdb
+  (LARS instead of SGD: --config.optim.name=lars)
+
+How long, what to expect (``test_corners/accuracy`` = the ONLINE probe, a linear head trained on
+stop-gradient encoder features of the views during pretraining, scored on the four half-size
+corners of each test tile; the frozen-encoder linear evaluation of Table 1 is a separate run
+that loads this workdir's encoder with ``init_from``):
+  quick  about 30 s on 2 CPU cores, JAX compilation included (4 encoder passes per step on
+         half-size crops). SYNTHETIC phantom, ROI-C1, seed 1 (measured once): online probe
+         test_corners/accuracy 0.54 (val 0.64); chance is 0.25. 96 steps only train the probe
+         a little: treat quick as a smoke run, not as a number to compare with the paper.
+  paper  on accelerators: 800 epochs of 4 steps at batch 256 (3200 steps) on 64x64 crops of
+         128x128 tiles. The paper reports 0.88 +- 0.02 linear-evaluation accuracy for BYOL
+         on ROI-C1 (ROI-C2 0.76 +- 0.02, ROI-C3 0.97 +- 0.01; real data).
+  tiny   seconds (tests).
+
+``arg`` (comma-separated, see mtneuro_jax/configlib.py for parsing and for what the sizes
+``quick`` and ``tiny`` set):
+  paper  (default) the MTNeuro SSL recipe at the paper's 2x downsampling (128x128 tiles):
+         views = two random crops of half the tile (64x64; the reference's 128 of 256), placed
+         per sample, no intensity augmentation; projector 512->4096->256, predictor
+         256->4096->256; EMA 0.996 -> 1 (cosine); SGD momentum 0.9, coupled weight decay 5e-4
+         on all params, lr 0.03 * batch / 256, 10 epochs linear warm-up then cosine to 0;
+         800 epochs (the reference's number). Batch 256, not the reference's 8: the issue's
+         LR rule keeps the reference's per-example LR, the heads' BatchNorm sees a usable batch,
+         and 3200 steps replace 107,200. The online probe has its own param group (lr 0.1,
+         not batch-scaled, no decay): at the SSL LR (0.03 * B / 256) it would barely move.
+  ref    the reference code's script (task1_ssl.py): full-resolution 256x256 tiles, batch 8
+         (lr 9.375e-4), one crop offset shared by the whole batch, 800 epochs of 134 steps.
+  quick | tiny  the size presets (configlib.QUICK / configlib.TINY), applied after the recipe;
+         both shorten the LR warm-up to a quarter epoch (8 steps at quick) so it fits the
+         run, and tiny also shrinks the heads' hidden width to 256 so tests stay fast.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mtneuro_jax import configlib
+
+RUNNER = "loop"  # mtneuro_jax.train.loop.train_and_evaluate
+ARGS = ("paper", "ref", "quick", "tiny", "paper,quick", "paper,tiny", "ref,quick", "ref,tiny")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = configlib.parse_arg(arg, recipes=("paper", "ref"))
+
+  c = ml_collections.ConfigDict()
+  # ROI-C1 (cube A); task1_roi_c2 / task1_roi_c3 for the other settings.
+  c.data = configlib.data_config("task1_roi_c1", downsample=2, batch_size=256, eval_batch_size=256)
+  c.model_name = "resnet18_xray"
+  # Encoder only: the objective owns its heads (projector, predictor, probe).
+  c.model = ml_collections.ConfigDict({"num_classes": 0, "width_multiplier": 1.0, "dropout": 0.0})
+  c.objective_name = "byol"
+  c.objective = ml_collections.ConfigDict(
+    {
+      # data/augment.py ViewConfig; intensity augmentations off, as the paper.
+      "views": {
+        "crop_fraction": 0.5,
+        "per_sample": True,
+        "brightness": 0.0,
+        "contrast": 0.0,
+        "gamma": 0.0,
+        "blur_sigma": 0.0,
+        "noise_std": 0.0,
+      },
+      "ema_base": 0.996,
+      "projector": {"hidden": 4096, "out": 256},
+      "predictor": {"hidden": 4096, "out": 256},
+      "num_classes": 4,  # the online probe
+    }
+  )
+  c.optim = configlib.optim_config(
+    name="sgd",
+    learning_rate=0.03,
+    lr_base_batch_size=256,
+    momentum=0.9,
+    weight_decay=5e-4,
+    weight_decay_mode="coupled",
+    schedule="cosine",
+    warmup_epochs=10.0,
+  )
+  c.optim.trust_coefficient = 0.001  # LARS only (--config.optim.name=lars)
+  c.optim.param_groups.probe = ml_collections.ConfigDict(
+    {"pattern": "^probe/", "learning_rate": 0.1, "lr_base_batch_size": 0, "weight_decay": 0.0}
+  )
+  configlib.loop_defaults(c, seed=1, num_epochs=800.0)
+  # The online probe learns on half-size views, so it is scored on half-size corners.
+  c.evals = configlib.classification_evals(("test", "val"), protocols=("corners",))
+
+  if a.recipe == "ref":
+    c.data.downsample = 1
+    c.data.batch_size = 8
+    c.data.eval_batch_size = 8
+    c.objective.views.per_sample = False
+  configlib.apply_size(c, a.size)
+  if a.size is not None:
+    c.optim.warmup_epochs = 0.25
+  if a.size is configlib.TINY:
+    c.objective.projector.hidden = c.objective.predictor.hidden = 256
+
+  c.lock()
+  return c
