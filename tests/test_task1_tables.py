@@ -92,7 +92,8 @@ def test_tiny_preset_end_to_end(tiny_task1_dir, tmp_path, capsys):
     for s in t1.SETTINGS:
       ours, ref = row["cells"][s]["ours"], row["cells"][s]["paper"]
       assert 0.0 <= ours["mean"] <= 1.0 and ours["n"] == 1
-      assert (ref["mean"], ref["sd"]) == paper.TABLE1[row["method"]][s]
+      # The paper's value beside ours; methods the paper did not run (VICReg) have none.
+      assert (ref["mean"], ref["sd"]) == paper.TABLE1.get(row["method"], {}).get(s, (None, None))
   mix = next(r for r in tab1["rows"] if r["method"] == "mixup")
   assert mix["cells"]["ROI-C1"]["ours"]["p_selected"] in (0.1, 0.5)
   # ROI-C1 and ROI-C2 come from the same training run (one workdir, two test evals).
@@ -107,18 +108,35 @@ def test_tiny_preset_end_to_end(tiny_task1_dir, tmp_path, capsys):
 
   md1 = open(os.path.join(out, "table1.md")).read()
   assert "SYNTHETIC" in md1 and "NEVER comparable" in md1
-  lines = [ln for ln in md1.splitlines() if ln.startswith("| ")]
+  table_part, stats_part = md1.split("## Seed statistics")
+  lines = [ln for ln in table_part.splitlines() if ln.startswith("| ")]
   assert lines[0].count("|") == 2 + 2 * 3 + 2  # method, data, (ours, paper) x 3 settings, notes
   assert len(lines) == 1 + len(t1.METHODS)
   sup = next(ln for ln in lines if ln.startswith("| Supervised"))
   assert "0.88 ± 0.03" in sup and "0.77 ± 0.03" in sup  # the paper's values beside ours
   assert "| PCA |" in md1 and "0.59" in md1
+  # Seed statistics: one row per method; paired differences to supervised for the others.
+  assert len([ln for ln in stats_part.splitlines() if ln.startswith("| ")]) == 1 + len(t1.METHODS)
+  assert set(tab1["paired_vs_supervised"]) == set(t1.METHODS) - {"supervised"}
+  byol_c1 = tab1["paired_vs_supervised"]["byol"]["ROI-C1"]
+  byol_cell = next(r for r in tab1["rows"] if r["method"] == "byol")["cells"]["ROI-C1"]["ours"]
+  assert byol_c1["n"] == 1 and byol_c1["mean_diff"] == pytest.approx(
+    byol_cell["mean"] - tab1["rows"][0]["cells"]["ROI-C1"]["ours"]["mean"]
+  )
+  # An SSL row is its frozen probe's corners accuracy, trained from the pretraining run's encoder.
+  probe = json.load(open(os.path.join(out, "runs", "byol", "c12-ds4", "seed1", "results.json")))
+  assert byol_cell["mean"] == pytest.approx(probe["test_c1/accuracy"])
+  assert os.path.isdir(
+    os.path.join(out, "runs", "byol", "c12-ds4", "seed1", "pretrain", "checkpoints")
+  )
 
   a3 = json.load(open(os.path.join(out, "table_a3.json")))
   for row in a3["rows"]:
     assert row["cells"]["4"]["ours"]["mean"] is not None  # the tiny preset runs 4x
     assert row["cells"]["2"]["ours"]["note"] == "not run (tiny)"
-    assert row["cells"]["1"]["paper"]["mean"] == paper.TABLE_A3[row["method"]][1][0]
+    assert (
+      row["cells"]["1"]["paper"]["mean"] == paper.TABLE_A3.get(row["method"], {}).get(1, (None,))[0]
+    )
   md3 = open(os.path.join(out, "table_a3.md")).read()
   assert "0.83" in md3 and "not run (tiny)" in md3
 
@@ -127,3 +145,20 @@ def test_tiny_preset_end_to_end(tiny_task1_dir, tmp_path, capsys):
   assert t1.main(["--preset", "tiny", "--data_dir", tiny_task1_dir, "--out", out]) == 0
   log = capsys.readouterr().out
   assert log.count(": cached;") == len(t1.plan_runs(t1.PRESETS["tiny"], t1.METHODS, (1,)))
+
+
+def test_bootstrap_interval_and_paired_comparison_closed_forms():
+  assert t1.bootstrap_ci([0.5]) is None  # one seed: no interval
+  assert t1.bootstrap_ci([0.7, 0.7, 0.7]) == pytest.approx((0.7, 0.7))
+  lo, hi = t1.bootstrap_ci([0.6, 0.8, 1.0])
+  assert 0.6 <= lo < 0.8 < hi <= 1.0
+  assert t1.bootstrap_ci([0.6, 0.8, 1.0]) == (lo, hi)  # fixed resampling seed: reproducible
+  # Three seeds all better by 0.1: of the 2^3 sign patterns only all-plus and all-minus reach
+  # |mean| >= 0.1, so the exact two-sided p is 2/8.
+  cmp = t1.paired_comparison({1: 0.9, 2: 0.95, 3: 1.0, 7: 0.5}, {1: 0.8, 2: 0.85, 3: 0.9})
+  assert cmp["seeds"] == [1, 2, 3] and cmp["n"] == 3
+  assert cmp["mean_diff"] == pytest.approx(0.1) and cmp["p_sign_flip"] == pytest.approx(0.25)
+  assert cmp["ci95"] == pytest.approx([0.1, 0.1])
+  mixed = t1.paired_comparison({1: 0.9, 2: 0.7}, {1: 0.8, 2: 0.8})
+  assert mixed["mean_diff"] == pytest.approx(0.0) and mixed["p_sign_flip"] == pytest.approx(1.0)
+  assert t1.paired_comparison({1: 0.9}, {2: 0.8}) is None
