@@ -27,8 +27,6 @@ structure.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -39,7 +37,7 @@ from mtneuro_jax.eval.common import (
   EvalContext,
   confusion_matrix,
   eval_name,
-  save_confusion_png,
+  write_confusion,
   to_host,
 )
 from mtneuro_jax.volumes import spec
@@ -235,18 +233,9 @@ def evaluate_classification(
     )
   )
   out = metrics_from_predictions(pred, protocol, class_names)
-  if workdir and jax.process_index() == 0:
-    stem = os.path.join(workdir, "eval", f"{eval_name(eval_cfg)}_step{int(step)}_confusion")
-    save_confusion_png(
-      np.asarray(out["confusion"]),
-      class_names,
-      stem + ".png",
-      title=f"{eval_name(eval_cfg)} step {int(step)}: acc {out['accuracy']:.3f}",
-    )
-    with open(stem + ".json", "w") as f:
-      json.dump(
-        {"class_names": class_names, "protocol": protocol, "step": int(step), **out}, f, indent=1
-      )
+  name = eval_name(eval_cfg)
+  title = f"{name} step {int(step)}: acc {out['accuracy']:.3f}"
+  write_confusion(workdir, name, step, class_names, out, title, protocol=protocol)
   return out
 
 

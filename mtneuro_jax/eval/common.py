@@ -32,6 +32,7 @@ classification, segmentation and probe evaluators all call them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -104,6 +105,30 @@ def save_confusion_png(
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def write_confusion(
+  workdir: str | None,
+  name: str,
+  step: int,
+  class_names: Sequence[str],
+  metrics: dict,
+  title: str,
+  **extra,
+) -> None:
+  """``<workdir>/eval/<name>_step<step>_confusion.{png,json}`` from a metrics dict with 'confusion'.
+
+  Process 0 only; nothing without a workdir. The JSON holds the class names, the step, ``extra``
+  (e.g. the protocol) and every metric.
+  """
+  if not workdir or jax.process_index() != 0:
+    return
+  stem = os.path.join(workdir, "eval", f"{name}_step{int(step)}_confusion")
+  save_confusion_png(np.asarray(metrics["confusion"]), class_names, stem + ".png", title=title)
+  with open(stem + ".json", "w") as f:
+    json.dump(
+      {"class_names": list(class_names), **extra, "step": int(step), **metrics}, f, indent=1
+    )
 
 
 def to_host(x) -> np.ndarray:

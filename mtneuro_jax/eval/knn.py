@@ -22,16 +22,13 @@ recall/*, acc_region/*, confusion, n) plus ``n_train`` and ``k`` (the k used: at
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Iterable, Mapping
 
-import jax
 import numpy as np
 
 from mtneuro_jax.errors import ConfigError
 from mtneuro_jax.eval.classification import classification_metrics, corner_views
-from mtneuro_jax.eval.common import EvalContext, eval_name, save_confusion_png, to_host
+from mtneuro_jax.eval.common import EvalContext, eval_name, to_host, write_confusion
 from mtneuro_jax.volumes import spec
 
 WEIGHTINGS = ("exp", "uniform")
@@ -161,16 +158,8 @@ def knn(ctx: EvalContext, *, eval_cfg, workdir: str | None, step: int) -> dict[s
   )
   out["n_train"] = int(bank["label"].size)
   out["k"] = min(k, out["n_train"])
-  if workdir and jax.process_index() == 0:
-    # Unnamed: '[<task>_]<split>_knn', never the classification eval's file name.
-    name = eval_name({**dict(eval_cfg), "protocol": "knn"})
-    stem = os.path.join(workdir, "eval", f"{name}_step{int(step)}_confusion")
-    save_confusion_png(
-      np.asarray(out["confusion"]),
-      class_names,
-      stem + ".png",
-      title=f"{name} step {int(step)}: kNN acc {out['accuracy']:.3f}",
-    )
-    with open(stem + ".json", "w") as f:
-      json.dump({"class_names": class_names, "step": int(step), **out}, f, indent=1)
+  # Unnamed: '[<task>_]<split>_knn', never the classification eval's file name.
+  name = eval_name({**dict(eval_cfg), "protocol": "knn"})
+  title = f"{name} step {int(step)}: kNN acc {out['accuracy']:.3f}"
+  write_confusion(workdir, name, step, class_names, out, title)
   return out
