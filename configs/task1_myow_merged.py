@@ -12,7 +12,7 @@ stop-gradient encoder features of the views during pretraining, scored on the fo
 corners of each test tile; the frozen-encoder linear evaluation of Table 1 is a separate run
 that loads this workdir's encoder with ``init_from``):
   quick  about 1 min on 2 CPU cores, JAX compilation included (8 encoder passes per step on
-         half-size crops), with a short-run recipe (see get_config). SYNTHETIC phantom: the
+         half-size crops), with a short-run recipe (see configlib.task1_byol_family_config). SYNTHETIC phantom: the
          frozen-probe Table 1 numbers are in experiments/results/task1_quick/table1.md (ROI-C1
          ~0.7, above PCA); chance is 0.25. A smoke run, not a number to compare with the paper.
   paper  on accelerators: 1600 epochs of 2 steps at batch 512 = 256 queries + 256 pool
@@ -63,80 +63,8 @@ ARGS = ("paper", "ref", "quick", "tiny", "paper,quick", "paper,tiny", "ref,quick
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = configlib.parse_arg(arg, recipes=("paper", "ref"))
-
-  c = ml_collections.ConfigDict()
-  # ROI-C1 (cube A); task1_roi_c2 / task1_roi_c3 for the other settings.
-  # Batch = 256 queries + a pool of 256 (see the docstring).
-  c.data = configlib.data_config("task1_roi_c1", downsample=2, batch_size=512, eval_batch_size=256)
-  c.model_name = "resnet18_xray"
-  # Encoder only: the objective owns its heads (projector, predictor, probe).
-  c.model = ml_collections.ConfigDict({"num_classes": 0, "width_multiplier": 1.0, "dropout": 0.0})
-  c.objective_name = "myow_merged"
-  c.objective = ml_collections.ConfigDict(
-    {
-      # data/augment.py ViewConfig; intensity augmentations off, as the paper.
-      "views": {
-        "crop_fraction": 0.5,
-        "per_sample": True,
-        "brightness": 0.0,
-        "contrast": 0.0,
-        "gamma": 0.0,
-        "blur_sigma": 0.0,
-        "noise_std": 0.0,
-      },
-      "ema_base": 0.996,
-      "projector": {"hidden": 4096, "out": 256},
-      "predictor": {"hidden": 4096, "out": 256},
-      "num_classes": 4,  # the online probe
-      "pool_size": 0,  # the last rows of the batch form the candidate pool; 0 = half
-      "knn_k": 1,
-      "myow_max_weight": 0.1,
-      "myow_rampup_epochs": 20.0,  # 10 reference epochs (an epoch here has half the steps)
-      "byol_warmup_epochs": 0.0,
-    }
+  c = configlib.task1_byol_family_config(
+    "myow_merged", recipe=a.recipe, size=a.size, mined=True, cascaded=False
   )
-  c.optim = configlib.optim_config(
-    name="sgd",
-    learning_rate=0.03,
-    lr_base_batch_size=512,  # 2 * 256: the batch includes the pool
-    momentum=0.9,
-    weight_decay=5e-4,
-    weight_decay_mode="coupled",
-    schedule="cosine",
-    warmup_epochs=20.0,  # 10 reference epochs
-  )
-  c.optim.trust_coefficient = 0.001  # LARS only (--config.optim.name=lars)
-  c.optim.param_groups.probe = ml_collections.ConfigDict(
-    {"pattern": "^probe/", "learning_rate": 0.1, "lr_base_batch_size": 0, "weight_decay": 0.0}
-  )
-  configlib.loop_defaults(c, seed=1, num_epochs=1600.0)
-  # The online probe learns on half-size views, so it is scored on half-size corners.
-  c.evals = configlib.classification_evals(("test", "val"), protocols=("corners",))
-
-  if a.recipe == "ref":
-    c.data.downsample = 1
-    c.data.batch_size = 16  # 8 queries + 8 pool
-    c.data.eval_batch_size = 8
-    c.objective.views.per_sample = False
-  configlib.apply_size(c, a.size)
-  if a.size is not None:
-    c.data.batch_size = 2 * a.size.batch_size  # the preset's batch of queries + the pool
-    c.optim.warmup_epochs = 0.5
-    c.objective.myow_rampup_epochs = 1.0
-  if a.size is configlib.QUICK:
-    # A 96-step smoke run. The long-run recipe (lr 0.03 x B/256, EMA base 0.996, 4096-wide heads)
-    # barely moves the encoder in 96 steps (frozen-probe ROI-C1 ~0.57 on the phantom, below
-    # PCA's 0.65). A short-run recipe from a small sweep on ROI-C1, seeds 1 and 100 (lr 0.03 /
-    # 0.1 / 0.2 / 0.3, EMA base 0.9 / 0.99, heads 256 / 512 / 4096; the validation accuracy
-    # picks the same setting as the test accuracy): lr 0.2 unscaled, EMA base 0.99, 512-wide heads.
-    c.optim.learning_rate = 0.2
-    c.optim.lr_base_batch_size = 0
-    c.objective.ema_base = 0.99
-    for head in ("projector", "predictor"):
-      c.objective[head].hidden = 512
-  if a.size is configlib.TINY:
-    for head in ("projector", "predictor"):
-      c.objective[head].hidden = 256
-
   c.lock()
   return c

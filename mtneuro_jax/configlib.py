@@ -342,3 +342,97 @@ def apply_size(c: ml_collections.ConfigDict, size: Size | None) -> ml_collection
   if "baseline" in c and size.nmf_max_iter is not None:
     c.baseline.nmf_max_iter = size.nmf_max_iter
   return c
+
+
+def task1_byol_family_config(
+  objective_name: str, *, recipe: str, size: Size | None, mined: bool, cascaded: bool
+) -> ml_collections.ConfigDict:
+  """The unlocked Task 1 config of BYOL (mined=False) or MYOW (mined=True; cascaded = a second
+  projector_m / predictor_m), shared by configs/task1_{byol,myow,myow_merged}.py (their
+  docstrings explain the choices). Recipe 'paper' | 'ref', then ``size`` (QUICK / TINY / None).
+
+  MYOW's batch holds the queries and an equal candidate pool, so its batch sizes, LR base
+  batch and epoch counts are doubled to keep the reference's per-example LR and step counts.
+  """
+  pool = 2 if mined else 1
+  heads = ("projector", "predictor") + (("projector_m", "predictor_m") if cascaded else ())
+  c = ml_collections.ConfigDict()
+  # ROI-C1 (cube A); task1_roi_c2 / task1_roi_c3 for the other settings.
+  c.data = data_config("task1_roi_c1", downsample=2, batch_size=256 * pool, eval_batch_size=256)
+  c.model_name = "resnet18_xray"
+  # Encoder only: the objective owns its heads (projector, predictor, probe).
+  c.model = ml_collections.ConfigDict({"num_classes": 0, "width_multiplier": 1.0, "dropout": 0.0})
+  c.objective_name = objective_name
+  objective = {
+    # data/augment.py ViewConfig; intensity augmentations off, as the paper.
+    "views": {
+      "crop_fraction": 0.5,
+      "per_sample": True,
+      "brightness": 0.0,
+      "contrast": 0.0,
+      "gamma": 0.0,
+      "blur_sigma": 0.0,
+      "noise_std": 0.0,
+    },
+    "ema_base": 0.996,
+    "projector": {"hidden": 4096, "out": 256},
+    "predictor": {"hidden": 4096, "out": 256},
+    "num_classes": 4,  # the online probe
+  }
+  if mined:
+    objective.update(
+      {
+        "pool_size": 0,  # the last rows of the batch form the candidate pool; 0 = half
+        "knn_k": 1,
+        "myow_max_weight": 0.1,
+        "myow_rampup_epochs": 20.0,  # 10 reference epochs (an epoch here has half the steps)
+        "byol_warmup_epochs": 0.0,
+      }
+    )
+  if cascaded:
+    objective.update(
+      {"projector_m": {"hidden": 4096, "out": 256}, "predictor_m": {"hidden": 4096, "out": 256}}
+    )
+  c.objective = ml_collections.ConfigDict(objective)
+  c.optim = optim_config(
+    name="sgd",
+    learning_rate=0.03,
+    lr_base_batch_size=256 * pool,  # the batch includes MYOW's pool
+    momentum=0.9,
+    weight_decay=5e-4,
+    weight_decay_mode="coupled",
+    schedule="cosine",
+    warmup_epochs=10.0 * pool,  # 10 reference epochs
+  )
+  c.optim.trust_coefficient = 0.001  # LARS only (--config.optim.name=lars)
+  c.optim.param_groups.probe = ml_collections.ConfigDict(
+    {"pattern": "^probe/", "learning_rate": 0.1, "lr_base_batch_size": 0, "weight_decay": 0.0}
+  )
+  loop_defaults(c, seed=1, num_epochs=800.0 * pool)
+  # The online probe learns on half-size views, so it is scored on half-size corners.
+  c.evals = classification_evals(("test", "val"), protocols=("corners",))
+
+  if recipe == "ref":
+    c.data.downsample = 1
+    c.data.batch_size = 8 * pool  # MYOW: 8 queries + 8 pool
+    c.data.eval_batch_size = 8
+    c.objective.views.per_sample = False
+  apply_size(c, size)
+  if size is not None:
+    c.data.batch_size = size.batch_size * pool  # the preset's batch of queries (+ the pool)
+    c.optim.warmup_epochs = 0.25 * pool  # 8 steps at quick
+    if mined:
+      c.objective.myow_rampup_epochs = 1.0
+  if size is QUICK:
+    # A 96-step smoke run. The long-run recipe (lr 0.03 x B/256, EMA base 0.996, 4096-wide heads)
+    # barely moves the encoder in 96 steps (frozen-probe ROI-C1 ~0.57 on the phantom, below
+    # PCA's 0.65). A short-run recipe from a small sweep on ROI-C1, seeds 1 and 100 (lr 0.03 /
+    # 0.1 / 0.2 / 0.3, EMA base 0.9 / 0.99, heads 256 / 512 / 4096; the validation accuracy
+    # picks the same setting as the test accuracy): lr 0.2 unscaled, EMA base 0.99, 512-wide heads.
+    c.optim.learning_rate = 0.2
+    c.optim.lr_base_batch_size = 0
+    c.objective.ema_base = 0.99
+  if size is not None:
+    for head in heads:
+      c.objective[head].hidden = 512 if size is QUICK else 256  # TINY: tests stay fast
+  return c
