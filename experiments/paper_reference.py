@@ -1,4 +1,4 @@
-"""The MTNeuro paper's Task 1 numbers, as data (transcribed from the paper's Table 1 and Table A3).
+"""The MTNeuro paper's Task 1 and Task 3 numbers, as data (Table 1, Table A3; Table 3 at the end).
 
 Source: Quesada, Sathidevi et al., "MTNeuro: A Benchmark for Evaluating
 Representations of Brain Structure Across Multiple Levels of Abstraction",

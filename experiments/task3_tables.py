@@ -181,7 +181,12 @@ def _load_cached(path: str, key: str) -> dict | None:
 
 
 def _save_cached(path: str, key: str, **arrays) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  ignore = os.path.join(folder, ".gitignore")
+  if not os.path.exists(ignore):  # caches (MBs of embeddings) never belong in git
+    with open(ignore, "w") as f:
+      f.write("*\n")
   tmp = path + ".tmp.npz"
   np.savez(tmp, key=np.asarray(key), **arrays)
   os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written cache
