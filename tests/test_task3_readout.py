@@ -149,3 +149,20 @@ def test_driver_end_to_end_and_resume(t3_setup):
   t2 = json.load(open(os.path.join(out, "table3.json")))
   assert [r["cells"] for r in t2["rows"]] == [r["cells"] for r in t["rows"]]
   assert {f: os.path.getmtime(os.path.join(out, "cache", f)) for f in cache} == mtimes
+
+
+@pytest.mark.parametrize(
+  "argv,needle",
+  [
+    (["--methods", "byol,resnet"], "unknown or no --methods"),
+    (["--t1_dir", "/nonexistent/t1"], "does not exist"),
+    (["--methods", "pca", "--seeds", "1,x"], "comma-separated integers"),
+    (["--methods", "pca", "--data_dir", "/nonexistent/data"], "mtneuro export --tasks task3"),
+  ],
+)
+def test_bad_input_is_one_line_and_status_2(argv, needle, tmp_path, capfd):
+  from experiments import cli
+
+  assert cli.main(["task3", "--out", str(tmp_path / "o"), *argv]) == 2
+  err = capfd.readouterr().err
+  assert needle in err and "Traceback" not in err
