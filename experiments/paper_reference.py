@@ -1,4 +1,4 @@
-"""The MTNeuro paper's Task 1 numbers, as data (transcribed from the paper's Table 1 and Table A3).
+"""The MTNeuro paper's Task 1 and Task 3 numbers, as data (Table 1, Table A3; Table 3 at the end).
 
 Source: Quesada, Sathidevi et al., "MTNeuro: A Benchmark for Evaluating
 Representations of Brain Structure Across Multiple Levels of Abstraction",
@@ -83,3 +83,38 @@ def format_paper(value: tuple[float, float | None] | None) -> str:
     return "—"
   mean, sd = value
   return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f}"
+
+
+# ---------------------------------------------------------------------------
+# Task 3 (Table 3): in-sample R^2 of a linear regression of each semantic feature from the
+# frozen embeddings of all 5760 quadrants (no split). Means over seeds; the transcription
+# used here carries no sd. Feature keys as in mtneuro_jax/readout/features.py.
+TABLE3_FEATURES = ("vessel_density", "axon_density", "cell_count", "cell_size", "nn_distance")
+
+
+def _t3(*values: float) -> Mapping[str, tuple[float, None]]:
+  return types.MappingProxyType(
+    {k: (v, None) for k, v in zip(TABLE3_FEATURES, values, strict=True)}
+  )
+
+
+# Encoders trained on ROI-C1 (the rows Table 3 reports for every method).
+TABLE3: Mapping[str, Mapping[str, tuple[float, float | None]]] = types.MappingProxyType(
+  {
+    "supervised": _t3(0.77, 0.94, 0.67, 0.61, 0.48),
+    "mixup": _t3(0.82, 0.95, 0.71, 0.67, 0.47),
+    "byol": _t3(0.85, 0.94, 0.75, 0.69, 0.49),
+    "myow": _t3(0.85, 0.94, 0.74, 0.69, 0.50),
+    "myow_merged": _t3(0.87, 0.95, 0.77, 0.69, 0.51),
+    "pca": _t3(0.75, 0.82, 0.55, 0.47, 0.31),
+    "nmf": _t3(0.81, 0.85, 0.59, 0.55, 0.34),
+  }
+)
+# The SSL encoders trained on ROI-C3.
+TABLE3_ROI_C3: Mapping[str, Mapping[str, tuple[float, float | None]]] = types.MappingProxyType(
+  {
+    "byol": _t3(0.88, 0.96, 0.79, 0.73, 0.53),
+    "myow": _t3(0.88, 0.96, 0.79, 0.72, 0.52),
+    "myow_merged": _t3(0.87, 0.96, 0.78, 0.72, 0.53),
+  }
+)

@@ -58,10 +58,12 @@ RULES = (
   (
     L + "eval",
     "never",
-    (L + "train", L + "objectives", L + "baselines"),
+    (L + "train", L + "objectives", L + "baselines", L + "readout"),
     "evaluators get a predict_fn",
   ),
-  (L + "train", "never", (L + "baselines",), "the loop knows no baseline"),
+  (L + "train", "never", (L + "baselines", L + "readout"), "the loop knows no baseline"),
+  # readout (Task 3) sits at the baselines layer: it may use train, models, data, eval, baselines.
+  (L + "baselines", "never", (L + "readout",), "baselines and readout are siblings"),
   (L + "sharding", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
   (L + "errors", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
   (L + "registry", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
