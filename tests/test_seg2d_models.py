@@ -125,3 +125,29 @@ def test_resampling_matches_torch():
     np.testing.assert_allclose(
       seg2d.adaptive_avg_pool(jnp.asarray(x), s), ref.numpy().transpose(0, 2, 3, 1), atol=1e-5
     )
+
+
+def test_pab_block_matches_smp_semantics():
+  """MA-Net's PAB: one softmax over the whole hw x hw map, result reshaped (not transposed)."""
+  torch = pytest.importorskip("torch")
+  F = torch.nn.functional
+  rng = np.random.default_rng(0)
+  b, h, w, c, p = 2, 3, 4, 5, 6
+  x = rng.normal(size=(b, h, w, c)).astype(np.float32)
+  block = seg2d.PABBlock(p)
+  v = block.init(jax.random.key(0), jnp.asarray(x))
+  ours = np.asarray(block.apply(v, jnp.asarray(x)))
+
+  def conv(t, name, pad):
+    k = torch.from_numpy(np.asarray(v["params"][name]["kernel"]).transpose(3, 2, 0, 1).copy())
+    return F.conv2d(t, k, torch.from_numpy(np.array(v["params"][name]["bias"])), padding=pad)
+
+  # smp PABBlock.forward, transcribed.
+  t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  x_top = conv(t, "top_conv", 0).flatten(2)
+  x_center = conv(t, "center_conv", 0).flatten(2).transpose(1, 2)
+  x_bottom = conv(t, "bottom_conv", 1).flatten(2).transpose(1, 2)
+  sp_map = torch.softmax(torch.matmul(x_center, x_top).view(b, -1), dim=1).view(b, h * w, h * w)
+  sp_map = torch.matmul(sp_map, x_bottom).reshape(b, c, h, w)
+  ref = conv(t + sp_map, "out_conv", 1).detach().numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
