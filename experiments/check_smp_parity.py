@@ -335,11 +335,15 @@ def run(argv: Sequence[str]) -> int:
   parser.add_argument("--models", default=",".join(SPECS))
   parser.add_argument("--encoders", default="resnet18,efficientnet-b0")
   args = parser.parse_args(list(argv))
+  encoders = args.encoders.split(",")
+  bad = [e for e in encoders if e != "resnet18" and not e.startswith("efficientnet-b")]
+  if bad:
+    raise UserError(f"--encoders {bad[0]!r} is not checked here; use resnet18 or efficientnet-bN")
   smp = import_smp(args.smp_src, args.effnet_src)
   print("| model | encoder | max abs logit diff | max abs logit | params (ours) | params (smp) |")
   print("|---|---|---|---|---|---|")
   for name in args.models.split(","):
-    for enc in args.encoders.split(","):
+    for enc in encoders:
       size = max(args.size, 128) if name == "pan" else args.size  # smp's PAN needs >= 128
       r = check(smp, name, enc, size)
       print(

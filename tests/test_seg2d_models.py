@@ -151,3 +151,22 @@ def test_pab_block_matches_smp_semantics():
   sp_map = torch.matmul(sp_map, x_bottom).reshape(b, c, h, w)
   ref = conv(t + sp_map, "out_conv", 1).detach().numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+# Full width, resnet18, 3 classes: equal to smp 0.3.3's models (experiments/check_smp_parity.py
+# builds them from smp's own decoders and compares counts and logits).
+SMP_COUNTS_RESNET18 = {
+  "unet_plusplus": 15_964_467,
+  "manet": 21_669_491,
+  "fpn": 13_041_219,
+  "pan": 11_361_962,
+  "pspnet": 839_331,
+}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_full_width_parameter_counts(name):
+  model = MODELS[name](num_classes=3, encoder_name="resnet18")
+  image = jax.ShapeDtypeStruct((1, 128, 128, 1), jnp.float32)
+  v = jax.eval_shape(lambda im: model.init(jax.random.key(0), im, train=False), image)
+  assert seg2d.param_count(v["params"]) == SMP_COUNTS_RESNET18[name]
