@@ -87,6 +87,8 @@ def test_bad_sizes_and_names_are_one_line_errors():
   assert "\n" not in str(e.value)
   with pytest.raises(UserError, match="unknown encoder 'resnet99'.*efficientnet-b7"):
     MODELS["fpn"](num_classes=3, encoder_name="resnet99")
+  with pytest.raises(ConfigError, match="'fpn' has no argument 'decoder_chanels'; known: num_"):
+    MODELS["fpn"](num_classes=3, decoder_chanels=(8, 4))
   with pytest.raises(ConfigError, match="decoder_channels has 2 entries"):
     _init_and_train_shapes(
       MODELS["manet"](num_classes=3, width_multiplier=0.125, decoder_channels=(8, 4)),

@@ -31,8 +31,8 @@ momentum 0.1; nearest x2 up-sampling in U-Net++/MA-Net/FPN top-down; bilinear
 
 Parameter counts at full width, 3 classes (measured with ``jax.eval_shape``; every one equals
 the smp 0.3.3 model's count for the stages it runs, see ``experiments/check_smp_parity.py``,
-which also reproduces smp's logits within 1e-5 for all five models with resnet18 and
-efficientnet-b0). Encoders have a 1-channel stem; they equal torchvision's / lukemelas'
+which also reproduces smp's logits within 1e-5 for all five models with resnet18,
+efficientnet-b0 and efficientnet-b7). Encoders have a 1-channel stem; they equal torchvision's / lukemelas'
 published ImageNet sizes (resnet18 11,689,512; efficientnet-b7 66,347,960) minus the
 classifier (fc; EfficientNet's unused conv_head/bn1 too) and the two dropped RGB stem
 channels. PSPNet (encoder_depth 3) builds only the stages it runs.
@@ -649,9 +649,16 @@ class PSPNet(_SegModel):
 
 def _factory(cls):
   def make(**kwargs):
-    """Builds the model; ConfigError for dims other than 2, UnknownNameError for an encoder."""
+    """Builds the model; ConfigError for dims != 2 or an unknown kwarg, UnknownNameError for an
+    unknown encoder."""
     check_dims(kwargs.get("dims", 2), (2,), cls.model_name)
     ENCODERS[kwargs.get("encoder_name", "resnet18")]
+    known = [f for f in cls.__dataclass_fields__ if f not in ("parent", "name")]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+      raise ConfigError(
+        f"model {cls.model_name!r} has no argument {unknown[0]!r}; known: {', '.join(known)}"
+      )
     return cls(**kwargs)
 
   make.__name__ = cls.model_name
