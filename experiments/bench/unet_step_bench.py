@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,11 +49,15 @@ NOTES = """## Notes
   frameworks see the same background load; the load column is the 1-minute load average
   over the timed steps (the machine has 2 cores and is shared with other jobs; the bench
   itself adds ~2). Compare rows of the same run only.
-* Where JAX is slower: on XLA:CPU the weight-gradient ("backward filter") convolution is
-  several times slower than the forward and input-gradient convolutions of the same layer
-  (measured per conv in resnet_step_bench.md: 13-77 vs 90-190 GFLOP/s), and it hurts most on
-  large feature maps, which is exactly the U-Net's first and last blocks at 256^2 (32
-  channels on 256^2 maps, 2D; 8x256^2 in 3D). Speeding this up is another issue's job.
+* Where JAX is slower (per-conv table, this machine, 2026-11-30): in **2D** XLA:CPU's forward
+  and input-gradient passes of the U-Net's biggest conv are faster than PyTorch's (98 / 92
+  vs 61 / 57 GFLOP/s) but its weight-gradient ("backward filter") pass is 2x slower (32 vs
+  62 GFLOP/s), the known XLA:CPU weak spot (also in resnet_step_bench.md), so the 2D step
+  ends up near PyTorch's. In **3D** XLA:CPU is slow in all three passes (23-27 vs PyTorch's
+  118-134 GFLOP/s, ~4-5x), which is the 3D step's ~3x gap. Speeding this up is another
+  issue's job (on accelerators XLA's convolutions are cuDNN's).
+* Neither framework gets near the issue's PyTorch numbers (3.1 img/s, 0.24 vol/s) here: the
+  machine was shared (1-min load ~5-7 on 2 cores), so each process got a fraction of it.
 * ``init_s``: the jitted ``model.init``; on XLA:CPU most of it is compiling one threefry
   kernel per parameter tensor, not running it.
 """
@@ -158,8 +163,98 @@ def worker_torch(dims: int, batch: int, size: int, depth: int, threads: int):
   return info, one
 
 
+def _conv_shape(dims: int, batch: int, size: int, depth: int) -> tuple[int, ...]:
+  """Input [B, *spatial, C] of the U-Net's biggest conv: first block's conv2, 32 -> 32 channels."""
+  return _batch_shape(dims, batch, size, depth) + (32,)
+
+
+def _median_ms(fn, reps: int) -> float:
+  fn()  # warm-up (and compile)
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return 1000 * statistics.median(times)
+
+
+def micro_jax(dims: int, batch: int, size: int, depth: int, reps: int = 3) -> dict:
+  """Forward, input-gradient and weight-gradient time of that conv alone (JAX, jit)."""
+  import jax
+  import jax.numpy as jnp
+
+  shape = _conv_shape(dims, batch, size, depth)
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (3,) * dims + (32, 32)) * 0.05
+  dn = ("NHWC", "HWIO", "NHWC") if dims == 2 else ("NDHWC", "DHWIO", "NDHWC")
+  pad = ((1, 1),) * dims
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1,) * dims, pad, dimension_numbers=dn)
+
+  dy = jnp.ones(shape)
+  fwd = jax.jit(conv)
+  dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
+  dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+  return {
+    "fwd_ms": _median_ms(lambda: fwd(x, w).block_until_ready(), reps),
+    "dx_ms": _median_ms(lambda: dx(x, w, dy).block_until_ready(), reps),
+    "dw_ms": _median_ms(lambda: dw(x, w, dy).block_until_ready(), reps),
+  }
+
+
+def micro_torch(dims: int, batch: int, size: int, depth: int, threads: int, reps: int = 3) -> dict:
+  """The same conv in PyTorch (NC* layout): forward, input gradient, weight gradient."""
+  import torch
+
+  torch.set_num_threads(threads)
+  shape = _conv_shape(dims, batch, size, depth)
+  x = torch.randn(shape[0], shape[-1], *shape[1:-1])
+  w = torch.randn(32, 32, *(3,) * dims) * 0.05
+  dy = torch.ones_like(x)
+  conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d
+  args = ([1] * dims, [1] * dims, [1] * dims, False, [0] * dims, 1)
+
+  def bwd(mask):
+    torch.ops.aten.convolution_backward(dy, x, w, None, *args, mask)
+
+  with torch.no_grad():
+    return {
+      "fwd_ms": _median_ms(lambda: conv(x, w, padding=1), reps),
+      "dx_ms": _median_ms(lambda: bwd([True, False, False]), reps),
+      "dw_ms": _median_ms(lambda: bwd([False, True, False]), reps),
+    }
+
+
+def run_micro(dims: int, batch: int, args) -> list[dict]:
+  rows = []
+  for fw in ("jax", "torch"):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "experiments.bench.unet_step_bench", "--_worker", f"micro_{fw}"]
+    cmd += ["--dims", str(dims), "--batch", str(batch), "--size", str(args.size)]
+    cmd += ["--depth", str(args.depth), "--torch_threads", str(args.torch_threads)]
+    load0 = os.getloadavg()[0]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+      raise RuntimeError(f"micro worker {fw} failed: {proc.stderr[-1000:]}")
+    shape = _conv_shape(dims, batch, args.size, args.depth)
+    gflop = 2 * 32 * 3**dims * math.prod(shape) / 1e9  # per pass (fwd, dx or dw)
+    row = {"framework": fw, "dims": dims, "input": list(shape), "gflop": gflop}
+    row.update(json.loads(lines[-1]), load1=[round(load0, 2), round(os.getloadavg()[0], 2)])
+    print(f"[bench] micro {dims}D {fw}: {row}", flush=True)
+    rows.append(row)
+  return rows
+
+
 def _serve(args) -> int:
   """Worker process: build, print an info line, then answer 'step' lines with step times."""
+  if args._worker.startswith("micro_"):
+    fn = micro_jax if args._worker == "micro_jax" else micro_torch
+    extra = () if args._worker == "micro_jax" else (args.torch_threads,)
+    print(json.dumps(fn(args.dims, args.batch, args.size, args.depth, *extra)), flush=True)
+    return 0
   if args._worker == "jax":
     info, one = worker_jax(args.dims, args.batch, args.size, args.depth)
   else:
@@ -204,18 +299,19 @@ def run_setting(dims: int, batch: int, args) -> list[dict]:
   for i in range(args.warmup + args.steps):
     order = frameworks if i % 2 == 0 else frameworks[::-1]
     load0 = os.getloadavg()[0]
+    times = {}
     for fw in order:
       procs[fw].stdin.write("step\n")
       procs[fw].stdin.flush()
-      t = _read(procs[fw])["step_s"]
+      times[fw] = _read(procs[fw])["step_s"]
       if i >= args.warmup:
-        rows[fw]["step_s"].append(t)
+        rows[fw]["step_s"].append(times[fw])
     if i >= args.warmup:
       loads += [load0, os.getloadavg()[0]]
     print(
       f"[bench] {dims}D step {i + 1}/{args.warmup + args.steps}"
       f"{' (warm-up)' if i < args.warmup else ''}: "
-      + ", ".join(f"{fw} {rows[fw]['step_s'][-1] if i >= args.warmup else t:.2f}s" for fw in order)
+      + ", ".join(f"{fw} {times[fw]:.2f}s" for fw in order)
       + f" (load {os.getloadavg()[0]:.2f})",
       flush=True,
     )
@@ -238,7 +334,7 @@ def run_setting(dims: int, batch: int, args) -> list[dict]:
   return out
 
 
-def _markdown(rows: list[dict], meta: dict) -> str:
+def _markdown(rows: list[dict], meta: dict, micro: list[dict] | None = None) -> str:
   f = lambda v, d=1: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
   lines = [
     "# U-Net train-step benchmark (CPU): JAX (ours) vs the PyTorch reference U-Net",
@@ -277,6 +373,27 @@ def _markdown(rows: list[dict], meta: dict) -> str:
       f"| {r['load1_min']}-{r['load1_max']} "
       f"| {issue} |"
     )
+  if micro:
+    lines += [
+      "",
+      "## Where the time goes: the U-Net's biggest conv alone (first block's conv2, 3^d, 32 -> 32)",
+      "",
+      f"`{meta.get('micro_command', '')}` ({meta.get('micro_date', '')} UTC); median of 3 runs "
+      "after one warm-up, each pass alone (JAX: jit; PyTorch: aten convolution(_backward), "
+      f"{meta.get('torch_threads', 2)} threads).",
+      "",
+      "| framework | input [B, *spatial, C] | GFLOP per pass | forward ms (GFLOP/s) "
+      "| input grad ms (GFLOP/s) | weight grad ms (GFLOP/s) | load before/after |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for m in micro:
+      cells = " | ".join(
+        f"{m[k]:.0f} ({m['gflop'] / m[k] * 1e3:.0f})" for k in ("fwd_ms", "dx_ms", "dw_ms")
+      )
+      lines.append(
+        f"| {m['framework']} | {m['input']} | {m['gflop']:.1f} | {cells} "
+        f"| {m['load1'][0]}/{m['load1'][1]} |"
+      )
   return "\n".join(lines + ["", NOTES])
 
 
@@ -301,6 +418,15 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--torch_threads", type=int, default=2)
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+  parser.add_argument(
+    "--micro", action="store_true", help="also time the biggest conv alone (fwd / dx / dw)"
+  )
+  parser.add_argument(
+    "--micro_only", action="store_true", help="only the conv timings; keep the saved step rows"
+  )
+  parser.add_argument(
+    "--render_only", action="store_true", help="rewrite the .md from the saved .json"
+  )
   parser.add_argument("--out", default="experiments/bench/results")
   parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -317,18 +443,40 @@ def main(argv=None) -> int:
     "warmup": args.warmup,
     "steps": args.steps,
     "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-    "command": "python -m experiments.bench.unet_step_bench "
-    + " ".join(argv if argv is not None else sys.argv[1:]),
+    "command": " ".join(
+      ["python -m experiments.bench.unet_step_bench", *(argv if argv is not None else sys.argv[1:])]
+    ),
+    "torch_threads": args.torch_threads,
   }
-  rows = []
-  for dims in (int(d) for d in args.dims.split(",")):
-    rows += run_setting(dims, args.batch2d if dims == 2 else args.batch3d, args)
+  json_path = os.path.join(args.out, "unet_step_bench.json")
+  if args.render_only:
+    with open(json_path) as fh:
+      saved = json.load(fh)
+    with open(os.path.join(args.out, "unet_step_bench.md"), "w") as fh:
+      fh.write(_markdown(saved["rows"], saved["meta"], saved.get("micro")))
+    return 0
+  rows, micro = [], []
+  dims_list = [int(d) for d in args.dims.split(",")]
+  if args.micro_only:
+    with open(json_path) as fh:
+      saved = json.load(fh)
+    meta, rows = saved["meta"], saved["rows"]
+  else:
+    for dims in dims_list:
+      rows += run_setting(dims, args.batch2d if dims == 2 else args.batch3d, args)
+  if args.micro or args.micro_only:
+    for dims in dims_list:
+      micro += run_micro(dims, args.batch2d if dims == 2 else args.batch3d, args)
+    meta["micro_command"] = " ".join(
+      ["python -m experiments.bench.unet_step_bench", *(argv if argv is not None else sys.argv[1:])]
+    )
+    meta["micro_date"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "unet_step_bench.json"), "w") as fh:
-    json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+  with open(json_path, "w") as fh:
+    json.dump({"meta": meta, "rows": rows, "micro": micro}, fh, indent=1)
   with open(os.path.join(args.out, "unet_step_bench.md"), "w") as fh:
-    fh.write(_markdown(rows, meta))
-  print(_markdown(rows, meta))
+    fh.write(_markdown(rows, meta, micro))
+  print(_markdown(rows, meta, micro))
   return 0
 
 
