@@ -128,7 +128,9 @@ def test_center_crop_matches_reference_slices():
   y = sb.center_crop(x, (4, 3))
   # autocrop: [(d - e) // 2 : (d + e) // 2] per axis -> rows 1:5, cols 1:4.
   np.testing.assert_array_equal(y[0, :, :, 0], np.asarray(x)[0, 1:5, 1:4, 0])
-  assert sb.center_crop(x, (7, 6)) is x or sb.center_crop(x, (7, 6)).shape == x.shape
+  np.testing.assert_array_equal(sb.center_crop(x, (7, 6)), x)
+  with pytest.raises(ValueError, match="larger"):
+    sb.center_crop(x, (8, 6))
 
 
 def test_xavier_uniform_bounds():

@@ -47,7 +47,10 @@ def _norm(kind, channels, dim):
 
 
 def _act(kind):
-  return {"relu": nn.ReLU, "elu": nn.ELU}.get(kind, lambda: nn.LeakyReLU(0.1))()
+  makers = {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(negative_slope=0.1), "elu": nn.ELU}
+  if kind not in makers:
+    raise ValueError(f"activation {kind!r}")
+  return makers[kind]()
 
 
 class DownBlock(nn.Module):
