@@ -216,3 +216,21 @@ def center_crop(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
     idx.append(slice((d - e) // 2, (d - e) // 2 + e))
   idx.append(slice(None))
   return x[tuple(idx)]
+
+
+def torch_default_inits(fan_in: int, *, transposed: bool = False):
+  """(kernel_init, bias_init) of PyTorch's default conv init, for a layer with ``fan_in``.
+
+  PyTorch: ``kaiming_uniform_(a=sqrt(5))`` == U(+-1/sqrt(fan_in)) weights and
+  U(+-1/sqrt(fan_in)) biases, with fan_in = ``C_in * prod(k)`` for a conv and (PyTorch's
+  quirk) ``C_out * prod(k)`` for a transposed conv; pass that number. ``transposed``
+  reads the fan from the kernel's last axis (Flax ``ConvTranspose`` kernel ``[k..., I, O]``).
+  """
+  axes = {"in_axis": -1, "out_axis": -2} if transposed else {}
+  kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", **axes)
+  bound = 1.0 / max(fan_in, 1) ** 0.5
+
+  def bias_init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return kernel_init, bias_init
