@@ -8,6 +8,7 @@
   mtneuro serve     serve a volume over the Boss v1 API (for intern-based tools)
   mtneuro train     one training run from a config file
   mtneuro task1     Task 1 tables (methods x settings x seeds)
+  mtneuro task2     Task 2 tables (segmentation models x settings, lr x batch grid, seeds)
 
 Each subcommand's ``--help`` lists its options. Bad input of any subcommand is one
 line ``error: <problem>; <fix>`` on stderr and exit status 2 (no traceback);
@@ -67,6 +68,12 @@ def _task1(argv):
   from experiments import task1_tables
 
   return task1_tables.main(argv)
+
+
+def _task2(argv):
+  from experiments import task2_tables
+
+  return task2_tables.main(argv)
 
 
 def _check_folder_arg(parser: ArgumentParser, flag: str, path: str) -> None:
@@ -130,6 +137,7 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
   "serve": _serve,
   "train": _train,
   "task1": _task1,
+  "task2": _task2,
 }
 
 
