@@ -4,11 +4,16 @@ Add a model by adding one line.
 """
 
 from mtneuro_jax.models.resnet import resnet18_xray
+from mtneuro_jax.models.seg3d import highresnet, vnet_light
+from mtneuro_jax.models.unet import unet
 from mtneuro_jax.registry import Registry
 
 MODELS = Registry(
   "model",
   {
     "resnet18_xray": resnet18_xray,
+    "unet": unet,
+    "vnet_light": vnet_light,
+    "highresnet": highresnet,
   },
 )

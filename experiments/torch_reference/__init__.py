@@ -1,0 +1,1 @@
+"""PyTorch re-implementations of reference models (for weight-import tests and benchmarks)."""
