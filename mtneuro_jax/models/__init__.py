@@ -4,6 +4,7 @@ Add a model by adding one line.
 """
 
 from mtneuro_jax.models.resnet import resnet18_xray
+from mtneuro_jax.models.seg2d import fpn, manet, pan, pspnet, unet_plusplus
 from mtneuro_jax.models.seg3d import highresnet, vnet_light
 from mtneuro_jax.models.unet import unet
 from mtneuro_jax.registry import Registry
@@ -15,5 +16,10 @@ MODELS = Registry(
     "unet": unet,
     "vnet_light": vnet_light,
     "highresnet": highresnet,
+    "unet_plusplus": unet_plusplus,
+    "manet": manet,
+    "fpn": fpn,
+    "pan": pan,
+    "pspnet": pspnet,
   },
 )
