@@ -39,8 +39,10 @@ last checkpoint. Overlays and majority rows are cached likewise.
 
 Outputs in ``--out``: table2.{md,json}, overlay_<model>_<setting>.png (image | truth |
 prediction of the first test image with the most classes present, from the first seed's run at
-the chosen point; 3D models show a few z-slices), and runs/<model>/<setting>/lr<lr>-b<batch>/
-seed<s>/ (``--runs`` moves them; experiments/results/.gitignore keeps them out of git).
+the chosen point; 3D models show a few z-slices). Run workdirs (checkpoints, logs) go to
+``--runs`` (default out/task2_runs/<data_dir name>/<size>/, outside the committed results and
+ignored by git), as <model>/<setting>/lr<lr>-b<batch>/seed<s>/; presets of one size share them
+(``zoo`` reuses ``quick``'s seed-1 run).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ PRESETS = {
     (QUICK_LR,),
     (_Q.batch_size,),
     (1, 100, 350),
-    description=_QUICK_DESC + ", seeds 1, 100, 350",
+    description=_QUICK_DESC,
   ),
   "zoo": Preset(
     "quick",
@@ -137,7 +139,7 @@ PRESETS = {
     (QUICK_LR,),
     (_Q.batch_size,),
     (1,),
-    description=_QUICK_DESC + ", seed 1 only",
+    description=_QUICK_DESC + ", one seed (no sd)",
   ),
   "tiny": Preset(
     "tiny",
@@ -674,7 +676,9 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--out", default=None, help="tables folder (default experiments/results/task2_<preset>)"
   )
-  parser.add_argument("--runs", default=None, help="run workdirs (default <out>/runs)")
+  parser.add_argument(
+    "--runs", default=None, help="run workdirs (default out/task2_runs/<data_dir name>/<size>)"
+  )
   parser.add_argument("--models", default=None, help=f"subset of {','.join(MODELS)}")
   parser.add_argument("--settings", default=None, help=f"subset of {','.join(SETTINGS)}")
   parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
@@ -693,7 +697,9 @@ def main(argv=None) -> int:
     parser.error("--seeds is empty; give at least one seed, e.g. 1")
   preset = dataclasses.replace(preset, models=models, settings=settings, seeds=seeds)
   out = args.out or os.path.join("experiments", "results", f"task2_{args.preset}")
-  runs_dir = args.runs or os.path.join(out, "runs")
+  runs_dir = args.runs or os.path.join(
+    "out", "task2_runs", os.path.basename(os.path.normpath(args.data_dir)), preset.size or "full"
+  )
   pairs = [(m, s) for m in models for s in settings]
   if args.dry_run:
     for m, s in pairs:

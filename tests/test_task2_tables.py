@@ -16,7 +16,8 @@ from mtneuro_jax.train.metrics import NonFiniteLossError
 
 def test_tiny_preset_writes_tables_overlays_and_resumes(tiny_data_dir, tmp_path, monkeypatch):
   out = str(tmp_path / "t2")
-  argv = ["--preset", "tiny", "--data_dir", tiny_data_dir, "--out", out]
+  runs = str(tmp_path / "runs")
+  argv = ["--preset", "tiny", "--data_dir", tiny_data_dir, "--out", out, "--runs", runs]
   assert task2_tables.main(argv) == 0
   table = json.load(open(os.path.join(out, "table2.json")))
   md = open(os.path.join(out, "table2.md")).read()
@@ -47,7 +48,7 @@ def test_tiny_preset_writes_tables_overlays_and_resumes(tiny_data_dir, tmp_path,
   assert again["rows"] == table["rows"] and again["majority"] == table["majority"]
 
   # An interrupted run (no results.json) trains again, alone.
-  wd = os.path.join(out, "runs", "unet2d", "3class", "lr0.01-b8", "seed1")
+  wd = os.path.join(runs, "unet2d", "3class", "lr0.01-b8", "seed1")
   os.remove(os.path.join(wd, "results.json"))
   shutil.rmtree(os.path.join(wd, "checkpoints"))
   assert task2_tables.main(argv) == 0
@@ -86,3 +87,36 @@ def test_paper_preset_plans_the_full_grid(capsys):
   assert task2_tables.main(["--preset", "paper", "--models", "unet3d", "--dry_run"]) == 0
   text = capsys.readouterr().out
   assert text.count("unet3d 3class lr") == 25 and "lr 0.1 batch 2 seed 1" in text
+  assert os.path.join("out", "task2_runs", "phantom-seed0", "full", "unet3d") in text
+
+
+def test_config_arg_words_and_task2_quick_size():
+  from mtneuro_jax import configlib
+
+  a = configlib.parse_arg(
+    "4class,quick,unet3d",
+    methods=("unet2d", "unet3d"),
+    settings=("3class", "4class"),
+    sizes=configlib.TASK2_SIZES,
+  )
+  assert (a.recipe, a.size, a.method, a.setting) == (
+    "paper",
+    configlib.TASK2_QUICK,
+    "unet3d",
+    "4class",
+  )
+  with pytest.raises(ValueError, match="settings 3class, 4class"):
+    configlib.parse_arg("5class", settings=("3class", "4class"))
+  with pytest.raises(ValueError, match="more than one setting"):
+    configlib.parse_arg("3class,4class", settings=("3class", "4class"))
+  from configs import task2_segmentation
+
+  c = task2_segmentation.get_config("unet3d,4class,quick")
+  assert (c.data.task, c.model.dims, c.model.num_classes) == ("task2_3d_4class", 3, 4)
+  assert (c.total_steps, c.data.batch_size, c.model.width_multiplier) == (
+    configlib.TASK2_QUICK_STEPS,
+    8,
+    0.25,
+  )
+  ref = task2_segmentation.get_config("unet3d,ref")
+  assert (ref.optim.name, ref.data.batch_size, ref.objective.augment.flip) == ("sgd", 1, False)
