@@ -8,6 +8,7 @@
   mtneuro serve     serve a volume over the Boss v1 API (for intern-based tools)
   mtneuro train     one training run from a config file
   mtneuro task1     Task 1 tables (methods x settings x seeds)
+  mtneuro task2     Task 2 tables (segmentation models x settings, lr x batch grid, seeds)
   mtneuro task3     Task 3 table (semantic features, frozen embeddings, linear readout, UMAP)
 
 Each subcommand's ``--help`` lists its options. Bad input of any subcommand is one
@@ -68,6 +69,12 @@ def _task1(argv):
   from experiments import task1_tables
 
   return task1_tables.main(argv)
+
+
+def _task2(argv):
+  from experiments import task2_tables
+
+  return task2_tables.main(argv)
 
 
 def _task3(argv):
@@ -137,6 +144,7 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
   "serve": _serve,
   "train": _train,
   "task1": _task1,
+  "task2": _task2,
   "task3": _task3,
 }
 

@@ -86,6 +86,59 @@ def format_paper(value: tuple[float, float | None] | None) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Task 2 (microstructure segmentation): the paper's Table 2.
+# Mean over classes (background included) of the class-wise F1 and IoU on the test set,
+# mean ± sd over PAPER_SEEDS; the paper does not say whether a class's score is aggregated over
+# the whole test set or averaged over images (the reference code computes both). Adam, 20
+# epochs, lr x batch chosen on val. 2D zoo: EfficientNet-b7 encoder with ImageNet weights.
+TASK2_SETTINGS = ("3class", "4class")
+TASK2_MODEL_LABELS: Mapping[str, str] = types.MappingProxyType(
+  {
+    "unet2d": "2D U-Net",
+    "manet": "MA-Net",
+    "fpn": "FPN",
+    "unetpp": "U-Net++",
+    "pan": "PAN",
+    "pspnet": "PSPNet",
+    "unet3d": "3D U-Net",
+    "vnet_light": "VNetLight",
+    "highresnet": "HighResNet",
+  }
+)
+
+
+def _t2(f3, i3, f4, i4):
+  return types.MappingProxyType(
+    {
+      "3class": types.MappingProxyType({"f1": f3, "iou": i3}),
+      "4class": types.MappingProxyType({"f1": f4, "iou": i4}),
+    }
+  )
+
+
+# model -> setting -> {'f1': (mean, sd), 'iou': (mean, sd)}
+TABLE2: Mapping[str, Mapping[str, Mapping[str, tuple[float, float]]]] = types.MappingProxyType(
+  {
+    "unet2d": _t2((0.87, 0.012), (0.79, 0.014), (0.90, 0.003), (0.74, 0.008)),
+    "manet": _t2((0.88, 0.003), (0.81, 0.003), (0.90, 0.002), (0.78, 0.011)),
+    "fpn": _t2((0.85, 0.01), (0.76, 0.015), (0.86, 0.004), (0.72, 0.021)),
+    "unetpp": _t2((0.89, 0.002), (0.81, 0.002), (0.89, 0.015), (0.76, 0.036)),
+    "pan": _t2((0.79, 0.035), (0.69, 0.039), (0.84, 0.007), (0.70, 0.014)),
+    "pspnet": _t2((0.73, 0.013), (0.65, 0.043), (0.78, 0.012), (0.62, 0.015)),
+    "unet3d": _t2((0.88, 0.006), (0.80, 0.007), (0.84, 0.032), (0.65, 0.045)),
+    "vnet_light": _t2((0.85, 0.012), (0.76, 0.013), (0.76, 0.063), (0.56, 0.061)),
+    "highresnet": _t2((0.85, 0.019), (0.77, 0.026), (0.72, 0.083), (0.52, 0.075)),
+  }
+)
+# The paper's per-class F1 of the 2D U-Net, 4-class (no sd given).
+TABLE2_UNET2D_4CLASS_F1 = types.MappingProxyType(
+  {"background": 0.97, "vessel": 0.82, "cell": 0.87, "axon": 0.94}
+)
+TASK2_LR_GRID = (0.1, 0.05, 0.01, 0.005, 0.001)
+TASK2_BATCH_GRID = (2, 4, 6, 8, 10)
+TASK2_EPOCHS = 20
+
+
 # Task 3 (Table 3): in-sample R^2 of a linear regression of each semantic feature from the
 # frozen embeddings of all 5760 quadrants (no split). Means over seeds; the transcription
 # used here carries no sd. Feature keys as in mtneuro_jax/readout/features.py.

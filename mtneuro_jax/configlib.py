@@ -8,6 +8,8 @@ comma-separated list of words, each of one kind:
           first recipe a config lists) or ``ref`` (the reference code's script).
   size    ``quick`` or ``tiny`` (``QUICK`` / ``TINY`` below); none = the recipe's full size.
   method  for configs that offer several, e.g. ``pca`` | ``nmf`` (default: the first).
+  setting for configs that offer several, e.g. Task 2's ``3class`` | ``4class`` (default:
+          the first).
 
 At most one word of each kind; an unknown word is a ValueError that lists the
 known ones. Whatever order the words come in, the recipe is applied first and
@@ -26,6 +28,14 @@ Size presets (defined here only; every config and experiments/task1_tables.py us
          eval batch 16, log and checkpoint every step, no progress bar, weight decay
          capped at 5e-4.
 
+Task 2 (segmentation) has its own ``quick`` (``TASK2_SIZES``; ``tiny`` is the same TINY):
+
+  quick  ``TASK2_QUICK``: 4x downsampling (64x64 tiles, 8x64x64 windows in 3D), width
+         1/4 (U-Net start filters 8), batch 8 (inside the paper's batch grid {2..10}),
+         TASK2_QUICK_STEPS steps, eval batch 32, a log line every 25 steps, a checkpoint
+         only at the end. Task 1's width 1/8 at batch 32 would leave the U-Net 4 filters
+         wide and a batch outside the grid.
+
 The weight decay cap exists because the paper's coupled decay 0.3 keeps shrinking
 the head in short runs and leaves the BatchNorm running statistics behind the
 weights (eval accuracy lags train accuracy badly).
@@ -42,7 +52,7 @@ This module imports only ml_collections, the standard library and mtneuro_jax/er
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import ml_collections
 
@@ -107,6 +117,22 @@ TINY = Size(
   nmf_max_iter=None,
 )
 SIZES = {"quick": QUICK, "tiny": TINY}
+TASK2_QUICK_STEPS = 150
+TASK2_QUICK = Size(
+  name="quick",
+  downsample=4,
+  batch_size=8,
+  eval_batch_size=32,
+  width_multiplier=0.25,
+  weight_decay_cap=5e-4,
+  total_steps=TASK2_QUICK_STEPS,
+  num_epochs=None,
+  log_every_steps=25,
+  checkpoint_every_steps=0,
+  progress=None,
+  nmf_max_iter=None,
+)
+TASK2_SIZES = {"quick": TASK2_QUICK, "tiny": TINY}
 
 
 # ---------------------------------------------------------------------------
@@ -117,33 +143,44 @@ class ConfigArgError(ConfigError):
 
 @dataclasses.dataclass(frozen=True)
 class Arg:
-  """A parsed config ``arg``: recipe, size preset (None = full size), method (None if none)."""
+  """A parsed config ``arg``: recipe, size preset (None = full size), method and setting (None
+  if the config has none)."""
 
   recipe: str
   size: Size | None
   method: str | None
+  setting: str | None = None
 
 
 def parse_arg(
-  arg: str | None, *, recipes: Sequence[str] = ("paper", "ref"), methods: Sequence[str] = ()
+  arg: str | None,
+  *,
+  recipes: Sequence[str] = ("paper", "ref"),
+  methods: Sequence[str] = (),
+  settings: Sequence[str] = (),
+  sizes: Mapping[str, Size] = SIZES,
 ) -> Arg:
-  """Parses ``arg`` (e.g. ``'ref,tiny'``, ``'nmf,quick'``).
+  """Parses ``arg`` (e.g. ``'ref,tiny'``, ``'nmf,quick'``, ``'unet3d,4class,quick'``).
 
-  Defaults: the first recipe, the first method, full size.
+  Defaults: the first recipe, the first method, the first setting, full size. ``sizes``
+  maps the size words to presets (``SIZES``; Task 2 passes ``TASK2_SIZES``).
 
   Raises:
     ConfigArgError (a ValueError): an unknown word (the message lists the known ones), or
       two words of one kind.
   """
   kinds = {w: "recipe" for w in recipes}
-  kinds.update({w: "size" for w in SIZES})
+  kinds.update({w: "size" for w in sizes})
   kinds.update({w: "method" for w in methods})
+  kinds.update({w: "setting" for w in settings})
   words = [w.strip() for w in (arg or "").split(",") if w.strip()]
   unknown = [w for w in words if w not in kinds]
   if unknown:
-    known = [f"recipes {', '.join(recipes)}", f"sizes {', '.join(SIZES)}"]
+    known = [f"recipes {', '.join(recipes)}", f"sizes {', '.join(sizes)}"]
     if methods:
       known.append(f"methods {', '.join(methods)}")
+    if settings:
+      known.append(f"settings {', '.join(settings)}")
     raise ConfigArgError(
       f"unknown config arg word(s) {unknown} in {arg!r}; known: "
       f"{'; '.join(known)} (comma-separated, at most one of each kind)"
@@ -158,8 +195,9 @@ def parse_arg(
   size = picked.get("size", [None])[0]
   return Arg(
     recipe=picked.get("recipe", [recipes[0]])[0],
-    size=SIZES[size] if size else None,
+    size=sizes[size] if size else None,
     method=picked.get("method", [methods[0] if methods else None])[0],
+    setting=picked.get("setting", [settings[0] if settings else None])[0],
   )
 
 
@@ -288,6 +326,17 @@ def classification_evals(
       if split in curve_splits:
         e.every_steps = 0
       evals[f"{split}_{protocol}"] = e
+  return evals
+
+
+def segmentation_evals(splits: Sequence[str] = ("test", "val")) -> ml_collections.ConfigDict:
+  """``config.evals``: a 'segmentation' eval per split, named by the split, run at the end only
+  (``every_steps`` 0; ``--config.evals.val.every_steps=N`` asks for a curve)."""
+  evals = ml_collections.ConfigDict()
+  for split in splits:
+    evals[split] = ml_collections.ConfigDict(
+      {"kind": "segmentation", "split": split, "every_steps": 0}
+    )
   return evals
 
 

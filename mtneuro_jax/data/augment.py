@@ -9,6 +9,11 @@ is sharded.
 
 Images are [B, Y, X, C] (2D) float32.
 
+Paired geometric augmentation for segmentation (``PairedAugmentConfig``,
+``paired_augment``): random flips, in-plane rot90 and, for 3D, a z-flip, drawn
+once per sample and applied identically to the image and its mask (the reference
+draws them separately for image and mask, which misaligns the pair).
+
 Views of the MTNeuro SSL recipe: two random crops of half the tile's height and
 width (the reference: 128x128 of 256x256), independently placed per sample by
 default (``per_sample=False`` reproduces the reference's one offset shared by
@@ -20,6 +25,7 @@ off by default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -142,3 +148,111 @@ def make_view(images: jax.Array, rng: jax.Array, cfg: ViewConfig) -> jax.Array:
     images, k_crop, crop_size(images.shape, cfg.crop_fraction), per_sample=cfg.per_sample
   )
   return intensity_augment(view, k_int, cfg)
+
+
+# ---------------------------------------------------------------------------
+# Paired (image, mask) augmentation for segmentation.
+@dataclasses.dataclass(frozen=True)
+class PairedAugmentConfig:
+  """Which geometric augmentations ``paired_augment`` draws (``from_config(config.objective.augment)``).
+
+  flip: random flips of y and x, each with probability 1/2.
+  rot90: a random multiple of 90 degrees in the (y, x) plane (needs square tiles).
+  flip_z: for 3D, a random flip along z with probability 1/2 (ignored for 2D).
+  All False = no augmentation (the reference's shipped configs).
+  """
+
+  flip: bool = True
+  rot90: bool = True
+  flip_z: bool = True
+
+  @classmethod
+  def from_config(cls, cfg: Any | None) -> PairedAugmentConfig:
+    if cfg is None:
+      return cls(flip=False, rot90=False, flip_z=False)
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+      raise ConfigError(
+        f"unknown augment option(s) {unknown}; known: {known} (e.g. --config.objective.augment.flip=False)"
+      )
+    return cls(**{k: bool(v) for k, v in d.items()})
+
+  @property
+  def any(self) -> bool:
+    return self.flip or self.rot90 or self.flip_z
+
+
+def _dihedral(
+  x: jax.Array, flips: jax.Array, k: jax.Array, spatial: int, rotate: bool = True
+) -> jax.Array:
+  """One sample's transform; ``x``'s leading ``spatial`` axes are ([Z,] Y, X).
+
+  flips bool [3] = (z, y, x) flips; k int32 [] rot90 count in the (y, x) plane. Applied as
+  flips, then rot90, to any array whose leading axes are the spatial ones (image [.., C]
+  and mask alike), so one draw moves both the same way. ``rotate`` False skips the rot90
+  (non-square tiles).
+  """
+  ya, xa = spatial - 2, spatial - 1
+  if spatial == 3:
+    x = jnp.where(flips[0], jnp.flip(x, 0), x)
+  x = jnp.where(flips[1], jnp.flip(x, ya), x)
+  x = jnp.where(flips[2], jnp.flip(x, xa), x)
+  if not rotate:
+    return x
+  rots = [functools.partial(jnp.rot90, k=i, axes=(ya, xa)) for i in range(4)]
+  return jax.lax.switch(k, rots, x)
+
+
+def draw_paired_params(
+  rng: jax.Array, batch: int, cfg: PairedAugmentConfig, *, dims: int
+) -> tuple[jax.Array, jax.Array]:
+  """Per-sample draws: (flips bool [B, 3] = z, y, x; k int32 [B] in 0..3).
+
+  One key per sample (``split(rng, B)``), so a sample's draw does not depend on the sharding.
+  """
+  keys = jax.random.split(rng, batch)
+
+  def one(key):
+    kf, kr = jax.random.split(key)
+    f = jax.random.bernoulli(kf, 0.5, (3,))
+    f = f & jnp.asarray([cfg.flip_z and dims == 3, cfg.flip, cfg.flip])
+    k = jax.random.randint(kr, (), 0, 4) if cfg.rot90 else jnp.zeros((), jnp.int32)
+    return f, k.astype(jnp.int32)
+
+  return jax.vmap(one)(keys)
+
+
+def paired_augment(
+  image: jax.Array, mask: jax.Array, rng: jax.Array, cfg: PairedAugmentConfig
+) -> tuple[jax.Array, jax.Array]:
+  """The same random flips / rot90 / z-flip for an image batch and its mask batch.
+
+  Args:
+    image: float [B, Y, X, C] (2D) or [B, Z, Y, X, C] (3D).
+    mask: int [B, Y, X] or [B, Z, Y, X] (the image's spatial shape).
+    rng: the only source of randomness.
+    cfg: which transforms to draw.
+
+  Returns:
+    (image, mask) of the input shapes; sample i of both moved by the same transform.
+  """
+  spatial = mask.ndim - 1
+  if (
+    spatial not in (2, 3) or image.shape[: spatial + 1] != mask.shape or image.ndim != mask.ndim + 1
+  ):
+    raise ConfigError(
+      f"paired_augment needs image [B, (Z,) Y, X, C] and mask [B, (Z,) Y, X] of one spatial "
+      f"shape, got {image.shape} and {mask.shape}; pass the batch's 'image' and 'mask'"
+    )
+  if not cfg.any:
+    return image, mask
+  if cfg.rot90 and mask.shape[-1] != mask.shape[-2]:
+    raise ConfigError(
+      f"rot90 needs square tiles, got {mask.shape[-2]}x{mask.shape[-1]}; "
+      "set --config.objective.augment.rot90=False"
+    )
+  flips, k = draw_paired_params(rng, mask.shape[0], cfg, dims=spatial)
+  move = jax.vmap(functools.partial(_dihedral, spatial=spatial, rotate=cfg.rot90))
+  return move(image, flips, k), move(mask, flips, k)

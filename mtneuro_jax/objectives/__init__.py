@@ -7,6 +7,7 @@ from mtneuro_jax.objectives.byol import BYOL
 from mtneuro_jax.objectives.linear_probe import LINEAR_PROBE
 from mtneuro_jax.objectives.mixup import MIXUP
 from mtneuro_jax.objectives.myow import MYOW, MYOW_MERGED
+from mtneuro_jax.objectives.segmentation import SEGMENTATION
 from mtneuro_jax.objectives.supervised import SUPERVISED
 from mtneuro_jax.objectives.vicreg import VICREG
 from mtneuro_jax.registry import Registry
@@ -21,5 +22,6 @@ OBJECTIVES = Registry(
     "myow_merged": MYOW_MERGED,
     "vicreg": VICREG,
     "linear_probe": LINEAR_PROBE,
+    "segmentation": SEGMENTATION,
   },
 )
