@@ -1,6 +1,6 @@
 """The ``mtneuro`` command: one entry point over the project's tools.
 
-  mtneuro main      the quick benchmark on the embedded phantom (export + Task 1 quick)
+  mtneuro main      the quick benchmark on the embedded phantom (export + Tasks 1-3 quick)
   mtneuro export    export task datasets (TFDS ArrayRecord) from a source
   mtneuro verify    check a dataset's shards against its manifest
   mtneuro summary   per-task split sizes of an export folder (verified first)
@@ -90,8 +90,13 @@ def _check_folder_arg(parser: ArgumentParser, flag: str, path: str) -> None:
     parser.error(f"{flag} {path} is a file, not a folder")
 
 
+MAIN_TASKS = ("1", "2", "3")
+
+
 def _main_job(argv):
-  """Quick benchmark on the embedded phantom: export every task, summarise, run Task 1 quick."""
+  """Quick benchmark on the embedded phantom: export every task, summarise, then the quick
+  tables of Task 1 (region classification), Task 2 (segmentation) and Task 3 (readouts of the
+  Task 1 encoders) into <out>/task{1,2,3}_<preset>."""
   from experiments.task1_tables import PRESETS  # light: the heavy imports of task1 are lazy
 
   parser = ArgumentParser(prog="mtneuro main", description=_main_job.__doc__)
@@ -101,36 +106,64 @@ def _main_job(argv):
     help="export root for the phantom datasets (default: %(default)s)",
   )
   parser.add_argument(
-    "--out", default="out/task1_quick", help="Task 1 tables folder (default: %(default)s)"
+    "--out",
+    default="out",
+    help="root of the tables folders <out>/task{1,2,3}_<preset> (default: %(default)s)",
   )
   parser.add_argument(
     "--preset",
     default="quick",
-    help=f"Task 1 preset: {' | '.join(sorted(PRESETS))} (default: quick)",
+    help=f"preset of every task: {' | '.join(sorted(PRESETS))} (default: quick)",
+  )
+  parser.add_argument(
+    "--tasks",
+    default=",".join(MAIN_TASKS),
+    help="which tasks' tables to run after the export, e.g. 1,3 (default: %(default)s; "
+    "Task 3 reads the Task 1 encoders)",
   )
   parser.add_argument("--skip_task1", action="store_true", help="only export and summarise")
   args = parser.parse_args(argv)
   # Every argument is checked before the (minutes-long) export starts.
   if args.preset not in PRESETS:
     parser.error(f"unknown --preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+  if not tasks or any(t not in MAIN_TASKS for t in tasks):
+    parser.error(f"--tasks {args.tasks!r}: give task numbers from {','.join(MAIN_TASKS)}")
+  if args.skip_task1:
+    tasks = []
   _check_folder_arg(parser, "--data_dir", args.data_dir)
   _check_folder_arg(parser, "--out", args.out)
+  outs = {t: os.path.join(args.out, f"task{t}_{args.preset}") for t in MAIN_TASKS}
+  runners = {
+    "1": lambda: _task1(["--preset", args.preset, "--data_dir", args.data_dir, "--out", outs["1"]]),
+    "2": lambda: _task2(["--preset", args.preset, "--data_dir", args.data_dir, "--out", outs["2"]]),
+    "3": lambda: _task3(
+      ["--preset", args.preset, "--data_dir", args.data_dir, "--t1_dir", outs["1"]]
+      + ["--out", outs["3"]]
+    ),
+  }
   t0 = time.time()
   print(
     "== mtneuro main: SYNTHETIC phantom data (not the paper's data; numbers are not comparable)"
   )
-  print(f"== [1/3] export all tasks from the phantom -> {args.data_dir}", flush=True)
+  stages = 2 + len(tasks)
+  print(f"== [1/{stages}] export all tasks from the phantom -> {args.data_dir}", flush=True)
   rc = _export(["--source", "phantom", "--tasks", "all", "--out_dir", args.data_dir])
   if rc:
     return rc
-  print(f"== [2/3] data summary ({time.time() - t0:.0f}s)", flush=True)
+  print(f"== [2/{stages}] data summary ({time.time() - t0:.0f}s)", flush=True)
   rc = _summary([args.data_dir])
-  if rc or args.skip_task1:
-    return rc
-  print(
-    f"== [3/3] Task 1 '{args.preset}' tables -> {args.out} ({time.time() - t0:.0f}s)", flush=True
-  )
-  rc = _task1(["--preset", args.preset, "--data_dir", args.data_dir, "--out", args.out])
+  for i, task in enumerate(tasks, start=3):
+    if rc:
+      return rc
+    print(
+      f"== [{i}/{stages}] Task {task} '{args.preset}' tables -> {outs[task]} "
+      f"({time.time() - t0:.0f}s)",
+      flush=True,
+    )
+    t_task = time.time()
+    rc = runners[task]()
+    print(f"== Task {task} took {time.time() - t_task:.0f}s", flush=True)
   print(f"== done in {time.time() - t0:.0f}s", flush=True)
   return rc
 

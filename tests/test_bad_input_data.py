@@ -298,6 +298,7 @@ CASES = [
   ),
   ("main-data-dir-file", ["main", "--data_dir", "{ws}/afile"], "--data_dir {ws}/afile is a file"),
   ("main-unknown-flag", ["main", "--fast"], "unrecognized arguments: --fast"),
+  ("main-bad-tasks", ["main", "--tasks", "1,4"], "--tasks '1,4': give task numbers from 1,2,3"),
   (
     "fidelity-workers-0",
     ["fidelity", "--workers", "0", "--out", "{ws}/fid"],
@@ -371,7 +372,7 @@ def test_help_lists_the_options(command, capfd):
     "verify": ["path"],
     "summary": ["path", "--no_verify"],
     "serve": ["--source", "--bind", "--port", "--token_env", "--faults", "--cache_mb", "--memo_mb"],
-    "main": ["--data_dir", "--out", "--preset", "--skip_task1"],
+    "main": ["--data_dir", "--out", "--preset", "--tasks", "--skip_task1"],
     "fidelity": ["--out", "--seed", "--workers", "--no_progress"],
   }[command]
   for opt in want:
