@@ -107,64 +107,20 @@ def import_smp(smp_src: str, effnet_src: str):
 
 def torch_resnet18_encoder(smp):
   """torchvision resnet18's modules + smp ResNetEncoder's stages/forward, 1-channel stem."""
-  import torch
-  from torch import nn
+  from experiments.torch_reference.resnet import ResNet18, smp_features, smp_stages
 
-  class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(cout)
-      self.relu = nn.ReLU(inplace=True)
-      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(cout)
-      self.downsample = None
-      if stride != 1 or cin != cout:
-        self.downsample = nn.Sequential(
-          nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-        )
-
-    def forward(self, x):
-      idt = x if self.downsample is None else self.downsample(x)
-      out = self.relu(self.bn1(self.conv1(x)))
-      return self.relu(self.bn2(self.conv2(out)) + idt)
-
-  class Encoder(nn.Module, smp.effnet.EncoderMixin):
+  class Encoder(ResNet18, smp.effnet.EncoderMixin):
     def __init__(self):
-      super().__init__()
-      self.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-      self.bn1 = nn.BatchNorm2d(64)
-      self.relu = nn.ReLU(inplace=True)
-      self.maxpool = nn.MaxPool2d(3, 2, 1)
-      cin = 64
-      for i in range(4):
-        cout = 64 * 2**i
-        setattr(
-          self,
-          f"layer{i + 1}",
-          nn.Sequential(Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)),
-        )
-        cin = cout
+      super().__init__(64, in_channels=1)
+      del self.fc, self.avgpool  # smp's ResNetEncoder drops them
       self._depth, self._out_channels, self._in_channels = 5, (1, 64, 64, 128, 256, 512), 1
 
     def get_stages(self):
-      return [
-        nn.Identity(),
-        nn.Sequential(self.conv1, self.bn1, self.relu),
-        nn.Sequential(self.maxpool, self.layer1),
-        self.layer2,
-        self.layer3,
-        self.layer4,
-      ]
+      return smp_stages(self)
 
     def forward(self, x):
-      feats = []
-      for s in self.get_stages()[: self._depth + 1]:
-        x = s(x)
-        feats.append(x)
-      return feats
+      return smp_features(self, x, self._depth)
 
-  del torch
   return Encoder()
 
 

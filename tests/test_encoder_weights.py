@@ -1,8 +1,7 @@
 """Converted PyTorch encoder weights reproduce the PyTorch encoder's feature maps; bad files fail in one line.
 
-torchvision is not installed, so the ResNet-18 is rebuilt here with torchvision's module
-names (conv1, bn1, relu, maxpool, layer1..4 of BasicBlocks with downsample Sequential,
-avgpool, fc) and smp's stage split; width 16 instead of 64 keeps the test fast (the
+torchvision is not installed, so the ResNet-18 comes from experiments/torch_reference/resnet.py
+(torchvision's module names, smp's stage split); width 16 instead of 64 keeps the test fast (the
 names and the conversion are the same at any width).
 """
 
@@ -17,69 +16,13 @@ torch = pytest.importorskip("torch")
 tnn = torch.nn
 
 from experiments.convert_encoder_weights import convert  # noqa: E402
+from experiments.torch_reference.resnet import ResNet18 as TorchResNet18  # noqa: E402
+from experiments.torch_reference.resnet import smp_features  # noqa: E402
 from mtneuro_jax.models import encoder_weights as ew  # noqa: E402
 from mtneuro_jax.models import seg2d  # noqa: E402
 from mtneuro_jax.models.seg_encoders import ENCODERS  # noqa: E402
 
 WIDTH = 16  # torch base width; our width_multiplier = WIDTH / 64
-
-
-class TorchBasicBlock(tnn.Module):
-  def __init__(self, cin, cout, stride):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(cout)
-    self.relu = tnn.ReLU(inplace=True)
-    self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(cout)
-    self.downsample = None
-    if stride != 1 or cin != cout:
-      self.downsample = tnn.Sequential(
-        tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
-      )
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return self.relu(out + identity)
-
-
-class TorchResNet18(tnn.Module):
-  """torchvision.models.resnet18's layout (RGB stem, fc) at base width ``width``."""
-
-  def __init__(self, width=64):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(3, width, 7, 2, 3, bias=False)
-    self.bn1 = tnn.BatchNorm2d(width)
-    self.relu = tnn.ReLU(inplace=True)
-    self.maxpool = tnn.MaxPool2d(3, 2, 1)
-    cin = width
-    for i in range(4):
-      cout = width * 2**i
-      layer = tnn.Sequential(
-        TorchBasicBlock(cin, cout, 1 if i == 0 else 2), TorchBasicBlock(cout, cout, 1)
-      )
-      setattr(self, f"layer{i + 1}", layer)
-      cin = cout
-    self.avgpool = tnn.AdaptiveAvgPool2d((1, 1))
-    self.fc = tnn.Linear(cin, 1000)
-
-  def features(self, x):
-    """smp ResNetEncoder.forward: [x, stem, maxpool+layer1, layer2, layer3, layer4]."""
-    stages = [
-      tnn.Identity(),
-      tnn.Sequential(self.conv1, self.bn1, self.relu),
-      tnn.Sequential(self.maxpool, self.layer1),
-      self.layer2,
-      self.layer3,
-      self.layer4,
-    ]
-    out = []
-    for s in stages:
-      x = s(x)
-      out.append(x)
-    return out
 
 
 def _random_torch_resnet(seed=0):
@@ -126,7 +69,7 @@ def test_resnet18_import_reproduces_torch_features(resnet_npz, output_stride):
   x = np.random.default_rng(0).normal(size=(2, 1, 64, 64)).astype(np.float32)
   with torch.no_grad():
     # smp's 1-channel stem sums the RGB filters == the RGB stem on a grey image repeated 3x.
-    ref = [t.numpy() for t in m.features(torch.from_numpy(np.repeat(x, 3, axis=1)))]
+    ref = [t.numpy() for t in smp_features(m, torch.from_numpy(np.repeat(x, 3, axis=1)))]
   image = jnp.asarray(x.transpose(0, 2, 3, 1))
   enc = ENCODERS["resnet18"](width_multiplier=WIDTH / 64, output_stride=output_stride)
   shapes = jax.eval_shape(lambda im: enc.init(jax.random.key(0), im, train=False), image)

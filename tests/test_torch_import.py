@@ -1,9 +1,8 @@
 """PyTorch -> Flax weight import reproduces the reference model's eval-mode outputs.
 
-torchvision is not installed, so the reference architecture is rebuilt here
-with the same module names torchvision's resnet18 has (conv1, bn1, relu,
-maxpool, layer1..4 of BasicBlocks with downsample Sequential(conv, bn),
-avgpool, fc), then turned into the reference ``resnet_xray`` /
+torchvision is not installed, so the reference architecture is rebuilt from
+``experiments/torch_reference/resnet.py`` (torchvision's resnet18 module names),
+then turned into the reference ``resnet_xray`` /
 ``resnet_xray_classifier`` exactly as MTNeuro does (named_children, stem
 replaced, max-pool and fc dropped, Sequential ``f``).
 """
@@ -16,51 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from experiments.torch_reference.resnet import ResNet18 as TorchResNet18  # noqa: E402
 from mtneuro_jax.models import resnet, torch_import  # noqa: E402
-
-
-class TorchBasicBlock(nn.Module):
-  def __init__(self, cin, cout, stride):
-    super().__init__()
-    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(cout)
-    self.relu = nn.ReLU(inplace=True)
-    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(cout)
-    self.downsample = None
-    if stride != 1 or cin != cout:
-      self.downsample = nn.Sequential(
-        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-      )
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return self.relu(out + identity)
-
-
-class TorchResNet18(nn.Module):
-  """torchvision.models.resnet18's child layout (ImageNet stem; replaced below)."""
-
-  def __init__(self, width=64, num_classes=1000):
-    super().__init__()
-    self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
-    self.relu = nn.ReLU(inplace=True)
-    self.maxpool = nn.MaxPool2d(3, 2, 1)
-    cin = width
-    for i in range(4):
-      cout = width * 2**i
-      stride = 1 if i == 0 else 2
-      setattr(
-        self,
-        f"layer{i + 1}",
-        nn.Sequential(TorchBasicBlock(cin, cout, stride), TorchBasicBlock(cout, cout, 1)),
-      )
-      cin = cout
-    self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-    self.fc = nn.Linear(cin, num_classes)
 
 
 class Flatten(nn.Module):

@@ -28,6 +28,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mtneuro_jax.errors import UserError
+
+
+class TorchWeightsError(UserError, ValueError):
+  """A state_dict that does not fit the model (missing/unexpected keys, wrong shapes)."""
+
+
 # Sequential index in the reference ``f`` -> torchvision child name.
 _SEQ_TO_NAME = {
   "0": "conv1",
@@ -71,7 +78,7 @@ def canonical_names(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
   stems = [k for k, v in sd.items() if v.ndim == 4 and is_stem(k)]
   if len(stems) != 1:
-    raise ValueError(
+    raise TorchWeightsError(
       f"cannot find a unique stem conv ('[prefix]f.0.weight' or '[prefix]conv1.weight') "
       f"among the keys; candidates: {stems}"
     )
@@ -84,10 +91,12 @@ def canonical_names(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
       rest = k[len(prefix) :]
       if sequential:
         if not rest.startswith("f."):
-          raise ValueError(f"unexpected key {k!r} next to the reference 'f' trunk")
+          raise TorchWeightsError(f"unexpected key {k!r} next to the reference 'f' trunk")
         idx, _, tail = rest[2:].partition(".")
         if idx not in _SEQ_TO_NAME:
-          raise ValueError(f"unexpected Sequential index in {k!r} (parameters only at f.0,1,3-6,9)")
+          raise TorchWeightsError(
+            f"unexpected Sequential index in {k!r} (parameters only at f.0,1,3-6,9)"
+          )
         out[f"{_SEQ_TO_NAME[idx]}.{tail}"] = v
       else:
         out[rest] = v
@@ -95,7 +104,7 @@ def canonical_names(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
       # combine_model: head outside the encoder's prefix.
       out["fc." + k.split(".", 1)[1]] = v
     else:
-      raise ValueError(f"unexpected key {k!r} (trunk prefix {prefix!r})")
+      raise TorchWeightsError(f"unexpected key {k!r} (trunk prefix {prefix!r})")
   return out
 
 
@@ -154,11 +163,11 @@ def import_resnet_xray(
       "bias": sd.pop("fc.bias"),
     }
   if sd:
-    raise ValueError(f"unused keys in the state_dict: {sorted(sd)}")
+    raise TorchWeightsError(f"unused keys in the state_dict: {sorted(sd)}")
   variables = {"params": params, "batch_stats": {"encoder": enc_s}}
   variables = _tree_map(lambda x: np.asarray(x, np.float32), variables)
   if template is not None:
-    _check_against(variables, template)
+    check_fits(variables, template)
   return variables
 
 
@@ -168,26 +177,34 @@ def _tree_map(fn, tree):
   return fn(tree)
 
 
-def _flat(tree, prefix=""):
+def flat_paths(tree, prefix: str = "") -> dict[str, Any]:
+  """{'a/b/c': leaf} of a nested mapping (the param paths the fit check and its message use)."""
   if isinstance(tree, Mapping):
     out = {}
     for k, v in tree.items():
-      out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
+      out.update(flat_paths(v, f"{prefix}/{k}" if prefix else str(k)))
     return out
   return {prefix: tree}
 
 
-def _check_against(variables, template) -> None:
-  got = _flat(variables)
-  want = {
-    k: v
-    for k, v in _flat({c: template[c] for c in ("params", "batch_stats") if c in template}).items()
-  }
+def check_fits(
+  variables: Mapping[str, Any],
+  template: Mapping[str, Any],
+  *,
+  what: str = "imported weights",
+  fix: str = "use a state_dict of the same architecture and sizes as config.model",
+  error: type[Exception] = TorchWeightsError,
+) -> None:
+  """Raises ``error`` (one line) unless ``variables`` has exactly the params/batch_stats paths
+  and shapes of ``template`` (e.g. ``jax.eval_shape(model.init, ...)``)."""
+  got = flat_paths(variables)
+  want = flat_paths({c: template[c] for c in ("params", "batch_stats") if c in template})
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
   bad = sorted(k for k in set(got) & set(want) if tuple(got[k].shape) != tuple(want[k].shape))
   if missing or extra or bad:
-    raise ValueError(
-      f"imported weights do not fit the model: missing {missing[:5]}, extra {extra[:5]}, "
-      f"shape mismatch {[(k, got[k].shape, want[k].shape) for k in bad[:5]]}"
+    shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(want[k].shape)}" for k in bad[:3]]
+    raise error(
+      f"{what} do not fit the model: {len(missing)} missing {missing[:3]}, "
+      f"{len(extra)} unexpected {extra[:3]}, {len(bad)} mis-shaped {shapes}; {fix}"
     )

@@ -28,13 +28,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mtneuro_jax.errors import UserError
-from mtneuro_jax.models.torch_import import load_torch_file
+from mtneuro_jax.models.torch_import import TorchWeightsError, check_fits, load_torch_file
 
 _FIX = "use a state_dict of MTNeuro's UNet built with the same dims, n_blocks, start_filters, "
 
 
-class UNetWeightsError(UserError, ValueError):
+class UNetWeightsError(TorchWeightsError):
   """A state_dict that does not fit the U-Net (missing/unexpected keys, wrong shapes)."""
 
 
@@ -128,34 +127,16 @@ def import_unet(
   if stats:
     variables["batch_stats"] = stats
   if template is not None:
-    _check_against(variables, template)
+    check_fits(
+      variables,
+      template,
+      what="U-Net weights",
+      fix=f"{_FIX}num_classes and normalization as config.model",
+      error=UNetWeightsError,
+    )
   return variables
 
 
 def load_unet_torch(path: str, *, template: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """``import_unet`` of a ``.pt``/``.pth`` file (needs torch)."""
   return import_unet(load_torch_file(path), template=template)
-
-
-def _flat(tree, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, Mapping):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
-    return out
-  return {prefix: tree}
-
-
-def _check_against(variables: Mapping[str, Any], template: Mapping[str, Any]) -> None:
-  got = _flat(variables)
-  want = _flat({c: template[c] for c in ("params", "batch_stats") if c in template})
-  missing = sorted(set(want) - set(got))
-  extra = sorted(set(got) - set(want))
-  bad = sorted(k for k in set(got) & set(want) if tuple(got[k].shape) != tuple(want[k].shape))
-  if missing or extra or bad:
-    shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(want[k].shape)}" for k in bad[:3]]
-    raise UNetWeightsError(
-      f"U-Net weights do not fit the model: {len(missing)} missing {missing[:3]}, "
-      f"{len(extra)} unexpected {extra[:3]}, {len(bad)} mis-shaped {shapes}; "
-      f"{_FIX}num_classes and normalization as config.model"
-    )
