@@ -97,6 +97,14 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def xla_buffers_mb(compiled) -> float | None:
+  """XLA's buffer assignment of a compiled step: arguments + outputs + temporaries, in MiB."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**20
+
+
 def _timed(step, n):
   times = []
   for _ in range(n):
@@ -263,12 +271,7 @@ def worker_jax(
   t0 = time.perf_counter()
   compiled = step_fn.lower(params, model_state, opt_state, data, jax.random.key(3)).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  xla_mb = None
-  if mem is not None:
-    xla_mb = (
-      mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-    ) / 2**20
+  xla_mb = xla_buffers_mb(compiled)
   state = [params, model_state, opt_state]
   i = [0]
 

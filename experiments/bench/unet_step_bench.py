@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from experiments.bench.resnet_step_bench import _peak_rss_mb, _rss_mb
+from experiments.bench.resnet_step_bench import _peak_rss_mb, _rss_mb, xla_buffers_mb
 
 # The PyTorch original's throughput on this machine quoted by the issue (2 threads).
 ISSUE_TORCH = {2: 3.1, 3: 0.24}
@@ -103,12 +103,7 @@ def worker_jax(dims: int, batch: int, size: int, depth: int):
     jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(params, stats, opt_state, x, y).compile()
   )
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  xla_mb = None
-  if mem is not None:
-    xla_mb = (
-      mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-    ) / 2**20
+  xla_mb = xla_buffers_mb(compiled)
   state = [params, stats, opt_state]
 
   def one() -> float:
