@@ -71,6 +71,7 @@ from experiments.task1_tables import (
 )
 from mtneuro_jax import configlib
 from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
+from mtneuro_jax.volumes import spec
 
 MODELS = tuple(paper.TASK2_MODEL_LABELS)
 DIMS = {"unet3d": 3, "vnet_light": 3, "highresnet": 3}  # every other model is 2D
@@ -332,7 +333,7 @@ def write_overlay(cfg, workdir: str, path: str, title: str) -> str:
 
 # ---------------------------------------------------------------------------
 # Tables.
-def cell_for(results: dict, runs: Sequence[Run]) -> dict:
+def cell_for(results: dict, runs: Sequence[Run], class_names: Sequence[str]) -> dict:
   """Test metrics of the seed runs: per column mean ± sd, bootstrap interval and per-seed values;
   per class mean dataset IoU and F1."""
   done = [(r, results.get(r) or {}) for r in runs]
@@ -350,11 +351,7 @@ def cell_for(results: dict, runs: Sequence[Run]) -> dict:
     cell[key] = c
   per_class = {}
   for prefix in ("iou_dataset", "f1_dataset"):
-    names = [  # class order, as the evaluator wrote them
-      k.split("/", 2)[2]
-      for k in (done[0][1] if done else {})
-      if k.startswith(f"test/{prefix}/") and k.split("/", 2)[2] not in ("mean", "mean_fg")
-    ]
+    names = [n for n in class_names if done and f"test/{prefix}/{n}" in done[0][1]]
     per_class[prefix] = {
       n: mean_sd([res[f"test/{prefix}/{n}"] for _, res in done])["mean"] for n in names
     }
@@ -392,7 +389,10 @@ def build_table(
       if st is None:
         row["cells"][setting] = {"ours": {"note": "not run"}, "paper": _paper_cells(model, setting)}
         continue
-      ours = cell_for(st["results"], st["seed_runs"]) if st["point"] else {"note": "grid failed"}
+      names = spec.PIXEL_CLASS_NAMES[setting]  # class order (results.json sorts its keys)
+      ours = (
+        cell_for(st["results"], st["seed_runs"], names) if st["point"] else {"note": "grid failed"}
+      )
       if st["point"]:
         ours.update({"lr": st["point"][0], "batch": st["point"][1]})
       ours["grid_val"] = {f"lr{lr:g}-b{b}": v for (lr, b), v in st["scores"].items()}
@@ -407,9 +407,9 @@ def build_table(
         "setting": setting,
         "metrics": {k: res.get(f"test/{m}") for k, m, _ in COLUMNS},
         "per_class_iou": {
-          k.split("/", 2)[2]: v
-          for k, v in res.items()
-          if k.startswith("test/iou_dataset/") and k.split("/", 2)[2] not in ("mean", "mean_fg")
+          n: res[f"test/iou_dataset/{n}"]
+          for n in spec.PIXEL_CLASS_NAMES[setting]
+          if f"test/iou_dataset/{n}" in res
         },
         "train_pixel_fractions": res["train_pixel_fractions"],
       }

@@ -46,6 +46,7 @@ def test_tiny_preset_writes_tables_overlays_and_resumes(tiny_data_dir, tmp_path,
   assert calls == []
   again = json.load(open(os.path.join(out, "table2.json")))
   assert again["rows"] == table["rows"] and again["majority"] == table["majority"]
+  assert open(os.path.join(out, "table2.md")).read().count("| model | other | vessel | cell |") == 1
 
   # An interrupted run (no results.json) trains again, alone.
   wd = os.path.join(runs, "unet2d", "3class", "lr0.01-b8", "seed1")
