@@ -47,17 +47,18 @@ NOTES = """## Notes
 
 * Steps run interleaved (JAX, PyTorch, JAX, ...) in two persistent processes, so both
   frameworks see the same background load; the load column is the 1-minute load average
-  over the timed steps (the machine has 2 cores and is shared with other jobs; the bench
-  itself adds ~2). Compare rows of the same run only.
-* Where JAX is slower (per-conv table, this machine, 2026-11-30): in **2D** XLA:CPU's forward
-  and input-gradient passes of the U-Net's biggest conv are faster than PyTorch's (98 / 92
-  vs 61 / 57 GFLOP/s) but its weight-gradient ("backward filter") pass is 2x slower (32 vs
-  62 GFLOP/s), the known XLA:CPU weak spot (also in resnet_step_bench.md), so the 2D step
-  ends up near PyTorch's. In **3D** XLA:CPU is slow in all three passes (23-27 vs PyTorch's
-  118-134 GFLOP/s, ~4-5x), which is the 3D step's ~3x gap. Speeding this up is another
-  issue's job (on accelerators XLA's convolutions are cuDNN's).
-* Neither framework gets near the issue's PyTorch numbers (3.1 img/s, 0.24 vol/s) here: the
-  machine was shared (1-min load ~5-7 on 2 cores), so each process got a fraction of it.
+  over the timed steps (the bench itself adds ~2 on this 2-core machine). Compare rows of
+  the same run only.
+* Run of 2026-11-30 16:55 UTC on an otherwise idle machine: the PyTorch reference reaches
+  the issue's numbers (2.6 img/s vs 3.1 quoted, 0.27 vol/s vs 0.24), our JAX step runs at
+  0.50x (2D) and 0.30x (3D) of it.
+* Where the time goes (per-conv table): XLA:CPU's weight-gradient ("backward filter") pass
+  of the U-Net's biggest 2D conv runs at 36 GFLOP/s against PyTorch/oneDNN's 157, and its
+  forward and input-gradient passes at 85-99 against 123-136; in 3D all three passes run at
+  42-56 GFLOP/s against 247-295 (~5x). The step is bound by XLA:CPU's convolution kernels,
+  the same finding as resnet_step_bench.md; closing the gap is issue 13's job (on
+  accelerators XLA's convolutions are cuDNN's). An earlier run under load 5-7 gave 0.91x in
+  2D: both frameworks then got a fraction of the cores, which hid the kernel gap.
 * ``init_s``: the jitted ``model.init``; on XLA:CPU most of it is compiling one threefry
   kernel per parameter tensor, not running it.
 """
@@ -334,7 +335,7 @@ def _markdown(rows: list[dict], meta: dict, micro: list[dict] | None = None) -> 
   lines = [
     "# U-Net train-step benchmark (CPU): JAX (ours) vs the PyTorch reference U-Net",
     "",
-    f"Machine: {meta['cpu']}, {meta['nproc']} cores, shared with other jobs; {meta['date']} UTC. "
+    f"Machine: {meta['cpu']}, {meta['nproc']} cores, load in the table; {meta['date']} UTC. "
     f"Full-width reference U-Net, {NUM_CLASSES} classes, Adam, per-pixel CE, BatchNorm in train "
     f"mode; {meta['warmup']} warm-up steps, then {meta['steps']} timed steps per framework, "
     "interleaved; rate = B / median step time. Command: "
