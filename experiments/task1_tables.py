@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -57,8 +56,19 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments import paper_reference as paper
-from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
+from experiments.tables import (
+  BOOTSTRAP_RESAMPLES,
+  bootstrap_ci,
+  ci_text,
+  fmt,
+  machine_info,
+  machine_line,
+  mean_sd,
+  set_dotted,
+  source_line,
+)
 from mtneuro_jax import configlib
+from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
 
 METHODS = ("supervised", "mixup", "pca", "nmf", "byol", "myow", "myow_merged", "vicreg")
 # Self-supervised methods: pretraining config (configs/task1_<method>.py) then a frozen linear
@@ -66,7 +76,6 @@ METHODS = ("supervised", "mixup", "pca", "nmf", "byol", "myow", "myow_merged", "
 # four half-size corners of each test tile (the crop scale the encoder was trained on).
 SSL_METHODS = ("byol", "myow", "myow_merged", "vicreg")
 PROBE_PROTOCOL = "corners"
-BOOTSTRAP_RESAMPLES = 10_000
 # Row labels: the paper's, plus methods the paper did not run.
 LABELS = {**paper.METHOD_LABELS, "vicreg": "VICReg (not in the paper)"}
 SETTINGS = ("ROI-C1", "ROI-C2", "ROI-C3")
@@ -169,17 +178,8 @@ def plan_runs(preset: Preset, methods: Sequence[str], seeds: Sequence[int]) -> l
   return list(runs.values())
 
 
-def _set(cfg, dotted: str, value) -> None:
-  *path, last = dotted.split(".")
-  node = cfg
-  for k in path:
-    node = node[k]
-  node[last] = value
-
-
 def build_config(run: Run, preset: Preset, data_dir: str):
   """The ConfigDict of one run (a preset of the experiment's config file + the run's fields)."""
-  import ml_collections
 
   from configs import task1_mixup, task1_pca_nmf, task1_supervised
 
@@ -200,7 +200,7 @@ def build_config(run: Run, preset: Preset, data_dir: str):
   if "progress" in c:
     c.progress = False  # the driver prints one line per run instead
   for k, v in preset.baseline_overrides if run.method in ("pca", "nmf") else preset.overrides:
-    _set(c, k, v)
+    set_dotted(c, k, v)
   c.evals = _run_evals(run, "whole")
   c.lock()
   return c
@@ -282,48 +282,6 @@ def execute(run: Run, preset: Preset, data_dir: str, out: str) -> dict:
 
 # ---------------------------------------------------------------------------
 # Aggregation.
-def mean_sd(values: Sequence[float]) -> dict:
-  vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-  n = len(vals)
-  if not n:
-    return {"mean": None, "sd": None, "n": 0, "values": []}
-  m = sum(vals) / n
-  sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1)) if n > 1 else None
-  return {"mean": m, "sd": sd, "n": n, "values": vals}
-
-
-def fmt(cell: dict | None) -> str:
-  if not cell or cell.get("mean") is None:
-    return (cell or {}).get("note", "—")
-  s = f"{cell['mean']:.3f}"
-  if cell.get("sd") is not None:
-    s += f" ± {cell['sd']:.3f}"
-  elif cell.get("n") == 1:
-    s += " (1 seed)"
-  return s
-
-
-def bootstrap_ci(
-  values: Sequence[float],
-  *,
-  level: float = 0.95,
-  resamples: int = BOOTSTRAP_RESAMPLES,
-  seed: int = 0,
-) -> tuple[float, float] | None:
-  """Percentile bootstrap interval of the mean over seeds (None for fewer than 2 values).
-
-  Seeds are resampled with replacement ``resamples`` times (a fixed numpy seed, so the
-  interval is reproducible); with few seeds it is wide and only indicative.
-  """
-  v = np.asarray([float(x) for x in values], np.float64)
-  if v.size < 2:
-    return None
-  idx = np.random.default_rng(seed).integers(0, v.size, (resamples, v.size))
-  means = v[idx].mean(axis=1)
-  lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-  return float(lo), float(hi)
-
-
 def paired_comparison(a: dict, b: dict) -> dict | None:
   """Method a vs b on the seeds both ran ({seed: accuracy} each): mean difference a - b, its
   bootstrap 95% interval, and the exact two-sided sign-flip permutation p-value (all 2^n sign
@@ -409,54 +367,6 @@ def cell_for(
   return cell
 
 
-def _source_line(info: dict) -> tuple[str, str, bool]:
-  """(header sentence, short row label, comparable to the paper?)."""
-  src = info.get("source") or "unknown source"
-  limit = info.get("limit_per_split")
-  lim = f", export limited to {limit} samples per region and split" if limit else ""
-  if info.get("synthetic"):
-    return (
-      f"Data source: **{src}** — SYNTHETIC phantom volume{lim}. These numbers are NEVER comparable "
-      "to the paper's, which come from the real BossDB X-ray volume; they only check the machinery.",
-      f"{src} (synthetic; not comparable)",
-      False,
-    )
-  comparable = not limit
-  return (
-    f"Data source: **{src}**{lim}.",
-    src + ("" if comparable else " (limited export)"),
-    comparable,
-  )
-
-
-def machine_info() -> dict:
-  """What made the numbers: CPU model, cores, accelerator, library versions (see the README's
-  reproducibility note: bit for bit on the same CPU model and versions, seed noise elsewhere)."""
-  import platform
-
-  import jax
-  import jaxlib
-
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(
-        (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
-      )
-  except OSError:
-    pass
-  dev = jax.devices()[0]
-  return {
-    "cpu": cpu,
-    "cpu_count": os.cpu_count(),
-    "backend": jax.default_backend(),
-    "device_kind": dev.device_kind,
-    "jax": jax.__version__,
-    "jaxlib": jaxlib.__version__,
-    "python": platform.python_version(),
-  }
-
-
 def build_tables(
   results: dict,
   runs: list[Run],
@@ -467,7 +377,7 @@ def build_tables(
   info: dict,
   timings: dict,
 ) -> tuple[dict, dict]:
-  header, row_source, comparable = _source_line(info)
+  header, row_source, comparable = source_line(info)
   d1 = preset.table1_downsample
   t1_rows = []
   for m in methods:
@@ -575,7 +485,7 @@ def table1_markdown(t1: dict) -> str:
     f"Paper: {t1['paper_source']}, 2x downsampling, seeds {list(paper.PAPER_SEEDS)}."
     + (" **Downsampling differs from the paper's.**" if d != 2 else ""),
     "Mixup: p chosen per setting on the validation accuracy (mean over seeds), never on test.",
-    _machine_line(t1),
+    machine_line(t1),
     "",
     "| method | data | " + " | ".join(f"{s} ours | {s} paper" for s in SETTINGS) + " | notes |",
     "|---|---|" + "---|---|" * len(SETTINGS) + "---|",
@@ -590,10 +500,6 @@ def table1_markdown(t1: dict) -> str:
     ]
   lines += _statistics_markdown(t1)
   return "\n".join(lines) + "\n"
-
-
-def _ci(ci) -> str:
-  return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—"
 
 
 def _statistics_markdown(t1: dict) -> list[str]:
@@ -613,10 +519,10 @@ def _statistics_markdown(t1: dict) -> list[str]:
   for row in t1["rows"]:
     cells = []
     for s in SETTINGS:
-      cells.append(_ci(row["cells"][s]["ours"].get("ci95")))
+      cells.append(ci_text(row["cells"][s]["ours"].get("ci95")))
       cmp = paired.get(row["method"], {}).get(s)
       cells.append(
-        f"{cmp['mean_diff']:+.3f} {_ci(cmp['ci95'])} (p={cmp['p_sign_flip']:.2f}, n={cmp['n']})"
+        f"{cmp['mean_diff']:+.3f} {ci_text(cmp['ci95'])} (p={cmp['p_sign_flip']:.2f}, n={cmp['n']})"
         if cmp
         else "—"
       )
@@ -641,15 +547,6 @@ def _row_markdown(row: dict, columns: list[tuple[str, str]]) -> str:
   )
 
 
-def _machine_line(table: dict) -> str:
-  m = table.get("machine") or {}
-  return (
-    f"Made on: {m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores), {m.get('backend', '?')} "
-    f"({m.get('device_kind', '?')}), jax {m.get('jax', '?')}. Reruns reproduce these numbers bit for "
-    "bit on the same CPU model and library versions; another CPU model agrees only within seed noise."
-  )
-
-
 def a3_markdown(a3: dict) -> str:
   lines = [
     f"# Task 1 — Table A3: ROI-C1 test accuracy by downsampling (preset `{a3['preset']}`)",
@@ -658,7 +555,7 @@ def a3_markdown(a3: dict) -> str:
     "",
     f"Ours: seeds {a3['seeds']}, mean ± sample sd; {a3['preset_description']}. "
     f"Paper: {a3['paper_source']} (no sd reported).",
-    _machine_line(a3),
+    machine_line(a3),
     "",
     "| method | data | "
     + " | ".join(f"{_ds_name(d)} ours | {_ds_name(d)} paper" for d in paper.DOWNSAMPLINGS)

@@ -59,15 +59,15 @@ from typing import Sequence
 import numpy as np
 
 from experiments import paper_reference as paper
-from experiments.task1_tables import (
-  _ci,
-  _machine_line,
-  _set,
-  _source_line,
+from experiments.tables import (
   bootstrap_ci,
+  ci_text,
   fmt,
   machine_info,
+  machine_line,
   mean_sd,
+  set_dotted,
+  source_line,
 )
 from mtneuro_jax import configlib
 from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
@@ -196,7 +196,7 @@ def build_config(run: Run, preset: Preset, data_dir: str):
   c.optim.learning_rate = float(run.lr)
   c.progress = False  # the driver prints one line per run instead
   for k, v in preset.overrides:
-    _set(c, k, v)
+    set_dotted(c, k, v)
   c.lock()
   return c
 
@@ -373,7 +373,7 @@ def build_table(
   timings: dict,
   overlays: dict,
 ) -> dict:
-  header, row_source, comparable = _source_line(info)
+  header, row_source, comparable = source_line(info)
   rows = []
   for model in preset.models:
     row = {
@@ -478,7 +478,7 @@ def table2_markdown(t: dict) -> str:
       else f"Point: lr {grid['lr']} x batch {grid['batch']} grid, seed {grid['seed']}, chosen on "
       f"`{t['selection_metric']}` (never on test)."
     ),
-    _machine_line(t),
+    machine_line(t),
     "",
     "| model | data | " + " | ".join(heads) + " | lr, batch |",
     "|---|---|" + "---|" * ncols + "---|",
@@ -544,7 +544,7 @@ def _ci_markdown(t: dict) -> list[str]:
   ]
   for row in t["rows"]:
     cells = [
-      _ci((row["cells"][s]["ours"].get(k) or {}).get("ci95"))
+      ci_text((row["cells"][s]["ours"].get(k) or {}).get("ci95"))
       for s in t["settings"]
       for k, _, _ in COLUMNS
     ]

@@ -52,6 +52,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments import paper_reference as paper
+from experiments import tables
 from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
 
 ENCODER_METHODS = ("supervised", "mixup", "byol", "myow", "myow_merged", "vicreg")
@@ -273,41 +274,11 @@ def compute_umap(method, seed, z, rows, preset: Preset, emb_info: dict, out: str
 
 # ---------------------------------------------------------------------------
 # Aggregation and tables.
-def mean_sd(values: Sequence[float]) -> dict:
-  vals = [float(v) for v in values if v is not None and np.isfinite(v)]
-  n = len(vals)
-  if not n:
-    return {"mean": None, "sd": None, "n": 0, "values": []}
-  m = float(np.mean(vals))
-  return {"mean": m, "sd": float(np.std(vals, ddof=1)) if n > 1 else None, "n": n, "values": vals}
-
-
-def fmt(cell: dict | None) -> str:
-  if not cell or cell.get("mean") is None:
-    return (cell or {}).get("note", "—")
-  s = f"{cell['mean']:.3f}"
-  if cell.get("sd") is not None:
-    s += f" ± {cell['sd']:.3f}"
-  elif cell.get("n") == 1:
-    s += " (1 fit)"
-  return s
-
-
 def source_line(rows) -> tuple[str, str, bool]:
-  """(header sentence, short label, comparable to the paper?)."""
+  """(header sentence, short label, comparable to the paper?) of the Task 3 rows' export."""
   src = rows.source_tag or rows.source.get("kind", "unknown source")
-  lim = (
-    f", export limited to {rows.limit_per_split} samples per region" if rows.limit_per_split else ""
-  )
-  if rows.synthetic:
-    return (
-      f"Data source: **{src}** — SYNTHETIC phantom volume{lim}. These numbers are NEVER "
-      "comparable to the paper's, which come from the real BossDB X-ray volume; they only "
-      "check the machinery.",
-      f"{src} (synthetic; not comparable)",
-      False,
-    )
-  return f"Data source: **{src}**{lim}.", src, not rows.limit_per_split
+  info = {"source": src, "limit_per_split": rows.limit_per_split, "synthetic": rows.synthetic}
+  return tables.source_line(info)
 
 
 def table3_markdown(t: dict) -> str:
@@ -346,11 +317,13 @@ def table3_markdown(t: dict) -> str:
     c = row["cells"]
     lines.append(
       f"| {row['label']} | ours, {IN_SAMPLE} | "
-      + " | ".join(fmt(c[k]["in_sample"]) for k in FEATURES)
+      + " | ".join(tables.fmt(c[k]["in_sample"], single="fit") for k in FEATURES)
       + " |"
     )
     lines.append(
-      f"| | ours, {HELD_OUT} | " + " | ".join(fmt(c[k]["held_out"]) for k in FEATURES) + " |"
+      f"| | ours, {HELD_OUT} | "
+      + " | ".join(tables.fmt(c[k]["held_out"], single="fit") for k in FEATURES)
+      + " |"
     )
     lines.append(
       "| | paper (in-sample) | "
@@ -551,8 +524,8 @@ def run(args, preset: Preset, out: str, t1_dir: str, methods: list[str], seeds) 
     keys = [k for k in results if k[0] == m]
     cells = {}
     for k in F.FEATURES:
-      ins = mean_sd([results[key][k]["in_sample"] for key in keys])
-      ho = mean_sd([results[key][k]["held_out"] for key in keys])
+      ins = tables.mean_sd([results[key][k]["in_sample"] for key in keys])
+      ho = tables.mean_sd([results[key][k]["held_out"] for key in keys])
       for c, proto in ((ins, "in_sample"), (ho, "held_out")):
         c["by_seed"] = {str(key[1]): results[key][k][proto] for key in keys}
         if not keys:
