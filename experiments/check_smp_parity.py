@@ -34,6 +34,7 @@ import numpy as np
 from mtneuro_jax.errors import ArgumentParser, UserError, run_cli
 from mtneuro_jax.models import MODELS
 from mtneuro_jax.models import encoder_weights as ew
+from mtneuro_jax.train.state import param_count
 
 # smp model -> (decoder module, decoder class, decoder kwargs, head kernel, head upsampling),
 # as smp 0.3.x's model classes build them.
@@ -230,10 +231,6 @@ def _put(tree, path, value):
   tree[path[-1]] = value
 
 
-def _count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def check(smp, name: str, encoder_name: str, size: int, num_classes: int = 3) -> dict[str, Any]:
   import torch
 
@@ -260,8 +257,8 @@ def check(smp, name: str, encoder_name: str, size: int, num_classes: int = 3) ->
   dec_sd.update({f"segmentation_head.{k}": v for k, v in head.state_dict().items()})
   rest = convert_decoder(name, dec_sd, {c: dict(shapes[c]) for c in ("params", "batch_stats")})
   variables = {c: {"encoder": enc_vars[c], **rest[c]} for c in ("params", "batch_stats")}
-  n_ours = _count(shapes["params"])
-  n_conv = _count(variables["params"])
+  n_ours = param_count(shapes["params"])
+  n_conv = param_count(variables["params"])
   if n_ours != n_conv:
     raise ValueError(f"{name}/{encoder_name}: converted {n_conv} params, ours has {n_ours}")
   ours = np.asarray(

@@ -21,6 +21,7 @@ from experiments.torch_reference.resnet import smp_features  # noqa: E402
 from mtneuro_jax.models import encoder_weights as ew  # noqa: E402
 from mtneuro_jax.models import seg2d  # noqa: E402
 from mtneuro_jax.models.seg_encoders import ENCODERS  # noqa: E402
+from mtneuro_jax.train.state import param_count  # noqa: E402
 
 WIDTH = 16  # torch base width; our width_multiplier = WIDTH / 64
 
@@ -28,7 +29,12 @@ WIDTH = 16  # torch base width; our width_multiplier = WIDTH / 64
 def _random_torch_resnet(seed=0):
   torch.manual_seed(seed)
   m = TorchResNet18(WIDTH)
-  with torch.no_grad():  # non-trivial BN affine and running stats
+  return _randomize_bn(m)
+
+
+def _randomize_bn(m):
+  """Non-trivial BN affine and running stats (torch's RNG), then eval mode; returns ``m``."""
+  with torch.no_grad():
     for mod in m.modules():
       if isinstance(mod, tnn.BatchNorm2d):
         mod.weight.uniform_(0.5, 1.5)
@@ -153,7 +159,7 @@ def test_resnet18_encoder_param_count_matches_torch():
   torch_count -= 64 * 2 * 7 * 7  # smp's 1-channel stem drops two RGB input channels
   image = jax.ShapeDtypeStruct((1, 64, 64, 1), jnp.float32)
   _, shapes = _encoder_variables("resnet18", 1.0, image)
-  assert seg2d.param_count(shapes["params"]) == torch_count == 11_170_240
+  assert param_count(shapes["params"]) == torch_count == 11_170_240
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,14 +267,7 @@ class TorchEfficientNetB0(tnn.Module):
 def test_efficientnet_b0_import_reproduces_torch_features(output_stride, tmp_path):
   torch.manual_seed(0)
   m = TorchEfficientNetB0()
-  with torch.no_grad():
-    for mod in m.modules():
-      if isinstance(mod, tnn.BatchNorm2d):
-        mod.weight.uniform_(0.5, 1.5)
-        mod.bias.uniform_(-0.2, 0.2)
-        mod.running_mean.uniform_(-0.2, 0.2)
-        mod.running_var.uniform_(0.5, 1.5)
-  m.eval()
+  _randomize_bn(m)
   if output_stride == 16:
     m.make_dilated()
   x = np.random.default_rng(1).normal(size=(2, 1, 64, 64)).astype(np.float32)
@@ -290,4 +289,4 @@ def test_efficientnet_b0_import_reproduces_torch_features(output_stride, tmp_pat
   n = sum(
     p.numel() for k, p in m.named_parameters() if not k.startswith(("_fc.", "_conv_head.", "_bn1."))
   )
-  assert seg2d.param_count(shapes["params"]) == n - 32 * 2 * 9
+  assert param_count(shapes["params"]) == n - 32 * 2 * 9

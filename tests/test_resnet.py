@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 
 from mtneuro_jax.models import MODELS, resnet
-
-
-def _count(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+from mtneuro_jax.train.state import param_count
 
 
 def _abstract_init(model, size=32):
@@ -21,12 +18,12 @@ def _abstract_init(model, size=32):
 def test_param_counts_match_reference():
   # torchvision resnet18 with a 1-channel 3x3 stem and no fc: 11,167,680 (reference facts 2.1).
   enc = _abstract_init(MODELS["resnet18_xray"](num_classes=0))
-  assert _count(enc["params"]) == 11_167_680
+  assert param_count(enc["params"]) == 11_167_680
   clf = _abstract_init(MODELS["resnet18_xray"](num_classes=4))
-  assert _count(clf["params"]) == 11_169_732  # + Linear(512, 4)
+  assert param_count(clf["params"]) == 11_169_732  # + Linear(512, 4)
   assert clf["params"]["head"]["kernel"].shape == (512, 4)
   # BN running mean + var of every BN layer (PyTorch buffers minus num_batches_tracked).
-  assert _count(clf["batch_stats"]) == 2 * 4800
+  assert param_count(clf["batch_stats"]) == 2 * 4800
 
 
 @pytest.mark.parametrize("wm,dim", [(1.0, 512), (0.25, 128), (1 / 16, 32)])

@@ -12,6 +12,7 @@ import pytest
 from mtneuro_jax.errors import ConfigError, UserError
 from mtneuro_jax.models import MODELS, seg2d
 from mtneuro_jax.models.seg_encoders import ENCODERS
+from mtneuro_jax.train.state import param_count
 
 ZOO = ("unet_plusplus", "manet", "fpn", "pan", "pspnet")
 
@@ -171,4 +172,4 @@ def test_full_width_parameter_counts(name):
   model = MODELS[name](num_classes=3, encoder_name="resnet18")
   image = jax.ShapeDtypeStruct((1, 128, 128, 1), jnp.float32)
   v = jax.eval_shape(lambda im: model.init(jax.random.key(0), im, train=False), image)
-  assert seg2d.param_count(v["params"]) == SMP_COUNTS_RESNET18[name]
+  assert param_count(v["params"]) == SMP_COUNTS_RESNET18[name]

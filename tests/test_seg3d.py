@@ -7,14 +7,11 @@ import pytest
 
 from mtneuro_jax.errors import ConfigError
 from mtneuro_jax.models import MODELS
+from mtneuro_jax.train.state import param_count
 
 
 def _shapes(model, shape):
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
-
-
-def _count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 # parameters() of MedicalZooPytorch's VNetLight / HighResNet3D (in_channels=1), counted
@@ -30,7 +27,7 @@ def _count(tree) -> int:
 )
 def test_parameter_counts_match_medicalzoo(name, num_classes, expected):
   v = _shapes(MODELS[name](num_classes=num_classes), (1, 8, 16, 16, 1))
-  assert _count(v["params"]) == expected
+  assert param_count(v["params"]) == expected
   assert "head" in v["params"] and "encoder" in v["params"]
 
 

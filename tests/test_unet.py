@@ -8,15 +8,12 @@ import pytest
 from mtneuro_jax.errors import ConfigError
 from mtneuro_jax.models import MODELS
 from mtneuro_jax.models import seg_blocks as sb
+from mtneuro_jax.train.state import param_count
 
 
 def _shapes(model, shape):
   """Variables' shapes via eval_shape (no compile, no compute)."""
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
-
-
-def _count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 @pytest.mark.parametrize(
@@ -28,7 +25,7 @@ def test_reference_parameter_counts(dims, num_classes, expected):
   model = MODELS["unet"](num_classes=num_classes, dims=dims)
   shape = (1, 64, 64, 1) if dims == 2 else (1, 8, 64, 64, 1)
   variables = _shapes(model, shape)
-  assert _count(variables["params"]) == expected
+  assert param_count(variables["params"]) == expected
   assert sorted(variables["params"]) == ["decoder", "encoder", "head"]
   assert sorted(variables["batch_stats"]) == ["decoder", "encoder"]
 

@@ -52,7 +52,6 @@ channels. PSPNet (encoder_depth 3) builds only the stages it runs.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -671,7 +670,3 @@ manet = _factory(MAnet)
 fpn = _factory(FPN)
 pan = _factory(PAN)
 pspnet = _factory(PSPNet)
-
-
-def param_count(tree: Any) -> int:
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
