@@ -35,6 +35,16 @@ import jax.numpy as jnp
 from mtneuro_jax.errors import ConfigError
 
 
+def _known_options(cls, cfg: Any, what: str, hint: str = "") -> dict:
+  """``cfg`` (ConfigDict or mapping) as a dict, refusing keys that are not fields of ``cls``."""
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  known = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(d) - set(known))
+  if unknown:
+    raise ConfigError(f"unknown {what} option(s) {unknown}; known: {known}{hint}")
+  return d
+
+
 @dataclasses.dataclass(frozen=True)
 class ViewConfig:
   """How one view is drawn (``ViewConfig.from_config(config.objective.views)``).
@@ -63,13 +73,7 @@ class ViewConfig:
   def from_config(cls, cfg: Any | None) -> ViewConfig:
     if cfg is None:
       return cls()
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ConfigError(
-        f"unknown view option(s) {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}"
-      )
-    out = cls(**d)
+    out = cls(**_known_options(cls, cfg, "view"))
     if not 0.0 < out.crop_fraction <= 1.0:
       raise ConfigError(f"views.crop_fraction={out.crop_fraction} must be in (0, 1]")
     return out
@@ -170,13 +174,7 @@ class PairedAugmentConfig:
   def from_config(cls, cfg: Any | None) -> PairedAugmentConfig:
     if cfg is None:
       return cls(flip=False, rot90=False, flip_z=False)
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-      raise ConfigError(
-        f"unknown augment option(s) {unknown}; known: {known} (e.g. --config.objective.augment.flip=False)"
-      )
+    d = _known_options(cls, cfg, "augment", hint=" (e.g. --config.objective.augment.flip=False)")
     return cls(**{k: bool(v) for k, v in d.items()})
 
   @property

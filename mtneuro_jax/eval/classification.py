@@ -35,10 +35,11 @@ import numpy as np
 
 from mtneuro_jax.eval.common import (
   EvalContext,
+  as_dict,
   confusion_matrix,
   eval_name,
-  write_confusion,
   to_host,
+  write_confusion,
 )
 from mtneuro_jax.volumes import spec
 
@@ -249,9 +250,5 @@ def classification(ctx: EvalContext, *, eval_cfg, workdir: str | None, step: int
   task = eval_cfg.get("task", None)
   class_names = eval_cfg.get("class_names", None) or ctx.dataset_info(task).get("class_names")
   batches = ctx.open_batches(eval_cfg.get("split", "test"), task)
-  cfg = {**_as_dict(eval_cfg), "class_names": list(class_names) if class_names else None}
+  cfg = {**as_dict(eval_cfg), "class_names": list(class_names) if class_names else None}
   return evaluate_classification(ctx.predict_fn, batches, eval_cfg=cfg, workdir=workdir, step=step)
-
-
-def _as_dict(cfg) -> dict:
-  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)

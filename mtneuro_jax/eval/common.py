@@ -140,12 +140,17 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def eval_name(eval_cfg) -> str:
-  """The file-name stem of an evaluation: ``eval_cfg.name`` or ``[<task>_]<split>_<protocol>``."""
+def as_dict(cfg) -> dict:
+  """An eval config (ConfigDict or mapping) as a plain dict."""
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def eval_name(eval_cfg, *, default_protocol: str = "whole") -> str:
+  """The file-name stem of an evaluation: ``eval_cfg.name`` or ``[<task>_]<split>_<protocol>``
+  (``protocol`` defaults to ``default_protocol``, the evaluator's own)."""
   name = eval_cfg.get("name", None)
   if name:
     return str(name)
   task = eval_cfg.get("task", None)
-  return "_".join(
-    s for s in (task, eval_cfg.get("split", "test"), eval_cfg.get("protocol", "whole")) if s
-  )
+  protocol = eval_cfg.get("protocol", default_protocol)
+  return "_".join(s for s in (task, eval_cfg.get("split", "test"), protocol) if s)

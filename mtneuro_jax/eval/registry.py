@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from absl import logging
 
 from mtneuro_jax.eval.classification import classification
-from mtneuro_jax.eval.common import EvalContext
+from mtneuro_jax.eval.common import EvalContext, as_dict
 from mtneuro_jax.eval.knn import knn
 from mtneuro_jax.eval.segmentation import segmentation
 from mtneuro_jax.registry import Registry
@@ -57,6 +57,6 @@ def run_evals(
 
 def _named(ecfg, name: str) -> dict:
   """The eval's config as a dict, with ``name`` = its key unless the config gives one."""
-  d = ecfg.to_dict() if hasattr(ecfg, "to_dict") else dict(ecfg)
+  d = as_dict(ecfg)
   d["name"] = d.get("name") or name
   return d

@@ -296,17 +296,13 @@ def segmentation(ctx: EvalContext, *, eval_cfg, workdir: str | None, step: int) 
   out = evaluate_segmentation(
     ctx.predict_fn, batches, num_classes=num_classes, class_names=class_names
   )
-  name = eval_name({"protocol": "segmentation", **_as_dict(eval_cfg)})
+  name = eval_name(eval_cfg, default_protocol="segmentation")
   title = (
     f"{name} step {int(step)}: IoU fg {out['iou_dataset/mean_fg']:.3f} (dataset), "
     f"{out['iou_image/mean_fg']:.3f} (image)"
   )
   write_confusion(workdir, name, step, class_names, out, title, reduction="pixels")
   return out
-
-
-def _as_dict(cfg) -> dict:
-  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 # ---------------------------------------------------------------------------
