@@ -132,6 +132,31 @@ def pca_linear(train_x, train_y, tests: dict, n_components: int = 256, seed: int
   return out
 
 
+def histogram_features(images: np.ndarray) -> np.ndarray:
+  """Four whole-tile numbers per tile: mean, sd, 10th and 90th percentile. [N, Y, X] -> [N, 4]."""
+  x = np.asarray(images, np.float64).reshape(len(images), -1)
+  p10, p90 = np.percentile(x, [10, 90], axis=1)
+  return np.stack([x.mean(1), x.std(1), p10, p90], axis=1)
+
+
+def histogram_probe(train_x, train_y, tests: dict) -> dict:
+  """Issue 12's histogram probe: standardised ``histogram_features`` -> logistic regression.
+
+  Accuracy on train and on every ``tests`` entry ({name: (images, labels)}). A phantom whose
+  regions differ only in grey-level statistics is solved by this probe; the real data is not.
+  """
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+
+  clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
+  clf.fit(histogram_features(train_x), train_y)
+  out = {"train": float(clf.score(histogram_features(train_x), train_y))}
+  for name, (tx, ty) in tests.items():
+    out[name] = float(clf.score(histogram_features(tx), ty))
+  return out
+
+
 def texture_features(images: np.ndarray) -> np.ndarray:
   """Hand-made non-linear texture statistics per tile [N, Y, X] -> [N, F].
 

@@ -26,6 +26,7 @@ from mtneuro_jax.volumes import spec
 
 _EIGHT = np.ones((3, 3), bool)
 CLASS_NAMES = ("background", "vessel", "cell", "axon")  # index = BossDB pixel id
+_PIX_VESSEL, _PIX_CELL, _PIX_AXON = (spec.PIXEL_IDS[c] for c in ("vessel", "cell", "axon"))
 
 
 def class_fractions(labels: np.ndarray) -> np.ndarray:
@@ -118,6 +119,75 @@ def tile_stats(tiles: np.ndarray) -> dict:
   return out
 
 
+# Issue 12's calibration targets: per-tile quantities whose region means (and, for axons, the
+# tile-to-tile spread) the phantom must match against the real masks.
+CALIBRATION_KEYS = (
+  "cells_per_tile",  # 8-connected cell components per tile
+  "cell_area",  # mean cell component area (pixels), over all cells of all tiles
+  "cell_nn_distance",  # mean distance (pixels) from a cell centroid to its nearest cell in its tile
+  "vessel_density",  # vessel pixel fraction per tile
+  "axon_density",  # axon pixel fraction per tile
+)
+
+
+def calibration_stats(tiles: np.ndarray) -> dict:
+  """Per-tile morphology of label tiles ``[N, H, W]`` (BossDB pixel ids; 128x128 tiles).
+
+  Returns a JSON-able dict ``{key: {"mean": float, "sd": float, "n": int}}`` for every
+  ``CALIBRATION_KEYS`` entry. ``mean``/``sd`` are over tiles (population sd), except
+  ``cell_area`` (over all cell components) and ``cell_nn_distance`` (over all cells that have
+  a neighbour in their tile); ``n`` is how many values entered; an empty set gives NaN.
+  """
+  tiles = np.asarray(tiles)
+  if tiles.ndim != 3:
+    raise ValueError(f"tiles must be [N, H, W], got shape {tiles.shape}")
+  values: dict[str, list] = {k: [] for k in CALIBRATION_KEYS}
+  for t in tiles:
+    lab, n = components(t == _PIX_CELL)
+    values["cells_per_tile"].append([n])
+    values["vessel_density"].append([float(np.mean(t == _PIX_VESSEL))])
+    values["axon_density"].append([float(np.mean(t == _PIX_AXON))])
+    if n:
+      idx = np.arange(1, n + 1)
+      area = ndi.sum_labels(np.ones(lab.shape), lab, idx)
+      values["cell_area"].append(area)
+      if n >= 2:
+        cy, cx = np.asarray(ndi.center_of_mass(np.ones(lab.shape), lab, idx)).T
+        d = np.hypot(cy[:, None] - cy[None], cx[:, None] - cx[None])
+        np.fill_diagonal(d, np.inf)
+        values["cell_nn_distance"].append(d.min(axis=1))
+  out = {}
+  for k, parts in values.items():
+    v = np.concatenate([np.asarray(p, np.float64) for p in parts]) if parts else np.zeros(0)
+    out[k] = {
+      "mean": float(v.mean()) if v.size else float("nan"),
+      "sd": float(v.std()) if v.size else float("nan"),
+      "n": int(v.size),
+    }
+  return out
+
+
+def calibration_check(phantom: dict, real: dict, rel_tol: float = 0.25, sd_factor: float = 2.0):
+  """Issue 12's acceptance on two ``calibration_stats`` dicts of one region.
+
+  Every key's phantom mean within ``rel_tol`` of the real mean (axon density: absolute
+  0.02 when the real mean is ~0, as in ZI), and the axon-density tile-to-tile sd within a
+  factor ``sd_factor`` of the real one (or both below 0.01). Returns ``{check: bool}``.
+  """
+  out = {}
+  for k in CALIBRATION_KEYS:
+    p, r = phantom[k]["mean"], real[k]["mean"]
+    if k == "axon_density" and r < 0.02:
+      out[k] = bool(abs(p - r) <= 0.02)
+    else:
+      out[k] = bool(abs(p - r) <= rel_tol * abs(r))
+  ps, rs = phantom["axon_density"]["sd"], real["axon_density"]["sd"]
+  out["axon_density_sd"] = bool(
+    (ps < 0.01 and rs < 0.01) or (rs > 0 and 1.0 / sd_factor <= ps / rs <= sd_factor)
+  )
+  return out
+
+
 # ---------------------------------------------------------------------------
 # The real expert masks shipped with the package (``real_masks/``: xray-thc, Prasad et al. 2020,
 # CC-BY-4.0; its README gives the source and the label ids).
@@ -186,3 +256,8 @@ def load_real_masks(region: str, masks_dir: str | None = None) -> np.ndarray:
 def real_mask_stats(masks_dir: str | None = None) -> Mapping[str, dict]:
   """``tile_stats`` of the real masks, per region."""
   return {r: tile_stats(load_real_masks(r, masks_dir)) for r in spec.REGIONS}
+
+
+def real_calibration_stats(masks_dir: str | None = None) -> Mapping[str, dict]:
+  """``calibration_stats`` of the real masks, per region (issue 12's targets)."""
+  return {r: calibration_stats(load_real_masks(r, masks_dir)) for r in spec.REGIONS}
