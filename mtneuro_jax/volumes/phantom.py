@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import os
 import threading
 import zlib
 
@@ -56,7 +57,7 @@ import scipy.ndimage as ndi
 
 from mtneuro_jax.volumes import spec
 
-GENERATOR_VERSION = "phantom-1.0"
+GENERATOR_VERSION = "phantom-2.0"
 
 _ROI = spec.ROI_IDS
 _PIX = spec.PIXEL_IDS
@@ -263,6 +264,23 @@ def _noise_quantile(p) -> np.ndarray:
   return np.interp(p, _QUANTILE_LEVELS, _quantile_table).astype(np.float32)
 
 
+_mass_tables: dict = {}
+
+
+def _mass_quantile(p, var: float) -> np.float32:
+  """Quantile function of value noise + ``var`` x independent value noise (axon masses)."""
+  if var not in _mass_tables:
+    h = _hash_nd(_key("mass-quantile-table"), [np.arange(1 << 17)])
+    pts = [
+      (_unit(_mix32(h ^ np.uint32(k + 1))) * np.float32(61.0)).astype(np.float32) for k in range(6)
+    ]
+    v = _lattice_noise(_key("mass-lattice-1"), pts[:3]) + np.float32(var) * _lattice_noise(
+      _key("mass-lattice-2"), pts[3:]
+    )
+    _mass_tables[var] = np.quantile(v, _QUANTILE_LEVELS)
+  return np.float32(np.interp(p, _QUANTILE_LEVELS, _mass_tables[var]))
+
+
 # ---------------------------------------------------------------------------
 # Anatomy. Region ids are BossDB roi ids. Boundaries are x positions wobbling
 # with (z, y) (or y positions wobbling with (z, x)) by at most the amplitude
@@ -415,50 +433,161 @@ class RegionParams:
   cell_radius: float  # mean ellipsoid semi-axis, voxels
   vessel_density: float  # capillary length, voxels per 1000 voxels (2D profiles ~ half of it)
   vessel_radius: float  # mean capillary radius, voxels
-  fibre: str  # "none" | "fascicle" (separate bundles) | "fibre" (dense fibre texture)
+  fibre: str  # "none" | "fascicle" (separate bundles) | "fibre" (fine fibres in masses)
   fibre_dir: tuple[float, float, float]  # dominant fibre direction (z, y, x), any length
-  axon_frac: float  # fibre area fraction before cells and vessels overwrite some of it
+  axon_frac: float  # axon label fraction before cells and vessels overwrite some of it
+  axon_var: float  # tile-scale variation of the axon mass field (sets the tile-to-tile sd)
   axon_drift: float  # scale of the fibre-density drift between locations
   trend: tuple[float, float]  # (dy, dx) per 1000 voxels: systematic change away from the set-A cube
-  grey: float  # tissue background grey level (lower where bright axons are dense: region means stay close)
-  axon_gain: float  # how much brighter myelinated axons are
+  grey: float  # tissue background grey level
+  axon_gain: float  # how much brighter myelinated fibres are
   cell_dark: float  # how much darker a cell centre is
+  fibre_in: float  # visible fibre area fraction inside axon masses ("fibre" regions)
+  fibre_out: float  # visible fibre area fraction outside them
+  texture: float = 1.0  # gain of the fine tissue texture (neuropil; CTX has no fibres)
 
 
 _NO_FIBRE = (0.0, 0.0, 1.0)
 _P = RegionParams
+# Calibrated against the shipped real masks (morphology.real_calibration_stats): cells per
+# 128x128 tile, cell area, nearest-neighbour distance, vessel and axon density (+ its spread).
 REGION_PARAMS: dict[int, RegionParams] = {
-  _ROI["CTX"]: _P(16.5, 4.5, 1.5, 1.95, "none", _NO_FIBRE, 0.0, 0.0, (-1.0, 0.0), 124.0, 0.0, 74.0),
+  _ROI["CTX"]: _P(
+    12.0, 4.05, 1.2, 1.9, "none", _NO_FIBRE, 0.0, 0.0, 0.0, (-1.0, 0.0), 121.0, 0.0, 70.0, 0, 0, 2.4
+  ),
   _ROI["STR"]: _P(
-    15.5, 5.5, 1.4, 1.95, "fascicle", (0.25, 0.45, 0.86), 0.21, 0.8, (1.5, 0.5), 117.0, 66.0, 74.0
+    11.1,
+    5.1,
+    0.8,
+    1.9,
+    "fascicle",
+    (0.25, 0.45, 0.86),
+    0.20,
+    0.0,
+    0.8,
+    (1.5, 0.5),
+    121.0,
+    30.0,
+    62.0,
+    0,
+    0,
   ),
   _ROI["TRN"]: _P(
-    11.0, 5.4, 2.0, 1.95, "fibre", (0.3, 0.85, 0.45), 0.5, 1.0, (0.0, 0.0), 108.0, 50.0, 72.0
+    9.0,
+    5.2,
+    2.0,
+    1.95,
+    "fibre",
+    (0.3, 0.85, 0.45),
+    0.5,
+    0.3,
+    1.0,
+    (0.0, 0.0),
+    114.0,
+    34.0,
+    66.0,
+    0.5,
+    0.15,
   ),
   _ROI["VP"]: _P(
-    11.5, 6.05, 2.5, 2.0, "fibre", (0.35, -0.55, 0.77), 0.74, 1.3, (0.0, 1.0), 105.0, 56.0, 72.0
+    8.9,
+    5.6,
+    2.55,
+    2.0,
+    "fibre",
+    (0.35, -0.55, 0.77),
+    0.52,
+    0.55,
+    1.3,
+    (0.0, 1.0),
+    119.0,
+    28.0,
+    62.0,
+    0.55,
+    0.12,
   ),
   _ROI["ZI"]: _P(
-    19.5, 6.05, 4.0, 1.95, "fibre", (0.18, 0.22, 0.96), 0.60, 2.2, (0.0, 1.2), 112.0, 42.0, 72.0
+    16.2,
+    5.8,
+    3.6,
+    1.95,
+    "fibre",
+    (0.18, 0.22, 0.96),
+    0.50,
+    0.35,
+    2.2,
+    (0.0, 1.2),
+    125.0,
+    26.0,
+    36.0,
+    0.42,
+    0.10,
   ),
   _ROI["internal_capsule"]: _P(
-    4.0, 3.8, 1.5, 1.7, "fibre", (0.45, 0.85, 0.3), 0.85, 0.5, (0.0, 0.0), 108.0, 60.0, 55.0
+    4.0,
+    3.8,
+    1.5,
+    1.7,
+    "fibre",
+    (0.45, 0.85, 0.3),
+    0.85,
+    0.2,
+    0.5,
+    (0.0, 0.0),
+    110.0,
+    40.0,
+    55.0,
+    0.6,
+    0.3,
   ),
   _ROI["hypothalamus"]: _P(
-    16.0, 5.0, 2.5, 1.95, "fibre", (0.1, 0.95, 0.3), 0.15, 1.0, (0.0, 0.0), 122.0, 36.0, 72.0
+    14.0,
+    5.0,
+    2.5,
+    1.95,
+    "fibre",
+    (0.1, 0.95, 0.3),
+    0.15,
+    0.3,
+    1.0,
+    (0.0, 0.0),
+    120.0,
+    28.0,
+    66.0,
+    0.4,
+    0.05,
   ),
   _ROI["corpus_callosum"]: _P(
-    4.0, 3.8, 1.5, 1.7, "fibre", (0.05, 1.0, 0.1), 0.88, 0.5, (0.0, 0.0), 108.0, 60.0, 55.0
+    4.0,
+    3.8,
+    1.5,
+    1.7,
+    "fibre",
+    (0.05, 1.0, 0.1),
+    0.88,
+    0.2,
+    0.5,
+    (0.0, 0.0),
+    110.0,
+    40.0,
+    55.0,
+    0.6,
+    0.3,
   ),
 }
 
 # Fibre noise geometry: lattice spacing across / along the fibre direction (voxels),
-# domain-warp amplitude (lattice units across) and warp spacing (voxels).
+# domain-warp amplitude (lattice units across) and warp spacing (voxels). "fibre" is
+# fine and long (the real VP/ZI texture: thin wispy fibres tens of voxels long).
 _FIBRE_GEOM = {
-  "fibre": (3.6, 30.0, 5.0, 90.0),
+  "fibre": (2.1, 64.0, 6.0, 110.0),
   "fascicle": (20.0, 110.0, 1.1, 272.0),
   "striation": (3.0, 28.0, 4.0, 90.0),
 }  # striation: fine fibres inside fascicles
+# Axon masses of "fibre" regions (what the experts label): a coarse field (spacing z, y, x)
+# plus RegionParams.axon_var times a tile-scale one, thresholded at the label fraction.
+_MASS_FINE = (26.0, 34.0, 34.0)
+_MASS_COARSE = (70.0, 150.0, 150.0)
 _OBJ = 32  # object block edge for seeding cells and capillaries (voxels)
 _CAP_SLOTS = 10  # candidate capillary walkers per object block
 _CAP_SEGMENTS = 3  # segments per walker (+ an optional branch)
@@ -467,25 +596,34 @@ _CAP_BRANCH_PROB = 0.4
 _CAP_SAMPLES = 15  # sphere centres per segment (spacing <= 0.93 voxel)
 _CELL_SLOTS = 14  # candidate cells per object block
 _CELL_RMAX = 9  # rasterisation radius bound (voxels)
-_LUMEN_OBJ = (160, 192, 192)  # object blocks for large vessels
+# Large vessels: near-vertical capsules seeded per (z, y, x) block with probability
+# _LUMEN_PROB; lumen radius range (a slice shows a round black lumen 15-40 px across, in
+# about half of the 256x256 Task 1 tiles), half-length range, max tilt, bright rim width.
+_LUMEN_OBJ = (200, 160, 160)
 _LUMEN_PROB = 0.2
+_LUMEN_RADIUS = (7.5, 20.0)
+_LUMEN_HALF = (60.0, 200.0)
+_LUMEN_TILT = 0.45
+_LUMEN_RIM = (2.5, 55.0)  # rim width (voxels), rim brightness (grey levels)
+_LUMEN_REACH = (
+  int(_LUMEN_HALF[1] + _LUMEN_RADIUS[1] + _LUMEN_RIM[0]) + 1,
+  int(_LUMEN_HALF[1] * _LUMEN_TILT + _LUMEN_RADIUS[1] + _LUMEN_RIM[0]) + 1,
+  int(_LUMEN_HALF[1] * _LUMEN_TILT + _LUMEN_RADIUS[1] + _LUMEN_RIM[0]) + 1,
+)
 # Slow variations (lattice spacing z, y, x in voxels; amplitude). They make
 # texture vary within a region and drift across the slab (cube sets B-D differ).
 #
 # "Drift" fields vary little over a cube's 360 slices but a lot between cube
 # locations (xy lattice spacing ~ the distance between cube sets), so a model
 # trained on set A meets other parameter values on sets B-D (ROI-C2's domain
-# shift), and each cube keeps a characteristic look along z. They are anchored
-# to 0 at the centre of each region's set-A cube, where the calibration holds.
+# shift). They are anchored to 0 at the centre of each region's set-A cube, where
+# the morphology calibration holds.
 _DRIFT = {  # name: (spacing z, y, x; amplitude)
-  "shading": ((420.0, 260.0, 260.0), 14.0),  # grey offset (illumination), also within a tile
-  "contrast": ((1000.0, 420.0, 420.0), 0.3),  # relative gain of all structure contrast
+  "contrast": ((1000.0, 420.0, 420.0), 0.25),  # relative gain of all structure contrast
   "axon_gain": ((1000.0, 380.0, 380.0), 0.4),  # relative brightness of axons
-  "fibre_density": (
-    (1000.0, 380.0, 380.0),
-    0.14,
-  ),  # fibre threshold shift (noise units) x axon_drift
-  "cell_density": ((1000.0, 380.0, 380.0), 0.4),  # relative cell density
+  "fibre_density": ((1000.0, 380.0, 380.0), 0.14),  # fibre threshold shift x axon_drift
+  "cell_density": ((1000.0, 380.0, 380.0), 0.3),  # relative cell density
+  "cell_size": ((1000.0, 380.0, 380.0), 0.12),  # relative cell radius
 }
 # Systematic trends (RegionParams.trend, t = 0 at the set-A cube centre): per unit t,
 # fibre threshold shift (x axon_drift), relative cell density and axon brightness.
@@ -495,11 +633,24 @@ _LOCAL = {
   "fibre_density": ((110.0, 300.0, 300.0), 0.06),
   "cell_density": ((120.0, 300.0, 300.0), 0.2),
 }
-_SLICE_DRIFT = (24.0, 3.0)  # per-slice grey offset: z spacing, amplitude
-_MOTTLE = ((3.5, 3.5, 3.5), 26.0)  # fine tissue texture
-_GRAIN = 40.0  # pre-blur per-voxel grain (uniform amplitude, grey levels)
-_NOISE = 6.0  # post-blur per-voxel noise (triangular, grey levels)
-_VESSEL_GREY = 22.0
+# The scan's global intensity (not anchored, independent of the region): what a microCT
+# reconstruction shows from slice to slice and across a slice -- grey offset, contrast
+# and noise level changing over tens of slices and hundreds of pixels. Applied after the
+# blur as  mid + offset + contrast * (img - mid); (spacing z, y, x; amplitude).
+_SCAN = {
+  "offset": ((36.0, 300.0, 300.0), 40.0),
+  "offset_slow": ((70.0, 900.0, 900.0), 25.0),
+  "contrast": ((44.0, 380.0, 380.0), 0.9),
+  "noise": ((50.0, 420.0, 420.0), 1.0),
+}
+_SCAN_MID = 120.0
+_SCAN_MIN_CONTRAST = 0.35
+_SLICE_DRIFT = (12.0, 6.0)  # per-slice grey offset: z spacing, amplitude
+_MOTTLE = ((2.5, 2.5, 2.5), 14.0)  # fine tissue texture
+_GRAIN = 44.0  # pre-blur per-voxel grain (uniform amplitude, grey levels)
+_NOISE = 10.0  # post-blur per-voxel noise (triangular, grey levels; x the noise-level field)
+_VESSEL_GREY = 22.0  # large vessel lumens
+_CAP_DARK = 58.0  # how much darker than the tissue a capillary is
 
 
 def _param_table(name: str, default: float = 0.0) -> np.ndarray:
@@ -566,6 +717,14 @@ def _splat_spheres(
   mask |= padded[pad:-pad, pad:-pad, pad:-pad]
 
 
+def _default_workers() -> int:
+  """The CPUs this process may use (affinity-aware; 1 where unknown)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # not on Linux
+    return max(1, os.cpu_count() or 1)
+
+
 # ---------------------------------------------------------------------------
 class PhantomVolume:
   """The synthetic volume of one seed; ``cutout`` serves any ZYX box of a channel.
@@ -573,8 +732,19 @@ class PhantomVolume:
   Thread-safe; keeps an LRU cache of rendered boxes (``cache_bytes``).
   """
 
-  def __init__(self, seed: int = 0, cache_bytes: int = 256 << 20):
+  def __init__(
+    self,
+    seed: int = 0,
+    *,
+    workers: int | None = None,
+    zi_axon_labels: bool = False,
+    cache_bytes: int = 256 << 20,
+  ):
     self.seed = int(seed)
+    self.zi_axon_labels = bool(zi_axon_labels)
+    self.workers = _default_workers() if workers is None else int(workers)
+    if self.workers < 1:
+      raise ValueError(f"workers must be >= 1, got {workers}")
     self.shape = tuple(spec.VOLUME_SHAPE_ZYX)
     self._anatomy = _Anatomy(self.seed)
     self._cache: collections.OrderedDict = collections.OrderedDict()
@@ -618,6 +788,11 @@ class PhantomVolume:
     sp, amp = _DRIFT[name]
     off = per_region(self._anchors[name])
     return np.float32(amp) * (_grid_noise(self.key("drift", name), sp, (z, y, x)) - off)
+
+  def _scan(self, name, z, y, x):
+    """amplitude * value noise of the scan's global intensity field ``name`` on the grid."""
+    sp, amp = _SCAN[name]
+    return np.float32(amp) * _grid_noise(self.key("scan", name), sp, (z, y, x))
 
   # -- public ---------------------------------------------------------------
   def cutout(self, channel: str, box: spec.Box) -> np.ndarray:
@@ -741,22 +916,49 @@ class PhantomVolume:
       cell, cell_profile = self._cells(z, y, x, shape)
       pix[cell] = _PIX["cell"]
       del cell
-      pix[self._vessels(z, y, x, shape)] = _PIX["vessel"]
+      vessel, lumen, rim = self._vessels(z, y, x, shape)
+      pix[vessel] = _PIX["vessel"]
+      del vessel
       if not tissue_all:
         pix[~tissue] = _PIX["background"]
       img = self._image(
-        z, y, x, pix, ax_strength, cell_profile, per_region, None if tissue_all else tissue
+        z,
+        y,
+        x,
+        pix,
+        ax_strength,
+        cell_profile,
+        lumen,
+        rim,
+        per_region,
+        None if tissue_all else tissue,
       )
     g1 = ndi.gaussian_filter(img, _BLUR[0], mode="nearest", truncate=_BLUR[1])
     g2 = ndi.gaussian_filter(img, _FRINGE[0], mode="nearest", truncate=_FRINGE[1])
     img = g1[core] + np.float32(_FRINGE[2]) * (g1[core] - g2[core])
     del g1, g2
     zc, yc, xc = z[h:-h], y[h:-h], x[h:-h]
+    noise_amp = np.float32(_NOISE * 2.0)
+    if present:  # the scan's global intensity (see _SCAN), on tissue only
+      mid = np.float32(_SCAN_MID)
+      offset = self._scan("offset", zc, yc, xc) + self._scan("offset_slow", zc, yc, xc)
+      zs, za = _SLICE_DRIFT
+      offset += np.float32(za) * _grid_noise(self.key("slice"), (zs,), (zc,))[:, None, None]
+      gain = np.maximum(
+        np.float32(1.0) + self._scan("contrast", zc, yc, xc), np.float32(_SCAN_MIN_CONTRAST)
+      )
+      scanned = mid + offset + gain * (img - mid)
+      del offset, gain
+      img = scanned if tissue_all else np.where(tissue[core], scanned, img)
+      del scanned
+      noise_amp = noise_amp * np.maximum(
+        np.float32(1.0) + self._scan("noise", zc, yc, xc), np.float32(0.25)
+      )
     hn = _voxel_hash(self.key("noise"), zc, yc, xc)
     tri = (
       (hn & np.uint32(0xFFFF)).astype(np.float32) + (hn >> 16).astype(np.float32)
     ) * np.float32(1.0 / 65536.0)
-    img += (tri - np.float32(1.0)) * np.float32(_NOISE * 2.0)
+    img += (tri - np.float32(1.0)) * noise_amp
     img += np.float32(0.5)
     np.clip(img, 0.0, 255.0, out=img)
     roi = np.array(anat[core], np.uint8)
@@ -768,37 +970,60 @@ class PhantomVolume:
     }
 
   def _axons(self, z, y, x, anat, present, per_region):
-    """Axon mask and fibre strength in [0, 1] (bright fibre cores) on the grid."""
+    """Axon label mask and visible fibre strength in [0, 1] (bright fibres) on the grid.
+
+    "fascicle" regions (STR): the labels are the bundles, which are what the image shows.
+    "fibre" regions (VP, ZI, ...): the labels are coarse masses (as the experts draw them)
+    of a coarse + tile-scale field; the image shows fine, long fibres, dense inside the
+    masses (``fibre_in``) and sparse outside (``fibre_out``). ZI's masses are labelled
+    only with ``zi_axon_labels`` (the shipped real ZI masks carry no axon labels).
+    """
     axon = strength = drift = None
     multi = len(present) > 1
     for rid in present:
       p = REGION_PARAMS[rid]
       if p.fibre == "none" or p.axon_frac <= 0:
         continue
-      if (
-        drift is None
-      ):  # threshold shifts: location drift and trend (scaled per region) + local variation
+      if drift is None:  # threshold shifts: location drift and trend + local variation
         drift = self._drift("fibre_density", z, y, x, per_region)
         drift = drift + np.float32(_TREND["fibre_density"]) * self._trend_at(y, x, per_region)
         sp, amp = _LOCAL["fibre_density"]
         local = np.float32(amp) * _grid_noise(self.key("local-fibre-density"), sp, (z, y, x))
-      f, warp = self._fibre_field(rid, p.fibre, p.fibre_dir, z, y, x)
-      thr = _noise_quantile(1.0 - p.axon_frac) - np.float32(p.axon_drift) * (drift + local)
-      m = f > thr
-      if multi:
-        m &= anat == rid
+      shift = np.float32(p.axon_drift) * (drift + local)
+      inside = (anat == rid) if multi else None
       if p.fibre == "fascicle":
+        f, warp = self._fibre_field(rid, p.fibre, p.fibre_dir, z, y, x)
+        m = f > _noise_quantile(1.0 - p.axon_frac) - shift
         fine, _ = self._fibre_field(rid, "striation", p.fibre_dir, z, y, x, warp=warp)
         s = np.float32(0.55) + np.float32(0.45) * np.clip(
           fine * np.float32(1.6) + np.float32(0.4), 0.0, 1.0
         )
+        lab = m
       else:
-        s = np.clip((f - thr) * np.float32(2.5) + np.float32(0.3), 0.0, 1.0)
+        mass = _grid_noise(self.key("mass", rid), _MASS_FINE, (z, y, x))
+        mass += np.float32(p.axon_var) * _grid_noise(
+          self.key("mass-coarse", rid), _MASS_COARSE, (z, y, x)
+        )
+        lab = mass > _mass_quantile(1.0 - p.axon_frac, p.axon_var) - shift
+        del mass
+        f, _ = self._fibre_field(rid, p.fibre, p.fibre_dir, z, y, x)
+        thr = np.where(lab, _noise_quantile(1.0 - p.fibre_in), _noise_quantile(1.0 - p.fibre_out))
+        m = f > thr
+        s = np.clip((f - thr) * np.float32(3.0) + np.float32(0.35), 0.0, 1.0)
+        if rid == _ROI["ZI"] and not self.zi_axon_labels:
+          lab = None
+      if inside is not None:
+        m &= inside
+        if lab is not None:
+          lab &= inside
+      s = np.where(m, s, np.float32(0.0))
       if axon is None:
-        axon, strength = m, np.where(m, s, np.float32(0.0))
+        axon = np.zeros(anat.shape, bool)
+        strength = s
       else:
-        axon |= m
         strength = np.where(m, s, strength)
+      if lab is not None:
+        axon |= lab
     if axon is None:
       return np.zeros(anat.shape, bool), np.float32(0.0)
     return axon, strength
@@ -845,12 +1070,16 @@ class PhantomVolume:
     return _lattice_noise(self.key("fibre", rid, kind), q, bounds), warp
 
   def _vessels(self, z, y, x, shape):
-    """Vessels: capillary walkers + sparse large vessels (bool mask on the grid)."""
+    """Vessels: capillary walkers + sparse large vessels.
+
+    Returns (vessel mask, large-lumen mask or None, bright rim mask or None) on the grid.
+    """
     vessel = self._capillaries(z, y, x, shape)
-    lumen = self._lumens(z, y, x)
+    lumen, rim = self._lumens(z, y, x)
     if lumen is not None:
       vessel |= lumen
-    return vessel
+      rim &= ~vessel
+    return vessel, lumen, rim
 
   def _candidates(self, name, slots, reach, z, y, x, n_attr):
     """Objects seeded per ``_OBJ``-voxel block near the grid, in global order.
@@ -917,44 +1146,66 @@ class PhantomVolume:
     return mask
 
   def _lumens(self, z, y, x):
-    """Large vessels: tilted capsules (radius 4-9), seeded per large object block."""
-    reach = (110, 210, 210)  # max half-length (+ tilt) + radius, per axis
+    """Large vessels: near-vertical capsules seeded per ``_LUMEN_OBJ`` block.
+
+    Returns (lumen mask, rim mask) on the grid, or (None, None) when none is near.
+    """
     rngs = [
       np.arange((a[0] - r) // o, (a[-1] + r) // o + 1)
-      for a, r, o in zip((z, y, x), reach, _LUMEN_OBJ, strict=True)
+      for a, r, o in zip((z, y, x), _LUMEN_REACH, _LUMEN_OBJ, strict=True)
     ]
     cz, cy, cx = (g.ravel() for g in np.meshgrid(*rngs, indexing="ij"))
     h = _hash_nd(self.key("lumen"), [cz, cy, cx])
     u = [_unit(_mix32(h ^ np.uint32(k + 1))).astype(np.float64) for k in range(8)]
     keep = u[0] < _LUMEN_PROB
     if not keep.any():
-      return None
+      return None, None
     oz, oy, ox = _LUMEN_OBJ
     centre = np.stack([(cz + u[1]) * oz, (cy + u[2]) * oy, (cx + u[3]) * ox], 1)[keep]
-    half = (30.0 + 70.0 * u[4])[keep]
-    slope = np.stack([np.ones_like(u[5]), 1.8 * u[5] - 0.9, 1.8 * u[6] - 0.9], 1)[keep]
-    radius = (4.0 + 5.0 * u[7])[keep]
-    mask = None
-    for c, hl, sl, r in zip(centre, half, slope, radius, strict=True):
+    half = (_LUMEN_HALF[0] + (_LUMEN_HALF[1] - _LUMEN_HALF[0]) * u[4])[keep]
+    tilt = _LUMEN_TILT
+    slope = np.stack([np.ones_like(u[5]), tilt * (2 * u[5] - 1), tilt * (2 * u[6] - 1)], 1)[keep]
+    # Radii skewed to the small end (many ~8-12 px lumens, a few up to 20).
+    radius = (_LUMEN_RADIUS[0] + (_LUMEN_RADIUS[1] - _LUMEN_RADIUS[0]) * u[7] * u[7])[keep]
+    region = self._anatomy(centre[:, 0], centre[:, 1], centre[:, 2])
+    width = _LUMEN_RIM[0]
+    mask = rim = None
+    for c, hl, sl, r, reg in zip(centre, half, slope, radius, region, strict=True):
+      if reg == 0:
+        continue
       a, b = c - hl * sl, c + hl * sl
-      lo, hi = np.minimum(a, b) - r, np.maximum(a, b) + r
+      ro = r + width
+      lo, hi = np.minimum(a, b) - ro, np.maximum(a, b) + ro
       sel = [
         np.flatnonzero((g >= a_) & (g <= b_)) for g, a_, b_ in zip((z, y, x), lo, hi, strict=True)
       ]
       if any(len(s_) == 0 for s_ in sel):
         continue
-      gz = (z[sel[0]] - a[0])[:, None, None]
-      gy = (y[sel[1]] - a[1])[None, :, None]
-      gx = (x[sel[2]] - a[2])[None, None, :]
+      # The axis is near z: per slice the closest axis point is ~ the slice's own centre,
+      # so the distance is evaluated in-plane from the axis point of each slice (exact
+      # rounding: add/mul/div only), capped at the capsule's ends.
       d = b - a
-      t = np.clip((gz * d[0] + gy * d[1] + gx * d[2]) / float(d @ d), 0.0, 1.0)
-      inside = (gz - t * d[0]) ** 2 + (gy - t * d[1]) ** 2 + (gx - t * d[2]) ** 2 < r * r
-      if not inside.any():
+      zz = z[sel[0]].astype(np.float64)
+      t = np.clip((zz - a[0]) / d[0], 0.0, 1.0)
+      pz = (a[0] + t * d[0] - zz)[:, None, None]
+      py = (a[1] + t * d[1])[:, None, None]
+      px = (a[2] + t * d[2])[:, None, None]
+      gy = y[sel[1]].astype(np.float64)[None, :, None] - py
+      gx = x[sel[2]].astype(np.float64)[None, None, :] - px
+      d2 = gy * gy + gx * gx + pz * pz
+      inside = d2 < r * r
+      ring = d2 < ro * ro
+      if not ring.any():
         continue
       if mask is None:
         mask = np.zeros((len(z), len(y), len(x)), bool)
-      mask[np.ix_(*sel)] |= inside
-    return mask
+        rim = np.zeros((len(z), len(y), len(x)), bool)
+      ix = np.ix_(*sel)
+      mask[ix] |= inside
+      rim[ix] |= ring
+    if mask is None:
+      return None, None
+    return mask, rim
 
   def _cells(self, z, y, x, shape):
     """Cell bodies: rotated ellipsoids, seeded per object block. Returns (mask, profile).
@@ -979,7 +1230,12 @@ class PhantomVolume:
     cz, cy, cx = cz[idx], cy[idx], cx[idx]
     u = [a[idx] for a in u]
     reg = self._anatomy(cz, cy, cx)
-    rmean = self._tables["cell_radius"][reg]
+    sp, samp = _DRIFT["cell_size"]
+    size = (
+      _point_noise(self.key("drift", "cell_size"), sp, (cz, cy, cx))
+      - self._anchors["cell_size"][reg]
+    )
+    rmean = self._tables["cell_radius"][reg] * (np.float32(1.0) + np.float32(samp) * size)
     # 3D density so that a slice shows cells_per_tile profiles per 128x128 tile:
     # an ellipsoid of mean semi-axis r is cut by ~2r slices.
     dens = self._tables["cells_per_tile"][reg] / (128.0 * 128.0 * 2.0 * np.maximum(rmean, 1.0))
@@ -1058,33 +1314,37 @@ class PhantomVolume:
     profile.ravel()[flat] = val[first]
     return mask, profile
 
-  def _image(self, z, y, x, pix, ax_strength, cell_profile, per_region, tissue):
+  def _image(self, z, y, x, pix, ax_strength, cell_profile, lumen, rim, per_region, tissue):
     """Pre-blur grey levels (float32, grid shape). ``tissue`` None means all tissue."""
 
     def table(name):
       return per_region(self._tables[name])
 
-    grey = table("grey") + self._drift("shading", z, y, x, per_region)
+    grey = table("grey")
     contrast = np.float32(1.0) + self._drift("contrast", z, y, x, per_region)
     gain = table("axon_gain") * (
       np.float32(1.0)
       + self._drift("axon_gain", z, y, x, per_region)
       + np.float32(_TREND["axon_gain"]) * self._trend_at(y, x, per_region)
     )
-    zs, za = _SLICE_DRIFT
-    grey += np.float32(za) * _grid_noise(self.key("slice"), (zs,), (z,))[:, None, None]
     sp, amp = _MOTTLE
     tex = np.float32(amp) * _grid_noise(self.key("mottle"), sp, (z, y, x))
     tex += (_unit(_voxel_hash(self.key("grain"), z, y, x)) - np.float32(0.5)) * np.float32(
       2.0 * _GRAIN
     )
-    img = grey + contrast * (gain * ax_strength * (pix == _PIX["axon"]) + tex)
+    tex = tex * table("texture")
+    img = grey + contrast * (gain * ax_strength + tex)
+    if rim is not None:  # the bright wall of large vessels
+      img = np.where(rim, img + np.float32(_LUMEN_RIM[1]), img)
     img = np.where(
       pix == _PIX["cell"], grey - contrast * (table("cell_dark") * cell_profile - tex), img
     )
-    img = np.where(
-      pix == _PIX["vessel"], np.float32(_VESSEL_GREY) + np.float32(0.1) * (grey - 120.0) + tex, img
-    )
+    # Capillaries (2-5 px across) look dark grey after the point spread; large lumens black.
+    img = np.where(pix == _PIX["vessel"], grey - contrast * (np.float32(_CAP_DARK) - tex), img)
+    if lumen is not None:
+      img = np.where(
+        lumen, np.float32(_VESSEL_GREY) + np.float32(0.1) * (grey - 120.0) + tex * 0.3, img
+      )
     if tissue is not None:
       img = np.where(tissue, img, np.float32(_OUTSIDE_GREY))
     return img.astype(np.float32)
