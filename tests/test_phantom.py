@@ -167,17 +167,96 @@ def test_tissue_bounds(vol):
   assert top[:3].mean() > 60 and top[-3:].max() <= 20  # tissue ends at z 680
 
 
-def test_class_fractions_set_a_within_tolerance(vol):
+@pytest.fixture(scope="module")
+def set_a_slices():
+  """Label and image slices of every set-A cube: 8 slices spread over spec.Z_FULL."""
+  vol = phantom.PhantomVolume(seed=0, workers=1)
+  zs = np.linspace(spec.Z_FULL[0], spec.Z_FULL[1] - 1, 8).astype(int)
+  out = {}
   for r in spec.REGIONS:
-    pix = vol.cutout("pixel_labels", spec.cube_box("A", r, (288, 320)))
-    frac = morphology.class_fractions(pix)
-    for c, f, p in zip(morphology.CLASS_NAMES, frac, spec.PAPER_PIXEL_FRACTIONS[r], strict=True):
-      assert abs(f - p) <= max(0.25 * p, 0.015), f"{r} {c}: phantom {f:.4f} vs paper {p:.4f}"
+    x0, x1, y0, y1 = spec.CUBE_SETS["A"][r]
+    parts = [vol.render(spec.Box(int(z), int(z) + 1, y0, y1, x0, x1)) for z in zs]
+    out[r] = {ch: np.concatenate([p[ch] for p in parts]) for ch in ("image", "pixel_labels")}
+  return out
+
+
+def test_calibration_against_real_masks(set_a_slices):
+  """Per-tile morphology of every set-A cube near the real masks' (issue 12's targets).
+
+  Eight slices are a small sample (a large vessel in one slice moves the vessel density),
+  so the band is wider here than the acceptance's (+-25%, x2), measured on 120 slices
+  by ``mtneuro fidelity``.
+  """
+  real = morphology.real_calibration_stats()
+  for r in spec.REGIONS:
+    st = morphology.calibration_stats(morphology.quadrants(set_a_slices[r]["pixel_labels"]))
+    ok = morphology.calibration_check(st, real[r], rel_tol=0.4, sd_factor=3.0)
+    assert all(ok.values()), (r, ok, {k: v["mean"] for k, v in st.items()})
+
+
+def test_region_identity_is_not_global_grey(set_a_slices):
+  """Tile means vary more within a region (scan shading, contrast) than between regions."""
+  means = {
+    r: set_a_slices[r]["image"].reshape(len(set_a_slices[r]["image"]), -1).mean(1)
+    for r in spec.REGIONS
+  }
+  within = np.mean([m.std() for m in means.values()])
+  between = np.std([m.mean() for m in means.values()])
+  assert within > 4.0 and within > 0.5 * between, (within, between)
+
+
+def test_large_vessel_lumens(set_a_slices):
+  """Some slices show a large round lumen (>= 15 px across), as the real Task 1 tiles do."""
+  largest = 0
+  for r in spec.REGIONS:
+    for t in set_a_slices[r]["pixel_labels"]:
+      lab, n = morphology.components(t == spec.PIXEL_IDS["vessel"])
+      if n:
+        largest = max(largest, int(np.bincount(lab.ravel())[1:].max()))
+  assert largest >= np.pi * 7.5**2
+
+
+def test_zi_axon_labels_option():
+  """ZI fibres show in the image either way; only the option labels them as axons."""
+  box = spec.Box(300, 303, 700, 800, 1600, 1700)  # inside the ZI set-A cube
+  plain, labelled = (
+    phantom.PhantomVolume(seed=0, workers=1, zi_axon_labels=z) for z in (False, True)
+  )
+  np.testing.assert_array_equal(plain.cutout("image", box), labelled.cutout("image", box))
+  ax = spec.PIXEL_IDS["axon"]
+  assert not (plain.cutout("pixel_labels", box) == ax).any()
+  assert (labelled.cutout("pixel_labels", box) == ax).mean() > 0.2
+  src = make_source("phantom:zi_axons=1,workers=1")
+  assert src.describe()["zi_axon_labels"] is True
+  assert make_source("phantom").describe()["zi_axon_labels"] is False
+  np.testing.assert_array_equal(src.read("pixel_labels", box), labelled.cutout("pixel_labels", box))
+
+
+@pytest.mark.parametrize("bad", ["phantom:zi_axons=2", "phantom:workers=0", "phantom:workers=x"])
+def test_source_options_refused(bad):
+  from mtneuro_jax.volumes.sources import SourceError
+
+  with pytest.raises(SourceError, match="phantom"):
+    make_source(bad)
+
+
+def test_workers_bitwise_identical():
+  """Exporter-shaped box: 1, 2 and 3 worker processes and a split request give equal bytes."""
+  box = spec.Box(224, 256, 500, 628, 3700, 3956)  # 32 x 128 x 256 in the STR set-A cube
+  ref = {ch: phantom.PhantomVolume(seed=0, workers=1).cutout(ch, box) for ch in CHANNELS}
+  for w in (2, 3):
+    vol = phantom.PhantomVolume(seed=0, workers=w)
+    for ch in CHANNELS:
+      np.testing.assert_array_equal(vol.cutout(ch, box), ref[ch], err_msg=f"workers={w} {ch}")
+  vol = phantom.PhantomVolume(seed=0, workers=2)
+  for sub in box.split((1, 2, 1)):
+    got = vol.cutout("image", sub)
+    np.testing.assert_array_equal(got, ref["image"][:, sub.y0 - box.y0 : sub.y1 - box.y0])
 
 
 def test_read_through_intern(vol):
   source = make_source("phantom")
-  assert source.describe()["generator_version"] == phantom.GENERATOR_VERSION
+  assert source.describe()["generator_version"] == phantom.GENERATOR_VERSION == "phantom-2.0"
   box = spec.Box(300, 304, 500, 540, 3700, 3760)
   for ch in CHANNELS:
     got = source.read(ch, box)

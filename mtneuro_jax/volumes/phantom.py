@@ -71,6 +71,10 @@ _N_ROI = max(_ROI.values()) + 1
 _CHUNK_Z = 32
 _MAX_RENDER_XY = 320
 _MIN_RENDER_ZYX = (32, 64, 64)
+# Parallel rendering (PhantomVolume(workers=N)): boxes of at least this many voxels are
+# split along y into one part per worker (each at least _PARALLEL_MIN_ROWS rows).
+_PARALLEL_MIN_VOXELS = 1 << 20
+_PARALLEL_MIN_ROWS = 32
 # Imaging: Gaussian blur (point spread), then phase-contrast-like edge enhancement
 # (bright fringes around dark objects, as in the real scans): out = g1 + k (g1 - g2).
 _BLUR = (0.85, 2.0)  # sigma, truncate (kernel radius int(truncate * sigma + 0.5) = 2)
@@ -649,6 +653,7 @@ _SLICE_DRIFT = (12.0, 6.0)  # per-slice grey offset: z spacing, amplitude
 _MOTTLE = ((2.5, 2.5, 2.5), 14.0)  # fine tissue texture
 _GRAIN = 44.0  # pre-blur per-voxel grain (uniform amplitude, grey levels)
 _NOISE = 10.0  # post-blur per-voxel noise (triangular, grey levels; x the noise-level field)
+_EMPTY_NOISE = 0.6  # noise level outside the tissue (the empty scan), relative to _NOISE
 _VESSEL_GREY = 22.0  # large vessel lumens
 _CAP_DARK = 58.0  # how much darker than the tissue a capillary is
 
@@ -855,7 +860,7 @@ class PhantomVolume:
           self._cache.move_to_end(rbox)
           return self._cache[rbox], rbox
     rbox = self._widen(part)
-    arrays = self.render(rbox)
+    arrays = self._render_maybe_parallel(rbox)
     with self._lock:
       self._cache[rbox] = arrays
       total = sum(sum(a.nbytes for a in v.values()) for v in self._cache.values())
@@ -863,6 +868,27 @@ class PhantomVolume:
         _, old = self._cache.popitem(last=False)
         total -= sum(a.nbytes for a in old.values())
     return arrays, rbox
+
+  def _render_maybe_parallel(self, box: spec.Box) -> dict[str, np.ndarray]:
+    """``render(box)``, split along y over the worker processes when it is large enough.
+
+    Values are pointwise functions of the coordinates, so the split changes no byte;
+    a failed worker (killed, out of memory) falls back to rendering in this process.
+    """
+    n = min(self.workers, box.shape[1] // _PARALLEL_MIN_ROWS)
+    if n < 2 or int(np.prod(box.shape)) < _PARALLEL_MIN_VOXELS:
+      return self.render(box)
+    from mtneuro_jax.volumes import phantom_pool
+
+    edges = [int(e) for e in np.linspace(box.y0, box.y1, n + 1).round()]
+    parts = [
+      (box.z0, box.z1, a, b, box.x0, box.x1) for a, b in zip(edges[:-1], edges[1:], strict=True)
+    ]
+    try:
+      results = phantom_pool.render_parts(self.workers, self.seed, self.zi_axon_labels, parts)
+    except phantom_pool.WorkerError:
+      return self.render(box)
+    return {ch: np.concatenate([r[ch] for r in results], axis=1) for ch in results[0]}
 
   def _widen(self, part: spec.Box) -> spec.Box:
     """Widens a thin request to the aligned block around it (values never depend on it)."""
@@ -939,7 +965,9 @@ class PhantomVolume:
     del g1, g2
     zc, yc, xc = z[h:-h], y[h:-h], x[h:-h]
     noise_amp = np.float32(_NOISE * 2.0)
-    if present:  # the scan's global intensity (see _SCAN), on tissue only
+    if not present:
+      noise_amp = noise_amp * np.float32(_EMPTY_NOISE)
+    else:  # the scan's global intensity (see _SCAN), on tissue only
       mid = np.float32(_SCAN_MID)
       offset = self._scan("offset", zc, yc, xc) + self._scan("offset_slow", zc, yc, xc)
       zs, za = _SLICE_DRIFT
@@ -951,8 +979,9 @@ class PhantomVolume:
       del offset, gain
       img = scanned if tissue_all else np.where(tissue[core], scanned, img)
       del scanned
-      noise_amp = noise_amp * np.maximum(
-        np.float32(1.0) + self._scan("noise", zc, yc, xc), np.float32(0.25)
+      level = np.maximum(np.float32(1.0) + self._scan("noise", zc, yc, xc), np.float32(0.25))
+      noise_amp = noise_amp * (
+        level if tissue_all else np.where(tissue[core], level, np.float32(_EMPTY_NOISE))
       )
     hn = _voxel_hash(self.key("noise"), zc, yc, xc)
     tri = (

@@ -8,6 +8,7 @@ Sources are named by a short spec string (CLI ``--source``):
 
   ``phantom``                    the embedded synthetic volume (seed 0)
   ``phantom:seed=3``             another phantom
+  ``phantom:workers=2,zi_axons=1`` render with 2 processes; label ZI's fibres as axons
   ``local:/path/to/volume``      a folder of ``<channel>.npy`` files or a zarr group
   ``local:/path,scale=255``      ... whose image is not uint8: uint8 = round(image * 255)
   ``bossdb``                     real BossDB (api.bossdb.io, public token)
@@ -293,19 +294,31 @@ class PhantomSource(Source):
 
   kind = "phantom"
 
-  def __init__(self, seed: int = 0):
+  def __init__(self, seed: int = 0, workers: int | None = None, zi_axons: int = 0):
     from mtneuro_jax.volumes import phantom  # lazy: heavy-ish import
 
-    if (
-      isinstance(seed, bool)
-      or not isinstance(seed, (int, np.integer, str))
-      or not re.fullmatch(r"\s*-?\d+\s*", str(seed))
-    ):
+    def integer(name, v, example):
+      if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, np.integer, str))
+        or not re.fullmatch(r"\s*-?\d+\s*", str(v))
+      ):
+        raise SourceError(f"phantom {name} must be an integer, got {v!r}; e.g. {example}")
+      return int(v)
+
+    self.seed = integer("seed", seed, "--source phantom:seed=3")
+    self.workers = None if workers is None else integer("workers", workers, "phantom:workers=2")
+    if self.workers is not None and self.workers < 1:
+      raise SourceError(f"phantom workers must be >= 1, got {workers!r}; e.g. phantom:workers=2")
+    zi = integer("zi_axons", zi_axons, "phantom:zi_axons=1")
+    if zi not in (0, 1):
       raise SourceError(
-        f"phantom seed must be an integer, got {seed!r}; e.g. --source phantom:seed=3"
+        f"phantom zi_axons must be 0 or 1, got {zi_axons!r}; e.g. phantom:zi_axons=1"
       )
-    self.seed = int(seed)
-    self._volume = phantom.PhantomVolume(seed=self.seed)
+    self.zi_axon_labels = bool(zi)
+    self._volume = phantom.PhantomVolume(
+      seed=self.seed, workers=self.workers, zi_axon_labels=self.zi_axon_labels
+    )
     self._provider = ArrayVolumeProvider("phantom", self._volume.cutout)
 
   def volume_provider(self):
@@ -314,10 +327,12 @@ class PhantomSource(Source):
   def describe(self):
     from mtneuro_jax.volumes import phantom
 
+    # ``workers`` is left out on purpose: it changes no byte of the volume.
     return {
       "kind": "phantom",
       "seed": self.seed,
       "generator_version": phantom.GENERATOR_VERSION,
+      "zi_axon_labels": self.zi_axon_labels,
       "note": "SYNTHETIC phantom volume: results are not comparable to the paper's",
     }
 
