@@ -9,7 +9,8 @@ the paper's: it is a calibrated imitation (see
 
 API (other modules rely on it):
   ``GENERATOR_VERSION: str`` -- bump whenever any voxel value changes.
-  ``PhantomVolume(seed=0).cutout(channel, box) -> np.ndarray``: ZYX array of
+  ``PhantomVolume(seed=0, *, workers=None, zi_axon_labels=False, cache_bytes=256 MiB)``;
+  ``.cutout(channel, box) -> np.ndarray``: ZYX array of
   ``box.shape``; uint8 for "image", uint64 for "roi_labels" and "pixel_labels"
   (BossDB ids, ``spec.ROI_IDS`` / ``spec.PIXEL_IDS``).
 
@@ -21,19 +22,24 @@ any requested box (plus a halo for the blur); the volume never exists whole:
 * anatomy: region boundaries are x (or y) positions that wobble smoothly with
   the other coordinates (2D value noise), with margins that keep every cube of
   sets A-D inside its region at all z (see ``_MARGIN_NOTES``);
-* microstructure, in 3D, as pixel classes (vessel > cell > axon > background).
-  Objects are seeded per fixed 32^3 object block from a hash of (seed, block,
-  slot) and have a bounded reach, so a box only looks at nearby blocks:
-  cell bodies are rotated ellipsoids; capillaries are short random-walk
-  polylines (with an occasional branch) thickened into tubes; large vessels
-  are sparse tilted capsules (round lumens in a slice). Myelinated axons are
-  thresholded, domain-warped anisotropic value noise: coarse separate
-  fascicles in STR, fine dense fibres in VP/ZI/TRN and the white-matter tracts;
-* imaging: grey tissue, bright axons, dark cells, very dark vessels; grain
-  (per-voxel hash) and mottle; Gaussian blur plus phase-contrast-like fringes;
-  per-voxel noise. Slow "drift" fields change contrast, shading and densities
-  between cube locations (cube sets B-D differ from A: ROI-C2's domain shift)
-  and are anchored at each set-A cube, where the calibration holds.
+* microstructure, in 3D, as pixel classes (vessel > cell > axon > background),
+  calibrated per region to the shipped real masks (``REGION_PARAMS``). Objects are
+  seeded per fixed object block from a hash of (seed, block, slot) and have a bounded
+  reach, so a box only looks at nearby blocks: cell bodies are rotated ellipsoids;
+  capillaries are short random-walk tubes; large vessels are near-vertical capsules
+  (lumens 15-40 px across with a bright rim). STR has fascicles; VP, ZI and the fibre
+  tracts have coarse axon masses (what the experts label) filled with fine, long fibres.
+  ZI's masses are labelled only with ``zi_axon_labels`` (the real ZI masks have none);
+* imaging: grey tissue, bright fibres, dark cells and capillaries, black lumens; grain
+  and mottle; Gaussian blur plus phase-contrast-like fringes; then the scan's global
+  intensity -- offset, contrast and noise level changing over tens of slices and
+  hundreds of pixels, independent of the region (``_SCAN``) -- and per-voxel noise.
+  Slow "drift" fields change structure contrast, axon brightness and fibre/cell
+  density and size between cube locations (cube sets B-D differ from A: ROI-C2's
+  domain shift) and are anchored at each set-A cube, where the calibration holds.
+
+See docs/phantom.md. Parallel rendering: ``workers`` processes (``phantom_pool``)
+render parts of large boxes; values never depend on the split.
 
 Bitwise consistency: values are pointwise functions of global coordinates and
 only use exactly-rounded float ops (add, mul, div, sqrt, floor: no exp/sin,
