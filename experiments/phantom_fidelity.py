@@ -16,11 +16,11 @@ trained by the train loop as experiments/task1_tables.py does for its Supervised
 one seed) all see the same tiles. An **Acceptance** section at the top of report.md
 lists issue 12's criteria with the measured values. Needs nothing outside the repository.
 
-Run (~5 min on 2 idle CPU cores; `mtneuro fidelity` is the same)::
+Run (~3-5 min on 2 CPU cores, the first time; `mtneuro fidelity` is the same)::
 
   python -m experiments.phantom_fidelity --out experiments/results/phantom_fidelity
   python -m experiments.phantom_fidelity --out DIR --data_dir out/data/phantom-seed0  # reuse
-  python -m experiments.phantom_fidelity --out /tmp/fid --quick_dev   # ~1.5 min, NOT the report
+  python -m experiments.phantom_fidelity --out /tmp/fid --quick_dev   # ~1 min, NOT the report
 
 The exports go to ``<out>/data`` (reused by a rerun when complete and made from the same
 source and generator; replaced otherwise) unless ``--data_dir`` names a folder that
@@ -262,7 +262,7 @@ def train_supervised(
     "config": f"configs/task1_supervised.py:{config_arg}",
     "seed": SUPERVISED_SEED,
     "downsample": int(run.downsample),
-    "workdir": wd,
+    "workdir": _shown_path(wd),
     "reused": reused,
     "seconds": round(time.perf_counter() - t0, 1),
     "results": {k: float(v) for k, v in res.items() if isinstance(v, (int, float))},
