@@ -204,20 +204,29 @@ REAL_MASKS_SHA256: Mapping[str, str] = types.MappingProxyType(
 )
 
 
-def real_masks_source(masks_dir: str | None = None) -> str:
+def _override(masks_dir: str | None, shipped: bool) -> str | None:
+  if shipped:
+    if masks_dir:
+      raise ValueError("masks_dir and shipped=True exclude each other")
+    return None
+  return masks_dir or os.environ.get(REAL_MASKS_ENV)
+
+
+def real_masks_source(masks_dir: str | None = None, *, shipped: bool = False) -> str:
   """Where ``load_real_masks`` reads: ``masks_dir``, else ``$MTNEURO_REAL_MASKS``, else the shipped copy.
 
-  Returns a short description for reports (the override's path, or the package-relative folder).
+  ``shipped=True``: always the shipped copy (``$MTNEURO_REAL_MASKS`` ignored). Returns a short
+  description for reports (the override's path, or the package-relative folder).
   """
-  override = masks_dir or os.environ.get(REAL_MASKS_ENV)
+  override = _override(masks_dir, shipped)
   if override:
     return f"{override} (override)"
   return "mtneuro_jax/volumes/real_masks (shipped with the package)"
 
 
-def _read_verified(name: str, masks_dir: str | None) -> bytes:
+def _read_verified(name: str, masks_dir: str | None, shipped: bool = False) -> bytes:
   """Bytes of mask file ``name`` after checking its SHA-256; UserError naming the file otherwise."""
-  override = masks_dir or os.environ.get(REAL_MASKS_ENV)
+  override = _override(masks_dir, shipped)
   if override:
     where = os.path.join(override, name)
     fix = f"point {REAL_MASKS_ENV} (or masks_dir) at a folder with the xray-thc masks"
@@ -242,22 +251,29 @@ def _read_verified(name: str, masks_dir: str | None) -> bytes:
   return data
 
 
-def load_real_masks(region: str, masks_dir: str | None = None) -> np.ndarray:
+def load_real_masks(
+  region: str, masks_dir: str | None = None, *, shipped: bool = False
+) -> np.ndarray:
   """The real masks of ``region`` (CTX/STR/VP/ZI) as BossDB pixel ids, uint8 [16, 128, 128] (tile, Y, X).
 
-  Reads the shipped copy unless ``masks_dir`` or ``$MTNEURO_REAL_MASKS`` names another folder;
-  the file's SHA-256 must match ``REAL_MASKS_SHA256`` either way.
+  Reads the shipped copy unless ``masks_dir`` or ``$MTNEURO_REAL_MASKS`` names another folder
+  (``shipped=True``: the shipped copy, whatever the environment says); the file's SHA-256 must
+  match ``REAL_MASKS_SHA256`` either way.
   """
   name = spec.XRAY_THC_REGION_FILES[region]
-  with np.load(io.BytesIO(_read_verified(name, masks_dir))) as f:
+  with np.load(io.BytesIO(_read_verified(name, masks_dir, shipped))) as f:
     return spec.remap(f["masks"], spec.XRAY_THC_MASK_TO_PIXEL)
 
 
-def real_mask_stats(masks_dir: str | None = None) -> Mapping[str, dict]:
-  """``tile_stats`` of the real masks, per region."""
-  return {r: tile_stats(load_real_masks(r, masks_dir)) for r in spec.REGIONS}
+def real_mask_stats(masks_dir: str | None = None, *, shipped: bool = False) -> Mapping[str, dict]:
+  """``tile_stats`` of the real masks, per region (``shipped``: as in ``load_real_masks``)."""
+  return {r: tile_stats(load_real_masks(r, masks_dir, shipped=shipped)) for r in spec.REGIONS}
 
 
-def real_calibration_stats(masks_dir: str | None = None) -> Mapping[str, dict]:
+def real_calibration_stats(
+  masks_dir: str | None = None, *, shipped: bool = False
+) -> Mapping[str, dict]:
   """``calibration_stats`` of the real masks, per region (issue 12's targets)."""
-  return {r: calibration_stats(load_real_masks(r, masks_dir)) for r in spec.REGIONS}
+  return {
+    r: calibration_stats(load_real_masks(r, masks_dir, shipped=shipped)) for r in spec.REGIONS
+  }
