@@ -28,7 +28,8 @@ Run:
          inputs), n_blocks 5 (an 8x8 latent for the 5x5 / 4x4 P-block), width 1 (32 start
          filters), flips + rot90, constant lr. For accelerators.
   size   quick (configlib.ICIP_QUICK: 64x64 tiles, n_blocks 4, width 1/4, ICIP_QUICK_STEPS
-         steps at batch 16; ~20-30 s per run on 2 cores) | tiny (configlib.TINY: tests).
+         steps at batch 16 (step 1: ICIP_QUICK_STEP1_STEPS); ~30 s per run on 2 idle
+         cores, compiles included) | tiny (configlib.TINY, n_blocks 2: tests).
 
 Evals (evaluator kind 'multiscale', at the end): ``test_micro`` (pixel F1 per class on the
 run's task) where the model segments, ``test_macro`` (region F1 on task2_2d_3class's test
@@ -156,7 +157,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   configlib.apply_size(c, a.size)
   if a.size is configlib.ICIP_QUICK and step == "step1":
     c.total_steps = configlib.ICIP_QUICK_STEP1_STEPS
-  if a.size is not None:
+  if a.size is configlib.ICIP_QUICK:
     c.model.n_blocks = 4  # 64x64 tiles: 3 poolings keep the paper's 8x8 latent
+  elif a.size is not None:
+    c.model.n_blocks = 2  # tests: fewer layers compile faster (a 32x32 latent, P-block -> mean)
   c.lock()
   return c

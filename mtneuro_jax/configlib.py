@@ -492,7 +492,7 @@ def task1_byol_family_config(
 # run n_blocks 4 to keep the paper's 8x8 latent). Steps and width are sized so that all five
 # quick runs (Double U-Net steps 1 and 2, U-Net, MT U-Net, SegNet) fit the main job's
 # 150 s on 2 idle cores (docs/icip.md has the measurement).
-ICIP_QUICK_STEPS = 80
+ICIP_QUICK_STEPS = 64
 ICIP_QUICK_STEP1_STEPS = 60  # step 1 (the region branch learns faster than the pixels)
 ICIP_QUICK = Size(
   name="quick",
