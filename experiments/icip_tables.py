@@ -260,6 +260,11 @@ def model_cells(results: Sequence[dict], class_names: Sequence[str]) -> dict:
   return out
 
 
+def _done(finals: dict, model: str, seed: int) -> bool:
+  res = finals.get(model, {}).get(seed, {}).get("results") or {}
+  return bool(res) and "failed" not in res
+
+
 def build_tables(
   preset_name: str,
   preset: Preset,
@@ -281,11 +286,7 @@ def build_tables(
         "model": model,
         "label": LABELS[model],
         "data_source": row_source,
-        "seeds_done": [
-          s
-          for s in preset.seeds
-          if "failed" not in (finals.get(model, {}).get(s, {}).get("results") or {"failed": 1})
-        ],
+        "seeds_done": [s for s in preset.seeds if _done(finals, model, s)],
         "ours": model_cells(results, micro_names),
         "paper_micro": PAPER_MICRO.get(model),
         "paper_macro": PAPER_MACRO.get(model),
