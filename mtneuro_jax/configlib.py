@@ -485,3 +485,27 @@ def task1_byol_family_config(
     for head in heads:
       c.objective[head].hidden = 512 if size is QUICK else 256  # TINY: tests stay fast
   return c
+
+
+# ICIP 2021 multi-scale models (configs/icip_multiscale.py, experiments/icip_tables.py): the
+# quick size of `mtneuro icip --preset quick` (4x downsampling = 64x64 tiles, so the U-Nets
+# run n_blocks 4 to keep the paper's 8x8 latent). Steps and width are sized so that all five
+# quick runs (Double U-Net steps 1 and 2, U-Net, MT U-Net, SegNet) fit the main job's
+# 150 s on 2 idle cores (docs/icip.md has the measurement).
+ICIP_QUICK_STEPS = 64
+ICIP_QUICK_STEP1_STEPS = 60  # step 1 (the region branch learns faster than the pixels)
+ICIP_QUICK = Size(
+  name="quick",
+  downsample=4,
+  batch_size=16,
+  eval_batch_size=64,
+  width_multiplier=0.25,
+  weight_decay_cap=5e-4,
+  total_steps=ICIP_QUICK_STEPS,
+  num_epochs=None,
+  log_every_steps=40,
+  checkpoint_every_steps=0,
+  progress=None,
+  nmf_max_iter=None,
+)
+ICIP_SIZES = {"quick": ICIP_QUICK, "tiny": TINY}

@@ -15,6 +15,7 @@ from absl import logging
 from mtneuro_jax.eval.classification import classification
 from mtneuro_jax.eval.common import EvalContext, as_dict
 from mtneuro_jax.eval.knn import knn
+from mtneuro_jax.eval.multiscale import multiscale
 from mtneuro_jax.eval.segmentation import segmentation
 from mtneuro_jax.registry import Registry
 
@@ -24,6 +25,7 @@ EVALUATORS = Registry(
     "classification": classification,
     "knn": knn,
     "segmentation": segmentation,
+    "multiscale": multiscale,
   },
 )
 

@@ -3,6 +3,7 @@
 Add a model by adding one line.
 """
 
+from mtneuro_jax.models.multiscale import double_unet, mt_unet, res_unet, segnet, unet_encoder
 from mtneuro_jax.models.resnet import resnet18_xray
 from mtneuro_jax.models.seg2d import fpn, manet, pan, pspnet, unet_plusplus
 from mtneuro_jax.models.seg3d import highresnet, vnet_light
@@ -21,5 +22,10 @@ MODELS = Registry(
     "fpn": fpn,
     "pan": pan,
     "pspnet": pspnet,
+    "double_unet": double_unet,
+    "res_unet": res_unet,
+    "mt_unet": mt_unet,
+    "segnet": segnet,
+    "unet_encoder": unet_encoder,
   },
 )

@@ -6,6 +6,7 @@ Add an objective by adding one line (the interface is in ``base.py``).
 from mtneuro_jax.objectives.byol import BYOL
 from mtneuro_jax.objectives.linear_probe import LINEAR_PROBE
 from mtneuro_jax.objectives.mixup import MIXUP
+from mtneuro_jax.objectives.multiscale import MULTITASK, PIXEL_CE, REGION_RECON
 from mtneuro_jax.objectives.myow import MYOW, MYOW_MERGED
 from mtneuro_jax.objectives.segmentation import SEGMENTATION
 from mtneuro_jax.objectives.supervised import SUPERVISED
@@ -23,5 +24,8 @@ OBJECTIVES = Registry(
     "vicreg": VICREG,
     "linear_probe": LINEAR_PROBE,
     "segmentation": SEGMENTATION,
+    "region_recon": REGION_RECON,
+    "multitask": MULTITASK,
+    "pixel_ce": PIXEL_CE,
   },
 )
