@@ -40,11 +40,15 @@ def parse_zyx(text: str | None, flag: str, *, two_means_yx: bool = True):
   try:
     v = tuple(int(p) for p in str(text).split(","))
   except ValueError:
-    raise UsageError(f"--{flag} {text!r} is not comma-separated integers; e.g. --{flag} 1,128,128") from None
+    raise UsageError(
+      f"--{flag} {text!r} is not comma-separated integers; e.g. --{flag} 1,128,128"
+    ) from None
   if len(v) == 2 and two_means_yx:
     v = (1,) + v
   if len(v) != 3 or min(v) < (0 if flag == "margin" else 1):
-    raise UsageError(f"--{flag} {text!r} needs 3 (ZYX) or 2 (YX) positive sizes; e.g. --{flag} 1,128,128")
+    raise UsageError(
+      f"--{flag} {text!r} needs 3 (ZYX) or 2 (YX) positive sizes; e.g. --{flag} 1,128,128"
+    )
   return v
 
 
@@ -59,18 +63,30 @@ def build_parser() -> ArgumentParser:
   p.add_argument("--source", default="phantom", help="volume source spec (default phantom)")
   p.add_argument("--box", required=True, help="z0:z1,y0:y1,x0:x1 full-resolution voxels")
   p.add_argument("--out", required=True, help="output zarr folder (created, or resumed)")
-  p.add_argument("--window", help="ZYX (or YX) window in model-input voxels (default: training size)")
+  p.add_argument(
+    "--window", help="ZYX (or YX) window in model-input voxels (default: training size)"
+  )
   p.add_argument("--stride", help="ZYX (or YX) stride, the 'field size' (default: from --overlap)")
   p.add_argument("--overlap", type=float, default=0.25, help="window overlap if no --stride (0.25)")
   p.add_argument("--sigma_scale", type=float, default=0.125, help="Gaussian sigma / window (0.125)")
-  p.add_argument("--batch", type=int, default=8, help="windows per device batch (rounded up to the device count)")
+  p.add_argument(
+    "--batch", type=int, default=8, help="windows per device batch (rounded up to the device count)"
+  )
   p.add_argument("--block", help="ZYX block (= zarr chunk) in output voxels (default 8,256,256)")
   p.add_argument("--margin", help="ZYX context margin per block side (default: half a window)")
-  p.add_argument("--downsample", type=int, help="override the run's xy downsampling (1|2|4; not advised)")
-  p.add_argument("--process", help="i/n: this process's share of the blocks (default from env or 0/1)")
+  p.add_argument(
+    "--downsample", type=int, help="override the run's xy downsampling (1|2|4; not advised)"
+  )
+  p.add_argument(
+    "--process", help="i/n: this process's share of the blocks (default from env or 0/1)"
+  )
   p.add_argument("--png", help="also draw a few z-slices (image | region | micro) into this PNG")
   p.add_argument("--neuroglancer", help="also write a Neuroglancer state JSON for the zarr here")
-  p.add_argument("--url", default="http://127.0.0.1:8000", help="where the zarr will be served (for --neuroglancer)")
+  p.add_argument(
+    "--url",
+    default="http://127.0.0.1:8000",
+    help="where the zarr will be served (for --neuroglancer)",
+  )
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
   return p
 
@@ -122,9 +138,20 @@ def run(argv=None) -> dict:
     names = set(zarr_io.array_names(args.out))
     image = zarr_io.read_array(args.out, "image")
     zs = sorted({0, image.shape[0] // 2, image.shape[0] - 1})
-    region = zarr_io.read_array(args.out, "region_label")[zs].astype(int) - 1 if "region_label" in names else None
+    region = (
+      zarr_io.read_array(args.out, "region_label")[zs].astype(int) - 1
+      if "region_label" in names
+      else None
+    )
     micro = zarr_io.read_array(args.out, "micro_label")[zs] if "micro_label" in names else None
-    maps.overlay_png(args.png, image[zs], region, micro, z_labels=[box.z0 + z for z in zs], title=f"{args.run} on {args.source}")
+    maps.overlay_png(
+      args.png,
+      image[zs],
+      region,
+      micro,
+      z_labels=[box.z0 + z for z in zs],
+      title=f"{args.run} on {args.source}",
+    )
     summary["png"] = args.png
   if summary["complete"] and args.neuroglancer:
     maps.write_neuroglancer_state(args.out, args.neuroglancer, url=args.url)

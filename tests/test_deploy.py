@@ -57,7 +57,13 @@ def unet_run(tmp_path_factory):
     tmp_path_factory.mktemp("unet_run"),
     "unet",
     {"num_classes": 3, "dims": 2, "width_multiplier": 0.125, "n_blocks": 2},
-    {"task": "task2_2d_3class", "downsample": 2, "random_crop": 32, "image_mean": 0.5, "image_std": 0.25},
+    {
+      "task": "task2_2d_3class",
+      "downsample": 2,
+      "random_crop": 32,
+      "image_mean": 0.5,
+      "image_std": 0.25,
+    },
     (1, 32, 32, 1),
   )
 
@@ -78,7 +84,9 @@ def chunk_bytes(root):
   """{relative path: bytes} of every array file (chunks, .zarray, .zattrs) of a zarr group."""
   out = {}
   for name in zarr_io.array_names(root):
-    for path in glob.glob(os.path.join(root, name, "*")) + glob.glob(os.path.join(root, name, ".z*")):
+    for path in glob.glob(os.path.join(root, name, "*")) + glob.glob(
+      os.path.join(root, name, ".z*")
+    ):
       with open(path, "rb") as f:
         out[os.path.relpath(path, root)] = f.read()
   return out
@@ -110,7 +118,11 @@ def test_window_grid_and_importance():
 
 @pytest.mark.parametrize(
   "shape,window,stride",
-  [((5, 37, 53), (3, 16, 16), (2, 11, 7)), ((2, 10, 9), (3, 16, 16), (3, 12, 12)), ((1, 16, 16), (1, 16, 16), (1, 16, 16))],
+  [
+    ((5, 37, 53), (3, 16, 16), (2, 11, 7)),
+    ((2, 10, 9), (3, 16, 16), (3, 12, 12)),
+    ((1, 16, 16), (1, 16, 16), (1, 16, 16)),
+  ],
 )
 def test_constant_output_blends_to_constant(shape, window, stride):
   """Weights normalise: a model whose probabilities are constant gives that constant everywhere."""
@@ -119,7 +131,10 @@ def test_constant_output_blends_to_constant(shape, window, stride):
 
   def predictor(windows):
     n = windows.shape[0]
-    return {"micro": np.broadcast_to(micro, windows.shape + (3,)), "region": np.tile(region, (n, 1))}
+    return {
+      "micro": np.broadcast_to(micro, windows.shape + (3,)),
+      "region": np.tile(region, (n, 1)),
+    }
 
   vol = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   out = sw.blend(vol, predictor, sw.Tiling(window, stride), max_windows=5)
@@ -136,7 +151,9 @@ def test_sharded_and_single_device_agree(unet_run):
   results = []
   for n in (8, 1):
     assert jax.device_count() >= n
-    pred = sw.WindowPredictor(sw.apply_fn_for(run.model), run.variables, dims=2, batch=8, mesh=sharding.make_mesh(n))
+    pred = sw.WindowPredictor(
+      sw.apply_fn_for(run.model), run.variables, dims=2, batch=8, mesh=sharding.make_mesh(n)
+    )
     results.append(sw.blend(vol, pred, tiling)["micro"])
   np.testing.assert_allclose(results[0], results[1], atol=2e-5)
   np.testing.assert_allclose(results[0].sum(-1), 1.0, atol=1e-5)
@@ -155,7 +172,9 @@ def test_classifier_region_map(tmp_path):
   assert run.window == (1, 64, 64)
   out = str(tmp_path / "cls.zarr")
   src = sources.make_source("phantom")
-  s = blockwise.predict_volume(src, run, spec.Box(300, 302, 800, 1000, 3000, 3123), out, progress=False)
+  s = blockwise.predict_volume(
+    src, run, spec.Box(300, 302, 800, 1000, 3000, 3123), out, progress=False
+  )
   assert s["complete"] and s["out_shape_zyx"] == [2, 50, 30]  # 123 // 4 = 30: far edge dropped
   assert set(zarr_io.array_names(out)) == {"image", "region_label", "region_prob"}
   lab = zarr_io.read_array(out, "region_label")
@@ -176,7 +195,10 @@ def test_predict_cli_outputs(reference, tmp_path):
   assert {l["name"] for l in state["layers"]} == {"image", "micro_label"}
   assert state["layers"][0]["source"]["url"].startswith("zarr://http")
   png = maps.overlay_png(
-    str(tmp_path / "m.png"), zarr_io.read_array(reference, "image")[:2], None, zarr_io.read_array(reference, "micro_label")[:2]
+    str(tmp_path / "m.png"),
+    zarr_io.read_array(reference, "image")[:2],
+    None,
+    zarr_io.read_array(reference, "micro_label")[:2],
   )
   assert os.path.getsize(png) > 1000
 
@@ -227,7 +249,9 @@ def test_knn_cleanup_known_answer():
   noisy[4, 10:12, 30:33] = 0
   noisy[2, 25:27, 2:4] = 1
   noisy[0, 0, 39] = 2
-  clean = cleanup.knn_cleanup(noisy, keep=1, k=3, spacing=(2.0, 1.0, 1.0), max_seeds=3000, min_seeds_per_region=200)
+  clean = cleanup.knn_cleanup(
+    noisy, keep=1, k=3, spacing=(2.0, 1.0, 1.0), max_seeds=3000, min_seeds_per_region=200
+  )
   expected = truth.copy()
   expected[1, 3:5, 3:5] = 3
   np.testing.assert_array_equal(clean, expected)
@@ -265,12 +289,30 @@ def test_bad_input_is_one_user_error(unet_run, tmp_path):
     predict.run(base + ["--box", "200:201,0:64,0:64", "--window", "16,16", "--stride", "24,24"])
   os.makedirs(tmp_path / "empty")
   with pytest.raises(UserError, match="not a trained run"):
-    predict.run(["--run", str(tmp_path / "empty"), "--box", "200:201,0:64,0:64", "--out", str(tmp_path / "y.zarr")])
+    predict.run(
+      [
+        "--run",
+        str(tmp_path / "empty"),
+        "--box",
+        "200:201,0:64,0:64",
+        "--out",
+        str(tmp_path / "y.zarr"),
+      ]
+    )
   os.makedirs(tmp_path / "nockpt" / "checkpoints")
   with open(tmp_path / "nockpt" / "config.json", "w") as f:
     json.dump({"model_name": "unet", "model": {"num_classes": 3, "dims": 2}, "data": {}}, f)
   with pytest.raises(UserError, match="no verified checkpoint"):
-    predict.run(["--run", str(tmp_path / "nockpt"), "--box", "200:201,0:64,0:64", "--out", str(tmp_path / "y.zarr")])
+    predict.run(
+      [
+        "--run",
+        str(tmp_path / "nockpt"),
+        "--box",
+        "200:201,0:64,0:64",
+        "--out",
+        str(tmp_path / "y.zarr"),
+      ]
+    )
   predict.run(base + ["--box", "200:201,0:64,0:64"])
   with pytest.raises(blockwise.PredictionExistsError, match="another plan"):
     predict.run(base + ["--box", "200:201,0:64,0:64", "--stride", "8,8"])

@@ -75,7 +75,9 @@ def parse_box(text: str, shape_zyx=spec.VOLUME_SHAPE_ZYX) -> spec.Box:
       a = int(lo) if lo.strip() else 0
       b = int(hi) if hi.strip() else n
     except ValueError:
-      raise BoxError(f"box {text!r}: {axis} range {part!r} is not 'start:stop'; e.g. 200:216") from None
+      raise BoxError(
+        f"box {text!r}: {axis} range {part!r} is not 'start:stop'; e.g. 200:216"
+      ) from None
     if not sep or not (0 <= a < b <= n):
       raise BoxError(f"box {text!r}: {axis} range {part!r} must lie in [0, {n}) with start < stop")
     bounds += [a, b]
@@ -86,8 +88,12 @@ def trim_box(box: spec.Box, downsample: int) -> spec.Box:
   """``box`` with its y/x extents cut down to multiples of ``downsample`` (the far edge is dropped)."""
   ny, nx = (box.y1 - box.y0) // downsample, (box.x1 - box.x0) // downsample
   if ny < 1 or nx < 1:
-    raise BoxError(f"box {box} is smaller than the downsampling factor {downsample} in y or x; enlarge it")
-  return spec.Box(box.z0, box.z1, box.y0, box.y0 + ny * downsample, box.x0, box.x0 + nx * downsample)
+    raise BoxError(
+      f"box {box} is smaller than the downsampling factor {downsample} in y or x; enlarge it"
+    )
+  return spec.Box(
+    box.z0, box.z1, box.y0, box.y0 + ny * downsample, box.x0, box.x0 + nx * downsample
+  )
 
 
 def plan_blocks(out_shape, block) -> list[Block]:
@@ -160,7 +166,9 @@ def predict_volume(
     raise BoxError(f"box {box} has no slice to predict")
   block = tuple(
     min(int(b), n)
-    for b, n in zip(block or ((8 if run.dims == 2 else window[0]), DEFAULT_BLOCK_YX, DEFAULT_BLOCK_YX), out_shape)
+    for b, n in zip(
+      block or ((8 if run.dims == 2 else window[0]), DEFAULT_BLOCK_YX, DEFAULT_BLOCK_YX), out_shape
+    )
   )
   if any(b < 1 for b in block):
     raise UserError(f"block {block} must be positive ZYX sizes; e.g. --block 8,256,256")
@@ -220,7 +228,12 @@ def predict_volume(
     os.makedirs(marker_dir, exist_ok=True)
     stores = {
       name: zarr_io.open_array(
-        out, name, shape=shape, chunks=chunks, dtype="uint8", dimensions=dims,
+        out,
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype="uint8",
+        dimensions=dims,
         attrs=({"classes": attrs["regions"]} if name.startswith("region") else None),
       )
       for name, (shape, chunks, dims) in arrays.items()
@@ -232,13 +245,20 @@ def predict_volume(
       from tqdm.auto import tqdm
 
       bar = tqdm(
-        total=sum(b.voxels for b in mine), initial=done_vox, unit="vox", unit_scale=True,
-        desc=f"predict {index}/{count}", mininterval=1.0, smoothing=0.3,
+        total=sum(b.voxels for b in mine),
+        initial=done_vox,
+        unit="vox",
+        unit_scale=True,
+        desc=f"predict {index}/{count}",
+        mininterval=1.0,
+        smoothing=0.3,
       )
     t0 = time.perf_counter()
     try:
       for b in todo:
-        _predict_block(source, run, predictor, tiling, box, out_shape, b, margin, sigma_scale, stores, marker_dir)
+        _predict_block(
+          source, run, predictor, tiling, box, out_shape, b, margin, sigma_scale, stores, marker_dir
+        )
         if bar is not None:
           bar.update(b.voxels)
         if after_block is not None:
@@ -264,12 +284,19 @@ def predict_volume(
   }
 
 
-def _predict_block(source, run, predictor, tiling, box, out_shape, b, margin, sigma_scale, stores, marker_dir):
+def _predict_block(
+  source, run, predictor, tiling, box, out_shape, b, margin, sigma_scale, stores, marker_dir
+):
   d = int(run.downsample)
   lo = [max(0, a - m) for a, m in zip(b.lo, margin)]
   hi = [min(n, a + m) for a, m, n in zip(b.hi, margin, out_shape)]
   full = spec.Box(
-    box.z0 + lo[0], box.z0 + hi[0], box.y0 + lo[1] * d, box.y0 + hi[1] * d, box.x0 + lo[2] * d, box.x0 + hi[2] * d
+    box.z0 + lo[0],
+    box.z0 + hi[0],
+    box.y0 + lo[1] * d,
+    box.y0 + hi[1] * d,
+    box.x0 + lo[2] * d,
+    box.x0 + hi[2] * d,
   )
   image = source.read("image", full)
   from mtneuro_jax.data import transforms
@@ -307,25 +334,32 @@ def _predict_block(source, run, predictor, tiling, box, out_shape, b, margin, si
 class SliceStack:
   """A source whose z axis is chosen slices of another source (whole-slab maps at low cost).
 
-  ``zs``: increasing full-res z indices; ``read(channel, box)`` stacks ``source.read`` of
-  slices ``zs[box.z0:box.z1]``. Y/X are the source's. A 2D model predicts each slice as it
-  would in place; give a 3D model contiguous runs of slices (one block per run, no z margin).
+  ``zs``: increasing full-res z indices; ``read(channel, box)`` returns slices
+  ``zs[box.z0:box.z1]``. Y/X are the source's. A 2D model predicts each slice as it would in
+  place; give a 3D model contiguous runs of slices (one block per run, no z margin).
+
+  Whole slices of the ``cache`` channels are read once, in x strips, every cached channel of a
+  strip right after the other (a renderer like the phantom renders all channels of a box
+  together and keeps them in a small cache, so the second channel costs nothing); blocks with
+  context margins then never read an overlap twice. Label channels are kept as uint8 when
+  their ids fit (returned in the channel's dtype).
   """
 
   kind = "slice-stack"
 
-  def __init__(self, source, zs, *, cache: tuple[str, ...] = ("image",)):
+  def __init__(
+    self, source, zs, *, cache: tuple[str, ...] = ("image", "roi_labels"), strip: int = 640
+  ):
     self.source = source
-    # Whole slices of these channels are read once and kept (blocks with context margins
-    # would otherwise read the overlaps again; a phantom renders every read).
-    self.cache = tuple(cache)
-    self._slices: dict[tuple[str, int], np.ndarray] = {}
     self.zs = [int(z) for z in zs]
     if not self.zs or sorted(set(self.zs)) != self.zs:
       raise BoxError(f"slice list {zs} must be increasing, without repeats")
     n = source.shape()[0]
     if self.zs[0] < 0 or self.zs[-1] >= n:
       raise BoxError(f"slices {zs} must lie in [0, {n})")
+    self.cache = tuple(cache)
+    self.strip = int(strip)
+    self._slices: dict[str, np.ndarray] = {}  # channel -> [len(zs), Y, X]
 
   def shape(self):
     return (len(self.zs),) + tuple(self.source.shape()[1:])
@@ -334,25 +368,45 @@ class SliceStack:
     inner = getattr(self.source, "describe", lambda: {})()
     return {**inner, "z_slices": self.zs}
 
-  def read(self, channel: str, box: spec.Box) -> np.ndarray:
-    sel = self.zs[box.z0 : box.z1]
-    if channel in self.cache:
-      ny, nx = self.source.shape()[1:]
-      missing = [z for z in sel if (channel, z) not in self._slices]
-      if missing:
-        whole = SliceStack(self.source, missing, cache=()).read(
-          channel, spec.Box(0, len(missing), 0, ny, 0, nx)
-        )
-        for z, plane in zip(missing, whole):
-          self._slices[(channel, z)] = plane
-      return np.stack([self._slices[(channel, z)][box.y0 : box.y1, box.x0 : box.x1] for z in sel])
-    parts = []
-    # Contiguous runs of source slices in one read each.
-    start = 0
+  def _runs(self, sel):
+    """(start index, source z0, z1) of the contiguous runs of ``sel``."""
+    out, start = [], 0
     for i in range(1, len(sel) + 1):
       if i == len(sel) or sel[i] != sel[i - 1] + 1:
-        parts.append(
-          self.source.read(channel, spec.Box(sel[start], sel[i - 1] + 1, box.y0, box.y1, box.x0, box.x1))
-        )
+        out.append((start, sel[start], sel[i - 1] + 1))
         start = i
+    return out
+
+  def _fill_cache(self) -> None:
+    ny, nx = self.source.shape()[1:]
+    bufs = {}
+    for x0 in range(0, nx, self.strip):
+      x1 = min(nx, x0 + self.strip)
+      for start, z0, z1 in self._runs(self.zs):
+        for ch in self.cache:
+          part = self.source.read(ch, spec.Box(z0, z1, 0, ny, x0, x1))
+          if ch not in bufs:
+            small = part.dtype.kind in "ui" and part.dtype.itemsize > 1
+            bufs[ch] = (
+              np.zeros((len(self.zs), ny, nx), np.uint8 if small else part.dtype),
+              part.dtype,
+            )
+          buf, _ = bufs[ch]
+          if buf.dtype != part.dtype and part.size and part.max() > 255:
+            raise ValueError(f"{ch} ids above 255 cannot be cached as uint8")
+          buf[start : start + (z1 - z0), :, x0:x1] = part
+    self._slices = {ch: buf for ch, (buf, _) in bufs.items()}
+    self._dtypes = {ch: dt for ch, (_, dt) in bufs.items()}
+
+  def read(self, channel: str, box: spec.Box) -> np.ndarray:
+    if channel in self.cache:
+      if channel not in self._slices:
+        self._fill_cache()
+      data = self._slices[channel][box.z0 : box.z1, box.y0 : box.y1, box.x0 : box.x1]
+      return data.astype(self._dtypes[channel])
+    sel = self.zs[box.z0 : box.z1]
+    parts = [
+      self.source.read(channel, spec.Box(z0, z1, box.y0, box.y1, box.x0, box.x1))
+      for _, z0, z1 in self._runs(sel)
+    ]
     return np.concatenate(parts, axis=0)

@@ -92,7 +92,9 @@ def roi_classes(roi_ids: np.ndarray) -> np.ndarray:
   return np.where(ids < lut.size, lut[np.minimum(ids, lut.size - 1)], UNANNOTATED).astype(np.uint8)
 
 
-def region_accuracy(pred: np.ndarray, truth: np.ndarray, *, num_regions: int = len(spec.REGIONS)) -> dict:
+def region_accuracy(
+  pred: np.ndarray, truth: np.ndarray, *, num_regions: int = len(spec.REGIONS)
+) -> dict:
   """Voxel accuracy of ``pred`` (region index) against ``truth`` (region index or UNANNOTATED).
 
   Returns ``{'overall', '<REGION>' (recall of that true region), 'voxels', 'voxels/<REGION>'}``;

@@ -81,7 +81,11 @@ def overlay_png(
       ax.set_yticks([])
       if j == 0 and z_labels is not None:
         ax.set_ylabel(f"z={z_labels[i]}")
-  names = ["image", "region map", "microstructure"][:panels] if region is not None else ["image", "microstructure"]
+  names = (
+    ["image", "region map", "microstructure"][:panels]
+    if region is not None
+    else ["image", "microstructure"]
+  )
   for j, n in enumerate(names):
     axes[0, j].set_title(n, fontsize=9)
   handles = []

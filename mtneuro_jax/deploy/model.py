@@ -158,7 +158,9 @@ def load_run(run_dir: str) -> LoadedRun:
   window = _training_window(config, dims, downsample)
   example = jnp.zeros((1,) + (window if dims == 3 else window[1:]) + (1,), jnp.float32)
   fresh = jax.eval_shape(
-    lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, example, train=False)
+    lambda: model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, example, train=False
+    )
   )
   variables = {}
   for coll, tree in fresh.items():
@@ -170,7 +172,9 @@ def load_run(run_dir: str) -> LoadedRun:
       )
     variables[coll] = {k: saved[k] for k in tree}
   try:
-    ckpt_lib.check_compatible(variables, jax.tree.map(lambda x: x, dict(fresh)), "variables", run_dir)
+    ckpt_lib.check_compatible(
+      variables, jax.tree.map(lambda x: x, dict(fresh)), "variables", run_dir
+    )
   except ckpt_lib.InitFromError as e:
     raise RunError(str(e)) from None
   return LoadedRun(

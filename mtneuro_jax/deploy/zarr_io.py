@@ -98,6 +98,4 @@ def read_array(root: str, name: str, region: tuple[slice, ...] | None = None) ->
 
 def array_names(root: str) -> list[str]:
   """Names of the arrays in a group folder (sub-folders holding ``.zarray``)."""
-  return sorted(
-    d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, ".zarray"))
-  )
+  return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, ".zarray")))
