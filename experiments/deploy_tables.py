@@ -26,7 +26,6 @@ microstructure map.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from mtneuro_jax import sharding
-from mtneuro_jax.deploy import blockwise, cleanup, maps, model as model_lib, zarr_io
+from mtneuro_jax.deploy import blockwise, cleanup, maps, zarr_io
+from mtneuro_jax.deploy import model as model_lib
 from mtneuro_jax.deploy import sliding_window as sw
 from mtneuro_jax.errors import UserError
 from mtneuro_jax.models import MODELS
@@ -192,7 +193,7 @@ def test_predict_cli_outputs(reference, tmp_path):
   assert zarr_io.read_array(reference, "micro_prob").shape == (3, 3, 50, 61)
   assert len(os.listdir(os.path.join(reference, "_blocks"))) == 12
   state = maps.neuroglancer_state(reference)
-  assert {l["name"] for l in state["layers"]} == {"image", "micro_label"}
+  assert {layer["name"] for layer in state["layers"]} == {"image", "micro_label"}
   assert state["layers"][0]["source"]["url"].startswith("zarr://http")
   png = maps.overlay_png(
     str(tmp_path / "m.png"),
@@ -231,7 +232,7 @@ def test_two_processes_write_the_same_zarr(unet_run, reference, tmp_path):
   args = ["--run", unet_run, "--box", BOX, "--out", out, "--block", BLOCK]
   procs = [_cli(args + ["--process", f"{i}/2"]) for i in range(2)]
   results = [p.communicate(timeout=180) for p in procs]
-  for p, (_, err) in zip(procs, results):
+  for p, (_, err) in zip(procs, results, strict=True):
     assert p.returncode == 0, err[-2000:]
   parts = [json.loads(o.strip().splitlines()[-1]) for o, _ in results]
   assert sorted(p["my_blocks"] for p in parts) == [6, 6]
@@ -328,3 +329,21 @@ def test_predict_help_documents_outputs(capsys):
   assert predict.main(["--help"]) == 0
   text = capsys.readouterr().out
   assert "--box" in text and "zarr" in text and "--process" in text and "Neuroglancer" in text
+
+
+def test_pixel_and_region_outputs_together():
+  """A Double-U-Net-like output dict (pixel logits + region logits + extras) fills both maps."""
+
+  def apply_fn(variables, x):  # x [B, Y, X, 1]
+    b = x.shape[0]
+    logits = jnp.concatenate([x, -x, jnp.zeros_like(x)], axis=-1)
+    region = jnp.tile(jnp.array([[0.0, 3.0, 0.0, 0.0]]), (b, 1))
+    return {"logits": logits, "region_logits": region, "reconstruction": x}
+
+  pred = sw.WindowPredictor(apply_fn, {}, dims=2, batch=3)
+  assert pred.batch == 8  # rounded up to the 8 devices
+  vol = np.random.default_rng(2).normal(size=(2, 20, 27)).astype(np.float32)
+  out = sw.blend(vol, pred, sw.Tiling((1, 16, 16), (1, 8, 8)))
+  assert out["micro"].shape == (2, 20, 27, 3) and out["region"].shape == (2, 20, 27, 4)
+  np.testing.assert_array_equal(out["micro"].argmax(-1), np.where(vol > 0, 0, 1))
+  np.testing.assert_allclose(out["region"][..., 1], np.exp(3) / (np.exp(3) + 3), rtol=1e-5)

@@ -60,7 +60,7 @@ class Block:
 
   @property
   def voxels(self) -> int:
-    return int(np.prod([h - lo for lo, h in zip(self.lo, self.hi)]))
+    return int(np.prod([h - lo for lo, h in zip(self.lo, self.hi, strict=True)]))
 
 
 def parse_box(text: str, shape_zyx=spec.VOLUME_SHAPE_ZYX) -> spec.Box:
@@ -69,7 +69,7 @@ def parse_box(text: str, shape_zyx=spec.VOLUME_SHAPE_ZYX) -> spec.Box:
   if len(parts) != 3:
     raise BoxError(f"box {text!r} needs three ranges; e.g. --box 200:216,600:856,1500:1756")
   bounds = []
-  for part, n, axis in zip(parts, shape_zyx, "zyx"):
+  for part, n, axis in zip(parts, shape_zyx, "zyx", strict=True):
     lo, sep, hi = part.partition(":")
     try:
       a = int(lo) if lo.strip() else 0
@@ -98,13 +98,13 @@ def trim_box(box: spec.Box, downsample: int) -> spec.Box:
 
 def plan_blocks(out_shape, block) -> list[Block]:
   """Blocks of ``block`` voxels over ``out_shape`` (the last ones along an axis may be smaller)."""
-  grids = [range(0, n, b) for n, b in zip(out_shape, block)]
+  grids = [range(0, n, b) for n, b in zip(out_shape, block, strict=True)]
   out = []
   for z in grids[0]:
     for y in grids[1]:
       for x in grids[2]:
         lo = (z, y, x)
-        hi = tuple(min(a + b, n) for a, b, n in zip(lo, block, out_shape))
+        hi = tuple(min(a + b, n) for a, b, n in zip(lo, block, out_shape, strict=True))
         out.append(Block(len(out), lo, hi))
   return out
 
@@ -167,7 +167,9 @@ def predict_volume(
   block = tuple(
     min(int(b), n)
     for b, n in zip(
-      block or ((8 if run.dims == 2 else window[0]), DEFAULT_BLOCK_YX, DEFAULT_BLOCK_YX), out_shape
+      block or ((8 if run.dims == 2 else window[0]), DEFAULT_BLOCK_YX, DEFAULT_BLOCK_YX),
+      out_shape,
+      strict=True,
     )
   )
   if any(b < 1 for b in block):
@@ -175,7 +177,8 @@ def predict_volume(
   # Default context: half a window per side (none in z for a 2D model); None entries = default.
   default_margin = ((window[0] // 2 if run.dims == 3 else 0), window[1] // 2, window[2] // 2)
   margin = tuple(
-    int(m if m is not None else dm) for m, dm in zip(margin or (None,) * 3, default_margin)
+    int(m if m is not None else dm)
+    for m, dm in zip(margin or (None,) * 3, default_margin, strict=True)
   )
   predictor = sw.WindowPredictor(
     sw.apply_fn_for(run.model), run.variables, dims=run.dims, batch=batch, mesh=mesh
@@ -288,8 +291,8 @@ def _predict_block(
   source, run, predictor, tiling, box, out_shape, b, margin, sigma_scale, stores, marker_dir
 ):
   d = int(run.downsample)
-  lo = [max(0, a - m) for a, m in zip(b.lo, margin)]
-  hi = [min(n, a + m) for a, m, n in zip(b.hi, margin, out_shape)]
+  lo = [max(0, a - m) for a, m in zip(b.lo, margin, strict=True)]
+  hi = [min(n, a + m) for a, m, n in zip(b.hi, margin, out_shape, strict=True)]
   full = spec.Box(
     box.z0 + lo[0],
     box.z0 + hi[0],
@@ -304,7 +307,7 @@ def _predict_block(
   small = transforms.area_downsample(image, d)
   x = run.preprocess(image)
   probs = sw.blend(x, predictor, tiling, sigma_scale=sigma_scale)
-  crop = tuple(slice(a - c, h - c) for a, h, c in zip(b.lo, b.hi, lo))
+  crop = tuple(slice(a - c, h - c) for a, h, c in zip(b.lo, b.hi, lo, strict=True))
   region = (slice(b.lo[0], b.hi[0]), slice(b.lo[1], b.hi[1]), slice(b.lo[2], b.hi[2]))
   h = hashlib.sha256()
   writes = {"image": np.rint(small[crop]).clip(0, 255).astype(np.uint8)}

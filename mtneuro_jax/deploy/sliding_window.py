@@ -60,7 +60,7 @@ class Tiling:
       v = getattr(self, name)
       if len(v) != 3 or any(int(a) < 1 for a in v):
         raise WindowError(f"{name} {v} must be 3 positive ZYX sizes; e.g. --{name} 1,64,64")
-    for a, (w, s) in enumerate(zip(self.window, self.stride)):
+    for a, (w, s) in enumerate(zip(self.window, self.stride, strict=True)):
       if s > w:
         raise WindowError(
           f"stride {self.stride} is larger than the window {self.window} on axis {'zyx'[a]}: "
@@ -87,7 +87,9 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 def window_grid(shape_zyx, tiling: Tiling) -> list[tuple[int, int, int]]:
   """Every window's (z, y, x) start in a volume of ``shape_zyx`` (after edge padding)."""
-  axes = [window_starts(n, w, s) for n, w, s in zip(shape_zyx, tiling.window, tiling.stride)]
+  axes = [
+    window_starts(n, w, s) for n, w, s in zip(shape_zyx, tiling.window, tiling.stride, strict=True)
+  ]
   return [(z, y, x) for z in axes[0] for y in axes[1] for x in axes[2]]
 
 
@@ -197,9 +199,11 @@ def blend(
   if volume.ndim != 3:
     raise WindowError(f"volume must be ZYX, got shape {volume.shape}")
   shape = volume.shape
-  padded_shape = tuple(max(n, w) for n, w in zip(shape, tiling.window))
+  padded_shape = tuple(max(n, w) for n, w in zip(shape, tiling.window, strict=True))
   if padded_shape != shape:
-    volume = np.pad(volume, [(0, p - n) for p, n in zip(padded_shape, shape)], mode="edge")
+    volume = np.pad(
+      volume, [(0, p - n) for p, n in zip(padded_shape, shape, strict=True)], mode="edge"
+    )
   starts = window_grid(padded_shape, tiling)
   wz, wy, wx = tiling.window
   weight = gaussian_importance(tiling.window, sigma_scale)
