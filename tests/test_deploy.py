@@ -347,3 +347,25 @@ def test_pixel_and_region_outputs_together():
   assert out["micro"].shape == (2, 20, 27, 3) and out["region"].shape == (2, 20, 27, 4)
   np.testing.assert_array_equal(out["micro"].argmax(-1), np.where(vol > 0, 0, 1))
   np.testing.assert_allclose(out["region"][..., 1], np.exp(3) / (np.exp(3) + 3), rtol=1e-5)
+
+
+def test_3d_model_odd_box(tmp_path):
+  """A 3D U-Net: z windows, z margins, a last block thinner than the window (edge-padded)."""
+  run_dir = make_run(
+    tmp_path / "u3",
+    "unet",
+    {"num_classes": 3, "dims": 3, "width_multiplier": 0.125, "n_blocks": 2},
+    {"task": "task2_3d_3class", "downsample": 2, "random_crop": 16},
+    (1, 8, 16, 16, 1),
+  )
+  run = model_lib.load_run(run_dir)
+  assert run.dims == 3 and run.window == (8, 16, 16)
+  out = str(tmp_path / "u3.zarr")
+  src = sources.make_source("phantom")
+  s = blockwise.predict_volume(
+    src, run, spec.Box(200, 210, 600, 640, 1500, 1531), out, block=(8, 12, 8), progress=False
+  )
+  assert s["complete"] and s["out_shape_zyx"] == [10, 20, 15] and s["blocks"] == 2 * 2 * 2
+  assert zarr_io.read_attrs(out)["margin_zyx"] == [4, 8, 8]
+  prob = zarr_io.read_array(out, "micro_prob").astype(int)
+  assert prob.shape == (3, 10, 20, 15) and np.all(np.abs(prob.sum(0) - 255) <= 3)

@@ -137,13 +137,16 @@ def predict_volume(
   mesh=None,
   extra_attrs: dict | None = None,
   after_block: Callable[[Block], None] | None = None,
+  predictor: sw.WindowPredictor | None = None,
 ) -> dict[str, Any]:
   """Predicts ``box`` (full-res ZYX) of ``source`` with ``run`` (a ``model.LoadedRun``) into ``out``.
 
   window / stride / margin: ZYX in model-input voxels (defaults: the run's training window,
   MONAI's 25 % overlap, half a window of context); a 2D model's z window and stride are 1.
   block: output voxels per block = per zarr chunk (default ``(8 or the 3D window, 256, 256)``,
-  clipped to the output). Returns a summary dict (blocks, skipped, voxels/s).
+  clipped to the output). ``predictor``: a ``WindowPredictor`` of this run to reuse (else one is
+  built; ``batch`` and ``mesh`` are then ignored). Returns a summary dict (blocks, skipped,
+  voxels/s).
   """
   index, count = process if process is not None else process_from_env()
   if not (0 <= index < count):
@@ -180,9 +183,10 @@ def predict_volume(
     int(m if m is not None else dm)
     for m, dm in zip(margin or (None,) * 3, default_margin, strict=True)
   )
-  predictor = sw.WindowPredictor(
-    sw.apply_fn_for(run.model), run.variables, dims=run.dims, batch=batch, mesh=mesh
-  )
+  if predictor is None:  # (a caller predicting many boxes passes one, compiled once)
+    predictor = sw.WindowPredictor(
+      sw.apply_fn_for(run.model), run.variables, dims=run.dims, batch=batch, mesh=mesh
+    )
   probe = predictor(np.zeros((1,) + window, np.float32))
   attrs = {
     "format": FORMAT,
