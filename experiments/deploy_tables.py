@@ -65,6 +65,7 @@ def build_parser() -> ArgumentParser:
   p.add_argument("--run", required=True, help="trained run workdir (config.json + checkpoints/)")
   p.add_argument("--out", help="output folder (default out/deploy/<preset>)")
   p.add_argument("--source", default="phantom", help="volume source spec (default phantom)")
+  p.add_argument("--window", help="YX (or ZYX) window; default the run's training input size")
   p.add_argument("--stride", help="YX (or ZYX) stride ('field size'); default 25%% overlap")
   p.add_argument("--keep", type=int, help="components kept per region as kNN seeds (preset)")
   p.add_argument("--batch", type=int, default=8)
@@ -92,6 +93,7 @@ def _one(
   box,
   out_dir,
   *,
+  window,
   block,
   margin,
   stride,
@@ -112,6 +114,7 @@ def _one(
     loaded,
     box,
     root,
+    window=window,
     stride=stride,
     block=block,
     margin=margin,
@@ -224,6 +227,7 @@ def run(argv=None) -> dict:
   src = sources.make_source(args.source)
   loaded = model.load_run(args.run)
   stride = parse_zyx(args.stride, "stride")
+  window = parse_zyx(args.window, "window")
   keep = int(args.keep if args.keep is not None else preset["keep"])
   if keep < 1:
     raise UsageError(f"--keep {keep} must be >= 1")
@@ -256,6 +260,7 @@ def run(argv=None) -> dict:
     loaded,
     slab_box,
     out_dir,
+    window=window,
     block=(wz if loaded.dims == 3 else len(zs), 512, 512),
     margin=(0, None, None),
     stride=stride,
@@ -274,6 +279,7 @@ def run(argv=None) -> dict:
     loaded,
     sub,
     out_dir,
+    window=window,
     block=None,
     margin=None,
     stride=stride,
