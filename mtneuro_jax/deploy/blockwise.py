@@ -317,8 +317,12 @@ def _predict_block(
   writes = {"image": np.rint(small[crop]).clip(0, 255).astype(np.uint8)}
   for key, p in probs.items():
     p = p[crop]
-    writes[f"{key}_prob"] = np.moveaxis(_quantise(p), -1, 0)
-    label = np.argmax(p, axis=-1).astype(np.uint8)
+    q = _quantise(p)
+    writes[f"{key}_prob"] = np.moveaxis(q, -1, 0)
+    # Labels = argmax of the stored uint8 probabilities (ties -> the lower class): consistent
+    # with region_prob/micro_prob, and a last-bit float difference between processes (seen on
+    # XLA CPU at near-ties) cannot flip a label unless it crosses a quantisation step.
+    label = np.argmax(q, axis=-1).astype(np.uint8)
     writes[f"{key}_label"] = label + 1 if key == "region" else label
   futures = []
   for name in sorted(writes):
