@@ -369,3 +369,14 @@ def test_3d_model_odd_box(tmp_path):
   assert zarr_io.read_attrs(out)["margin_zyx"] == [4, 8, 8]
   prob = zarr_io.read_array(out, "micro_prob").astype(int)
   assert prob.shape == (3, 10, 20, 15) and np.all(np.abs(prob.sum(0) - 255) <= 3)
+
+
+def test_neuroglancer_state_keeps_dimension_order(reference, tmp_path):
+  path = str(tmp_path / "ng.json")
+  maps.write_neuroglancer_state(reference, path, url="http://localhost:9000/")
+  with open(path) as f:
+    state = json.load(f)
+  assert list(state["dimensions"]) == ["x", "y", "z"]
+  src = state["layers"][0]["source"]
+  assert list(src["transform"]["outputDimensions"]) == ["z", "y", "x"]  # the zarr's axis order
+  assert src["url"] == "zarr://http://localhost:9000/image"

@@ -134,7 +134,11 @@ def neuroglancer_state(root: str, *, url: str = "http://127.0.0.1:8000") -> dict
 
 def write_neuroglancer_state(root: str, path: str, *, url: str = "http://127.0.0.1:8000") -> dict:
   state = neuroglancer_state(root, url=url)
-  zarr_io.write_json_atomic(path, state)
+  # Not key-sorted: Neuroglancer reads the order of "dimensions" / "outputDimensions".
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(state, f, indent=1)
+  os.replace(tmp, path)
   return state
 
 
