@@ -93,6 +93,21 @@ def chunk_bytes(root):
   return out
 
 
+def assert_same_bytes(out, reference):
+  """Every array file identical; on failure, name the files and the largest value difference."""
+  a, b = chunk_bytes(out), chunk_bytes(reference)
+  bad = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  detail = []
+  for name in sorted({k.split("/")[0] for k in bad}):
+    try:
+      x = zarr_io.read_array(out, name).astype(int)
+      y = zarr_io.read_array(reference, name).astype(int)
+      detail.append(f"{name}: {(x != y).sum()} values differ, max |diff| {np.abs(x - y).max()}")
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+      detail.append(f"{name}: {e}")
+  assert not bad, f"{len(bad)} files differ: {bad[:6]}; {detail}"
+
+
 def _cli(args, env_extra=None):
   env = {k: v for k, v in os.environ.items() if not k.startswith("MTNEURO_")}
   env.update(env_extra or {})
@@ -224,7 +239,7 @@ def test_kill9_and_rerun_is_byte_identical(unet_run, reference, tmp_path):
   assert proc.returncode == 0, stderr[-2000:]
   summary = json.loads(stdout.strip().splitlines()[-1])
   assert summary["skipped"] >= done and summary["complete"]
-  assert chunk_bytes(out) == chunk_bytes(reference)
+  assert_same_bytes(out, reference)
 
 
 def test_two_processes_write_the_same_zarr(unet_run, reference, tmp_path):
@@ -236,7 +251,7 @@ def test_two_processes_write_the_same_zarr(unet_run, reference, tmp_path):
     assert p.returncode == 0, err[-2000:]
   parts = [json.loads(o.strip().splitlines()[-1]) for o, _ in results]
   assert sorted(p["my_blocks"] for p in parts) == [6, 6]
-  assert chunk_bytes(out) == chunk_bytes(reference)
+  assert_same_bytes(out, reference)
 
 
 # ---------------------------------------------------------------------------- clean-up
