@@ -11,6 +11,8 @@
   mtneuro task2     Task 2 tables (segmentation models x settings, lr x batch grid, seeds)
   mtneuro task3     Task 3 table (semantic features, frozen embeddings, linear readout, UMAP)
   mtneuro icip      ICIP 2021 tables (Double U-Net two steps + baselines; micro/macro F1)
+  mtneuro predict   sliding-window prediction of a volume box into a zarr (resumable, multi-process)
+  mtneuro deploy    region/microstructure maps + region accuracy before/after kNN clean-up
 
 Each subcommand's ``--help`` lists its options. Bad input of any subcommand is one
 line ``error: <problem>; <fix>`` on stderr and exit status 2 (no traceback);
@@ -88,6 +90,16 @@ def _icip(argv):
   from experiments import icip_tables
 
   return icip_tables.main(argv)
+def _predict(argv):
+  from experiments import predict
+
+  return predict.main(argv)
+
+
+def _deploy(argv):
+  from experiments import deploy_tables
+
+  return deploy_tables.main(argv)
 
 
 def _check_folder_arg(parser: ArgumentParser, flag: str, path: str) -> None:
@@ -187,6 +199,8 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
   "task2": _task2,
   "task3": _task3,
   "icip": _icip,
+  "predict": _predict,
+  "deploy": _deploy,
 }
 
 

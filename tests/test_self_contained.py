@@ -61,7 +61,14 @@ RULES = (
     (L + "train", L + "objectives", L + "baselines", L + "readout"),
     "evaluators get a predict_fn",
   ),
-  (L + "train", "never", (L + "baselines", L + "readout"), "the loop knows no baseline"),
+  (L + "train", "never", (L + "baselines", L + "readout", L + "deploy"), "the loop knows no baseline"),
+  # deploy (inference) sits above train, beside eval: it may use train (checkpoints), models, data.
+  (
+    L + "deploy",
+    "never",
+    (L + "baselines", L + "readout", L + "objectives"),
+    "deployment runs models, it trains nothing",
+  ),
   # readout (Task 3) sits at the baselines layer: it may use train, models, data, eval, baselines.
   (L + "baselines", "never", (L + "readout",), "baselines and readout are siblings"),
   (L + "sharding", "never", (SUBPACKAGES,), "top-level helpers are leaves"),
