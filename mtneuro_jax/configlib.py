@@ -299,6 +299,8 @@ def loop_defaults(
   c.num_devices = num_devices
   c.progress = progress
   c.distributed = distributed
+  # 'bfloat16': the model's convs/dots in bf16, float32 params/loss/optimizer (train/step.py).
+  c.compute_dtype = "float32"
   c.init_from = ml_collections.ConfigDict(
     {"workdir": "", "step": 0, "subtree": "", "model_state": True}
   )

@@ -384,10 +384,13 @@ def _torch_resnet18_xray(num_classes: int = 4):
   return tnn.Sequential(*layers)
 
 
-def worker_torch(size: int, batch: int, warmup: int, steps: int, threads: int) -> dict:
+def build_torch(size: int, batch: int, threads: int = 2) -> tuple[dict, "callable"]:
+  """The PyTorch ResNet18-xray supervised step (SGD momentum, CE), channels_last.
+
+  Returns (info, one): ``one()`` runs one step and returns its seconds.
+  """
   import torch
 
-  base = _rss_mb()
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   model = _torch_resnet18_xray().to(memory_format=torch.channels_last).train()
@@ -396,22 +399,144 @@ def worker_torch(size: int, batch: int, warmup: int, steps: int, threads: int) -
   y = torch.randint(0, 4, (batch,))
   loss_fn = torch.nn.CrossEntropyLoss()
 
-  def one():
+  def one() -> float:
+    t = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(model(x), y)
     loss.backward()
     opt.step()
+    return time.perf_counter() - t
 
-  _timed(one, warmup)
-  times = _timed(one, steps)
-  return {
-    "step_s": times,
-    "base_rss_mb": base,
-    "peak_rss_mb": _peak_rss_mb(),
+  info = {
+    "compile_s": None,
+    "xla_buffers_mb": None,
+    "version": f"torch {torch.__version__}, {threads} threads",
     "torch": torch.__version__,
     "threads": threads,
     "num_params": int(sum(p.numel() for p in model.parameters())),
   }
+  return info, one
+
+
+def worker_torch(size: int, batch: int, warmup: int, steps: int, threads: int) -> dict:
+  base = _rss_mb()
+  info, one = build_torch(size, batch, threads)
+  for _ in range(warmup):
+    one()
+  times = [one() for _ in range(steps)]
+  return {**info, "step_s": times, "base_rss_mb": base, "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_conv_torch(size: int, batch: int, threads: int = 2, reps: int = 2) -> dict:
+  """PyTorch (oneDNN) counterpart of ``worker_conv``: each conv shape's three passes alone."""
+  import torch
+
+  torch.set_num_threads(threads)
+  rows = []
+  for name, s, ci, co, st in conv_shapes(size):
+    x = torch.randn(batch, ci, s, s).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(co, ci, 3, 3) * 0.05).contiguous(memory_format=torch.channels_last)
+    dy = torch.ones(batch, co, s // st, s // st).contiguous(memory_format=torch.channels_last)
+    args = ([st, st], [1, 1], [1, 1], False, [0, 0], 1)
+    fns = {
+      "fwd": lambda: torch.nn.functional.conv2d(x, w, stride=st, padding=1),
+      "dx": lambda: torch.ops.aten.convolution_backward(
+        dy, x, w, None, *args, [True, False, False]
+      ),
+      "dw": lambda: torch.ops.aten.convolution_backward(
+        dy, x, w, None, *args, [False, True, False]
+      ),
+    }
+    flops = 2 * batch * (s // st) ** 2 * ci * co * 9
+    row = {"conv": name, "input": [batch, s, s, ci], "c_out": co, "stride": st}
+    row["gflop"] = flops / 1e9
+    with torch.no_grad():
+      for k, fn in fns.items():
+        fn()
+        t = _timed(fn, reps)
+        row[f"{k}_ms"] = 1e3 * statistics.median(t)
+        row[f"{k}_gflops"] = flops / statistics.median(t) / 1e9
+    rows.append(row)
+  return {"convs": rows}
+
+
+def worker_dw_variants(size: int, batch: int, reps: int = 3) -> dict:
+  """XLA-level rewrites of one weight-gradient conv, each timed alone against XLA's own.
+
+  For the 3x3 stride-1 convs of ResNet18-xray at ``size``^2 (layer1..layer4 shapes):
+  ``xla`` (jax.vjp of the conv), ``shift_dot`` (nine dots of shifted input slices, one per
+  tap, contracting B*Y*X), ``shift_dot_bf16`` (the same on bf16 operands, float32
+  accumulation), ``im2col_dot`` (conv_general_dilated_patches then one dot, float32 and bf16).
+  Also the max relative error against ``xla``.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  def conv(x, w):
+    return lax.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  def dw_xla(x, w, dy):
+    return jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+
+  def dw_shift(x, w, dy, dt=jnp.float32):
+    b, h, wd, c = x.shape
+    co = dy.shape[-1]
+    xp = jnp.pad(x.astype(dt), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    d = dy.astype(dt).reshape(-1, co)
+    taps = [
+      lax.dot_general(
+        lax.slice(xp, (0, i, j, 0), (b, i + h, j + wd, c)).reshape(-1, c),
+        d,
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+      )
+      for i in range(3)
+      for j in range(3)
+    ]
+    return jnp.stack(taps).reshape(3, 3, c, co)
+
+  def dw_im2col(x, w, dy, dt=jnp.float32):
+    c, co = x.shape[-1], dy.shape[-1]
+    p = lax.conv_general_dilated_patches(
+      x.astype(dt), (3, 3), (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )  # [B, Y, X, C*9], channel-major
+    r = lax.dot_general(
+      p.reshape(-1, c * 9),
+      dy.astype(dt).reshape(-1, co),
+      (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+    )
+    return r.reshape(c, 3, 3, co).transpose(1, 2, 0, 3)
+
+  variants = {
+    "xla": dw_xla,
+    "shift_dot": dw_shift,
+    "shift_dot_bf16": lambda x, w, dy: dw_shift(x, w, dy, jnp.bfloat16),
+    "im2col_dot": dw_im2col,
+    "im2col_dot_bf16": lambda x, w, dy: dw_im2col(x, w, dy, jnp.bfloat16),
+  }
+  rows = []
+  for name, s, ci, co, st in conv_shapes(size):
+    if st != 1 or ci == 1:
+      continue
+    x = jax.random.normal(jax.random.key(0), (batch, s, s, ci))
+    w = jnp.zeros((3, 3, ci, co))
+    dy = jax.random.normal(jax.random.key(1), (batch, s, s, co))
+    flops = 2 * batch * s * s * ci * co * 9
+    row = {"conv": name, "input": [batch, s, s, ci], "c_out": co, "gflop": flops / 1e9}
+    ref = None
+    for k, fn in variants.items():
+      f = jax.jit(fn)
+      out = f(x, w, dy).block_until_ready()
+      ref = out if ref is None else ref
+      t = statistics.median(_timed(lambda f=f: f(x, w, dy).block_until_ready(), reps))
+      row[f"{k}_ms"] = 1e3 * t
+      row[f"{k}_rel_err"] = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+    rows.append(row)
+  return {"dw_variants": rows}
 
 
 def _run_worker(framework: str, variant: str, size: int, args) -> dict:
@@ -558,6 +683,10 @@ def main(argv=None) -> int:
   if args._worker:  # child process: one configuration, one JSON line on stdout
     if args._worker == "conv":
       res = worker_conv(sizes[0], args.batch)
+    elif args._worker == "conv_torch":
+      res = worker_conv_torch(sizes[0], args.batch, args.torch_threads)
+    elif args._worker == "dw_variants":
+      res = worker_dw_variants(sizes[0], args.batch)
     elif args._worker == "jax":
       res = worker_jax(sizes[0], args.batch, args.warmup, args.steps, args.width, args.variants)
     else:

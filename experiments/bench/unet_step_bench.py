@@ -68,16 +68,20 @@ def _batch_shape(dims: int, batch: int, size: int, depth: int) -> tuple[int, ...
   return (batch, size, size) if dims == 2 else (batch, depth, size, size)
 
 
-def worker_jax(dims: int, batch: int, size: int, depth: int):
-  """Builds the step; returns (info, one_step) where one_step() runs and times one step."""
+def worker_jax(dims: int, batch: int, size: int, depth: int, compute_dtype: str = "float32"):
+  """Builds the step; returns (info, one_step) where one_step() runs and times one step.
+
+  ``compute_dtype`` 'bfloat16' runs the model through ``train.step.with_compute_dtype``.
+  """
   import jax
   import jax.numpy as jnp
   import optax
 
   from mtneuro_jax.models import MODELS
+  from mtneuro_jax.train.step import with_compute_dtype
 
   base = _rss_mb()
-  model = MODELS["unet"](num_classes=NUM_CLASSES, dims=dims)
+  model = with_compute_dtype(MODELS["unet"](num_classes=NUM_CLASSES, dims=dims), compute_dtype)
   shape = _batch_shape(dims, batch, size, depth)
   x = jax.random.normal(jax.random.key(0), shape + (1,), jnp.float32)
   y = jax.random.randint(jax.random.key(1), shape, 0, NUM_CLASSES)
@@ -119,6 +123,7 @@ def worker_jax(dims: int, batch: int, size: int, depth: int):
     "compile_s": compile_s,
     "base_rss_mb": base,
     "xla_buffers_mb": xla_mb,
+    "compute_dtype": compute_dtype,
     "version": f"jax {jax.__version__} ({jax.default_backend()})",
     "num_params": int(sum(v.size for v in jax.tree.leaves(params))),
   }
