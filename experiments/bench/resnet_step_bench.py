@@ -439,11 +439,11 @@ def worker_conv_torch(size: int, batch: int, threads: int = 2, reps: int = 2) ->
     dy = torch.ones(batch, co, s // st, s // st).contiguous(memory_format=torch.channels_last)
     args = ([st, st], [1, 1], [1, 1], False, [0, 0], 1)
     fns = {
-      "fwd": lambda: torch.nn.functional.conv2d(x, w, stride=st, padding=1),
-      "dx": lambda: torch.ops.aten.convolution_backward(
+      "fwd": lambda x=x, w=w, st=st: torch.nn.functional.conv2d(x, w, stride=st, padding=1),
+      "dx": lambda x=x, w=w, dy=dy, args=args: torch.ops.aten.convolution_backward(
         dy, x, w, None, *args, [True, False, False]
       ),
-      "dw": lambda: torch.ops.aten.convolution_backward(
+      "dw": lambda x=x, w=w, dy=dy, args=args: torch.ops.aten.convolution_backward(
         dy, x, w, None, *args, [False, True, False]
       ),
     }
@@ -532,7 +532,9 @@ def worker_dw_variants(size: int, batch: int, reps: int = 3) -> dict:
       f = jax.jit(fn)
       out = f(x, w, dy).block_until_ready()
       ref = out if ref is None else ref
-      t = statistics.median(_timed(lambda f=f: f(x, w, dy).block_until_ready(), reps))
+      t = statistics.median(
+        _timed(lambda f=f, x=x, w=w, dy=dy: f(x, w, dy).block_until_ready(), reps)
+      )
       row[f"{k}_ms"] = 1e3 * t
       row[f"{k}_rel_err"] = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
     rows.append(row)

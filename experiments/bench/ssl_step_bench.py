@@ -161,7 +161,7 @@ def build_torch_byol(batch: int, view: int = 64, threads: int = 2) -> tuple[dict
   def crops() -> torch.Tensor:
     off = torch.randint(0, side - view + 1, (batch, 2), generator=gen).tolist()
     return torch.stack(
-      [t[:, y : y + view, x : x + view] for t, (y, x) in zip(tiles, off)]
+      [t[:, y : y + view, x : x + view] for t, (y, x) in zip(tiles, off, strict=True)]
     ).contiguous(memory_format=torch.channels_last)
 
   def one() -> float:
@@ -180,7 +180,7 @@ def build_torch_byol(batch: int, view: int = 64, threads: int = 2) -> tuple[dict
     loss.backward()
     opt.step()
     with torch.no_grad():
-      for pt, po in zip(target.parameters(), online.parameters()):
+      for pt, po in zip(target.parameters(), online.parameters(), strict=True):
         pt.mul_(0.996).add_(po.detach(), alpha=0.004)
     return time.perf_counter() - t
 

@@ -15,7 +15,6 @@ from mtneuro_jax.errors import ConfigError
 from mtneuro_jax.objectives.base import StepContext
 from mtneuro_jax.train.state import TrainState
 
-
 # ``config.compute_dtype``: the dtype the model's convolutions and dots run in. Params,
 # optimizer state, BatchNorm statistics, the loss and the gradients stay float32.
 COMPUTE_DTYPES = ("float32", "bfloat16")
