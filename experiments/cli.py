@@ -10,6 +10,7 @@
   mtneuro task1     Task 1 tables (methods x settings x seeds)
   mtneuro task2     Task 2 tables (segmentation models x settings, lr x batch grid, seeds)
   mtneuro task3     Task 3 table (semantic features, frozen embeddings, linear readout, UMAP)
+  mtneuro bench     benchmark suite: JAX vs the PyTorch reference, pipeline, export, inference
 
 Each subcommand's ``--help`` lists its options. Bad input of any subcommand is one
 line ``error: <problem>; <fix>`` on stderr and exit status 2 (no traceback);
@@ -81,6 +82,12 @@ def _task3(argv):
   from experiments import task3_tables
 
   return task3_tables.main(argv)
+
+
+def _bench(argv):
+  from experiments.bench import suite
+
+  return suite.main(argv)
 
 
 def _check_folder_arg(parser: ArgumentParser, flag: str, path: str) -> None:
@@ -179,6 +186,7 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
   "task1": _task1,
   "task2": _task2,
   "task3": _task3,
+  "bench": _bench,
 }
 
 

@@ -34,7 +34,12 @@ METHODS = ("supervised", "byol", "myow", "myow_merged", "vicreg")
 
 
 def build(
-  method: str, batch: int, width: float, view: int = 64, compute_dtype: str = "float32"
+  method: str,
+  batch: int,
+  width: float,
+  view: int = 64,
+  compute_dtype: str = "float32",
+  conv_dw_groups: int = 1,
 ) -> tuple[dict, "callable"]:
   """Builds ``method``'s train step (``train/step.py``) on a fixed batch.
 
@@ -88,6 +93,7 @@ def build(
     total_steps=1000,
     steps_per_epoch=100,
     compute_dtype=compute_dtype,
+    conv_dw_groups=conv_dw_groups,
   )
   t0 = time.perf_counter()
   compiled = p_step.lower(state, data).compile()
@@ -110,6 +116,7 @@ def build(
     "compile_s": compile_s,
     "xla_buffers_mb": xla_buffers_mb(compiled),
     "compute_dtype": compute_dtype,
+    "conv_dw_groups": conv_dw_groups,
     "version": f"jax {jax.__version__} ({jax.default_backend()})",
   }
   return info, one

@@ -140,6 +140,7 @@ def build(spec: dict):
   """(info, one) for one worker spec {framework, model, batch, shape, threads, compute_dtype}."""
   fw, model, b, shape = spec["framework"], spec["model"], spec["batch"], spec["shape"]
   threads, dt = spec.get("threads", 2), spec.get("compute_dtype", "float32")
+  groups = spec.get("conv_dw_groups", 1)
   side = shape[-1]
   if model == "infer":
     return _build_infer(fw, b, side, threads, dt)
@@ -148,7 +149,9 @@ def build(spec: dict):
 
     method = "supervised" if model == "resnet" else "byol"
     if fw == "jax":
-      return ssl_step_bench.build(method, b, 1.0, view=side, compute_dtype=dt)
+      return ssl_step_bench.build(
+        method, b, 1.0, view=side, compute_dtype=dt, conv_dw_groups=groups
+      )
     if model == "resnet":
       return resnet_step_bench.build_torch(side, b, threads)
     return ssl_step_bench.build_torch_byol(b, view=side, threads=threads)
@@ -157,7 +160,7 @@ def build(spec: dict):
   dims = 2 if model == "unet2d" else 3
   depth = shape[0] if dims == 3 else 1
   if fw == "jax":
-    return unet_step_bench.worker_jax(dims, b, side, depth, dt)
+    return unet_step_bench.worker_jax(dims, b, side, depth, dt, groups)
   return unet_step_bench.worker_torch(dims, b, side, depth, threads)
 
 
@@ -228,6 +231,8 @@ def run_case(model: str, batch: int, shape, args, log=print) -> list[dict]:
   specs = [{"framework": "jax", "compute_dtype": "float32"}]
   if args.bf16:
     specs.append({"framework": "jax", "compute_dtype": "bfloat16"})
+  for g in args.dw_groups if model != "infer" else ():
+    specs.append({"framework": "jax", "compute_dtype": "float32", "conv_dw_groups": g})
   if args.torch:
     specs.append({"framework": "torch"})
   per_step = batch * (shape[-1] * shape[-2] if model == "infer" else 1)
@@ -235,6 +240,7 @@ def run_case(model: str, batch: int, shape, args, log=print) -> list[dict]:
   for s in specs:
     s.update(model=model, batch=batch, shape=list(shape), threads=args.torch_threads)
     label = s["framework"] + ("" if s.get("compute_dtype", "float32") == "float32" else "-bf16")
+    label += f"-dw{s['conv_dw_groups']}" if s.get("conv_dw_groups", 1) > 1 else ""
     row = {"case": name, "model": model, "batch": batch, "shape": list(shape), "label": label}
     row.update(framework=s["framework"], compute_dtype=s.get("compute_dtype"))
     log(f"[bench] {name} {label}: building (load {os.getloadavg()[0]:.2f}) ...")
@@ -459,6 +465,13 @@ def _f(v, d=1) -> str:
   return f"{v:.{d}f}"
 
 
+def _variant(row: dict) -> str:
+  parts = [] if row.get("compute_dtype") in (None, "float32") else [row["compute_dtype"]]
+  if row.get("conv_dw_groups", 1) > 1:
+    parts.append(f"conv_dw_groups={row['conv_dw_groups']}")
+  return f" [{', '.join(parts)}]" if parts else ""
+
+
 def markdown(report: dict) -> str:
   m, meta = report["machine"], report["meta"]
   lines = [
@@ -488,7 +501,7 @@ def markdown(report: dict) -> str:
       continue
     loads = r["load1"] or [None]
     lines.append(
-      f"| {r['case']} | {r.get('version', r['label'])}{' bf16' if r['label'].endswith('bf16') else ''} "
+      f"| {r['case']} | {r.get('version', r['label'])}{_variant(r)} "
       f"| {_f(r['rate'], 2)} {r['unit']} | {_f(r['ratio_vs_torch'], 2)}"
       f"{'x' if r['ratio_vs_torch'] else ''} | {_f(r['median_step_s'], 3)} "
       f"| {_f(r.get('compile_s'))} | {_f(r['peak_rss_mb'], 0)} | {_f(r['base_rss_mb'], 0)} "
@@ -613,6 +626,11 @@ def main(argv=None) -> int:
   p.add_argument("--quick", action="store_true", help="headline shapes only (a few minutes)")
   p.add_argument("--only", default="", help="comma-separated parts: " + ",".join(MODELS + EXTRAS))
   p.add_argument("--bf16", action="store_true", help="also run JAX with compute_dtype=bfloat16")
+  p.add_argument(
+    "--dw_groups",
+    default="",
+    help="also run JAX with conv_dw_groups=G for each comma-separated G (e.g. 2,4)",
+  )
   p.add_argument("--per_op", action="store_true", help="per-conv tables (ResNet, 64² and 128²)")
   p.add_argument("--memory", action="store_true", help="XLA buffer assignment, donation on/off")
   p.add_argument("--no_torch", dest="torch", action="store_false", help="skip PyTorch")
@@ -650,6 +668,7 @@ def main(argv=None) -> int:
     except ImportError:
       print("[bench] PyTorch not installed: JAX only", flush=True)
       args.torch = False
+  args.dw_groups = [int(g) for g in args.dw_groups.split(",") if g]
   mode = "quick" if args.quick else "full"
   args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
   args.steps = args.steps if args.steps is not None else (3 if args.quick else 5)

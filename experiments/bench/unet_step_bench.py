@@ -68,7 +68,14 @@ def _batch_shape(dims: int, batch: int, size: int, depth: int) -> tuple[int, ...
   return (batch, size, size) if dims == 2 else (batch, depth, size, size)
 
 
-def worker_jax(dims: int, batch: int, size: int, depth: int, compute_dtype: str = "float32"):
+def worker_jax(
+  dims: int,
+  batch: int,
+  size: int,
+  depth: int,
+  compute_dtype: str = "float32",
+  conv_dw_groups: int = 1,
+):
   """Builds the step; returns (info, one_step) where one_step() runs and times one step.
 
   ``compute_dtype`` 'bfloat16' runs the model through ``train.step.with_compute_dtype``.
@@ -78,7 +85,7 @@ def worker_jax(dims: int, batch: int, size: int, depth: int, compute_dtype: str 
   import optax
 
   from mtneuro_jax.models import MODELS
-  from mtneuro_jax.train.step import with_compute_dtype
+  from mtneuro_jax.train.step import conv_weight_grad_split, with_compute_dtype
 
   base = _rss_mb()
   model = with_compute_dtype(MODELS["unet"](num_classes=NUM_CLASSES, dims=dims), compute_dtype)
@@ -99,7 +106,8 @@ def worker_jax(dims: int, batch: int, size: int, depth: int, compute_dtype: str 
     return jnp.mean(ce), new
 
   def train_step(params, stats, opt_state, x, y):
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
+    with conv_weight_grad_split(conv_dw_groups):
+      (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), dict(new_stats), opt_state, loss
 
@@ -124,6 +132,7 @@ def worker_jax(dims: int, batch: int, size: int, depth: int, compute_dtype: str 
     "base_rss_mb": base,
     "xla_buffers_mb": xla_mb,
     "compute_dtype": compute_dtype,
+    "conv_dw_groups": conv_dw_groups,
     "version": f"jax {jax.__version__} ({jax.default_backend()})",
     "num_params": int(sum(v.size for v in jax.tree.leaves(params))),
   }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import types
 from typing import Any, Callable
 
 import jax
@@ -28,6 +30,16 @@ def check_compute_dtype(compute_dtype: str) -> str:
       "use --config.compute_dtype=float32 (the default) or bfloat16"
     )
   return compute_dtype
+
+
+def check_conv_dw_groups(groups) -> int:
+  """Returns ``groups`` if it is a positive int, else raises ConfigError."""
+  if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    raise ConfigError(
+      f"config.conv_dw_groups={groups!r} must be a positive integer; use 1 (XLA's own weight "
+      "gradient, the default) or e.g. 2"
+    )
+  return groups
 
 
 def _cast_floating(tree, dtype):
@@ -76,6 +88,104 @@ def with_compute_dtype(model, compute_dtype: str = "float32"):
   return MixedPrecisionModel(model, compute_dtype)
 
 
+def split_weight_grad_conv(groups: int) -> Callable:
+  """A drop-in for ``lax.conv_general_dilated`` whose weight gradient is the sum of
+  ``groups`` weight-gradient convs over batch slices (same maths, summed in another order).
+
+  Why: XLA:CPU's weight-gradient ("backward filter") convolution uses the cores poorly
+  (see docs/speed.md); independent convs on batch slices run concurrently in XLA:CPU's
+  thunk executor. Forward and input gradient are XLA's own. Falls back to lax for grouped,
+  batch-grouped or lhs-dilated convs and for batches not divisible by ``groups``.
+  """
+  import jax.lax as lax
+
+  def conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+  ):
+    kw = dict(
+      window_strides=window_strides,
+      padding=padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    b_in, b_out = dn.lhs_spec[0], dn.out_spec[0]
+    plain = (
+      feature_group_count == 1
+      and batch_group_count == 1
+      and all(d in (None, 1) for d in (lhs_dilation or (None,)))
+      and lhs.shape[b_in] % groups == 0
+      and groups > 1
+    )
+    if not plain:
+      return lax.conv_general_dilated(lhs, rhs, **kw)
+
+    def f(x, w):
+      return lax.conv_general_dilated(x, w, **kw)
+
+    @jax.custom_vjp
+    def split(x, w):
+      return f(x, w)
+
+    def fwd(x, w):
+      return f(x, w), (x, w)
+
+    def bwd(res, dy):
+      x, w = res
+      dx = jax.vjp(lambda x_: f(x_, w), x)[1](dy)[0]
+      k = x.shape[b_in] // groups
+      dw = None
+      for g in range(groups):
+        xg = lax.slice_in_dim(x, g * k, (g + 1) * k, axis=b_in)
+        dyg = lax.slice_in_dim(dy, g * k, (g + 1) * k, axis=b_out)
+        part = jax.vjp(lambda w_, xg=xg: f(xg, w_), w)[1](dyg)[0]
+        dw = part if dw is None else dw + part
+      return dx, dw
+
+    split.defvjp(fwd, bwd)
+    return split(lhs, rhs)
+
+  return conv
+
+
+@contextlib.contextmanager
+def conv_weight_grad_split(groups: int):
+  """While active, every ``flax.linen.Conv`` traced uses ``split_weight_grad_conv(groups)``.
+
+  flax's Conv looks ``lax.conv_general_dilated`` up in its module at call time when the
+  layer sets no ``conv_general_dilated`` of its own, so swapping that name while the step is
+  traced changes every model's convs without editing the model files. ``groups`` 1 = no-op.
+  """
+  import flax.linen.linear as flax_linear
+
+  if groups <= 1:
+    yield
+    return
+  saved = flax_linear.lax
+  names = {k: getattr(saved, k) for k in dir(saved) if not k.startswith("__")}
+  names["conv_general_dilated"] = split_weight_grad_conv(groups)
+  flax_linear.lax = types.SimpleNamespace(**names)
+  try:
+    yield
+  finally:
+    flax_linear.lax = saved
+
+
 def global_norm(tree) -> jax.Array:
   """sqrt(sum of squares) over all leaves (float32)."""
   leaves = jax.tree.leaves(tree)
@@ -97,6 +207,7 @@ def train_step(
   total_steps: int,
   steps_per_epoch: int = 0,
   compute_dtype: str = "float32",
+  conv_dw_groups: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update.
 
@@ -109,6 +220,8 @@ def train_step(
       objective's StepContext (steps_per_epoch 0 = unknown).
     compute_dtype: 'float32' (default) or 'bfloat16': the model runs in it with float32
       params, loss, gradients and optimizer state (see MixedPrecisionModel).
+    conv_dw_groups: > 1 computes every flax Conv's weight gradient as that many convs over
+      batch slices (``split_weight_grad_conv``); 1 (default) = XLA's own.
 
   Returns:
     (new state, metrics: dict of float32 scalars). Metrics are the objective's
@@ -126,9 +239,10 @@ def train_step(
       params, state.model_state, state.aux, batch, rng, ctx=ctx, model=model, config=config
     )
 
-  (loss, (metrics, model_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    state.params
-  )
+  with conv_weight_grad_split(conv_dw_groups):
+    (loss, (metrics, model_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+    )
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   aux = objective.update(aux, params, ctx=ctx, config=config)
@@ -152,15 +266,18 @@ def jit_train_step(
   steps_per_epoch: int = 0,
   donate: bool = True,
   compute_dtype: str = "float32",
+  conv_dw_groups: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``train_step`` bound to its statics and jitted for ``mesh``.
 
   State in/out replicated, batch split on 'data' (P('data') on the leading axis),
   metrics replicated. The state is donated: never reuse the state you pass in.
   Under jit, BatchNorm statistics are over the global batch, so the result does
-  not depend on the number of devices. ``compute_dtype``: see ``train_step``.
+  not depend on the number of devices. ``compute_dtype``, ``conv_dw_groups``: see
+  ``train_step``.
   """
   check_compute_dtype(compute_dtype)
+  check_conv_dw_groups(conv_dw_groups)
   fn = functools.partial(
     train_step,
     model=model,
@@ -170,6 +287,7 @@ def jit_train_step(
     total_steps=total_steps,
     steps_per_epoch=steps_per_epoch,
     compute_dtype=compute_dtype,
+    conv_dw_groups=conv_dw_groups,
   )
   rep, data = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh)
   return jax.jit(
