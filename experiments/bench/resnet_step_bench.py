@@ -464,7 +464,8 @@ def worker_dw_variants(size: int, batch: int, reps: int = 3) -> dict:
   """XLA-level rewrites of one weight-gradient conv, each timed alone against XLA's own.
 
   For the 3x3 stride-1 convs of ResNet18-xray at ``size``^2 (layer1..layer4 shapes):
-  ``xla`` (jax.vjp of the conv), ``shift_dot`` (nine dots of shifted input slices, one per
+  ``xla`` (jax.vjp of the conv), ``batch_split_G`` (``train.step.split_weight_grad_conv``:
+  G weight-gradient convs over batch slices, summed), ``shift_dot`` (nine dots of shifted input slices, one per
   tap, contracting B*Y*X), ``shift_dot_bf16`` (the same on bf16 operands, float32
   accumulation), ``im2col_dot`` (conv_general_dilated_patches then one dot, float32 and bf16).
   Also the max relative error against ``xla``.
@@ -511,8 +512,17 @@ def worker_dw_variants(size: int, batch: int, reps: int = 3) -> dict:
     )
     return r.reshape(c, 3, 3, co).transpose(1, 2, 0, 3)
 
+  from mtneuro_jax.train.step import split_weight_grad_conv
+
+  def dw_split(x, w, dy, groups):
+    conv_g = split_weight_grad_conv(groups)
+    f = lambda w: conv_g(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    return jax.vjp(f, w)[1](dy)[0]
+
   variants = {
     "xla": dw_xla,
+    "batch_split_2": lambda x, w, dy: dw_split(x, w, dy, 2),
+    "batch_split_4": lambda x, w, dy: dw_split(x, w, dy, 4),
     "shift_dot": dw_shift,
     "shift_dot_bf16": lambda x, w, dy: dw_shift(x, w, dy, jnp.bfloat16),
     "im2col_dot": dw_im2col,
