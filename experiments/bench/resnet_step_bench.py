@@ -67,8 +67,11 @@ FINDINGS = """## Findings (what was tried for the JAX gap)
   within noise (variant rows).
 * Layout: the same conv timed alone in NCHW, CHWN or HWCN instead of NHWC is no faster
   (weight gradient 12.7-15.8 GFLOP/s at 128^2).
-* Precision: on CPU, float32 has no TF32 or bf16 fast path to select. bf16 was not tried:
-  this CPU has no native bf16 matmul, and the paper trains in float32.
+* Precision: float32 has no TF32 path on CPU. bf16 compute (``config.compute_dtype``, issue 13)
+  was measured later in ``suite_quick.md``: no gain for the convolutions on this CPU even though it
+  has avx512_bf16 (see docs/speed.md).
+* Issue 13 (docs/speed.md, suite_quick.json): the weight gradient over two batch halves
+  (``config.conv_dw_groups=2``) is the one XLA-level change that sped up the 64^2 step.
 * Weight gradient as GEMMs (`gemm_dw` variant: a custom VJP with shifted copies of the
   input and a batched matmul over row groups): 2.6x faster for the 128^2 layer1 conv in
   isolation (0.99 s vs 2.6 s). The whole train step got *slower*, though (64^2: 2.3 vs 7.1
