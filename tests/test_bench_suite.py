@@ -7,6 +7,7 @@ import json
 import pytest
 
 from experiments.bench import suite
+from mtneuro_jax.errors import UsageError
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -29,7 +30,7 @@ def test_case_names_and_only():
   assert suite.case_name("unet3d", 1, (8, 256, 256)) == "unet3d B=1 1x8x256x256"
   assert {c[0] for c in suite.QUICK_CASES} <= set(suite.MODELS)
   assert set(suite.parse_only("resnet,pipeline")) == {"resnet", "pipeline"}
-  with pytest.raises(SystemExit, match="unknown --only"):
+  with pytest.raises(UsageError, match="unknown --only"):
     suite.parse_only("resnet,nope")
 
 

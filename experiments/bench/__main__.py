@@ -3,6 +3,7 @@
 import sys
 
 from experiments.bench.suite import main
+from mtneuro_jax.errors import run_cli
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(main, sys.argv[1:]))

@@ -616,12 +616,16 @@ def parse_only(only: str) -> list[str]:
   names = [x for x in only.split(",") if x]
   bad = [x for x in names if x not in known]
   if bad:
-    raise SystemExit(f"unknown --only parts {bad}; choose from {','.join(known)}")
+    from mtneuro_jax.errors import UsageError
+
+    raise UsageError(f"unknown --only parts {bad}; choose from {','.join(known)}")
   return names
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
+  from mtneuro_jax.errors import ArgumentParser
+
+  p = ArgumentParser(
     prog="python -m experiments.bench",
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
