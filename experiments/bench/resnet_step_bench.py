@@ -229,12 +229,6 @@ def worker_jax(
 ) -> dict:
   """One configuration in this process; returns the measurements."""
   import jax
-  import jax.numpy as jnp
-  import ml_collections
-  import optax
-
-  from mtneuro_jax.models import MODELS
-  from mtneuro_jax.objectives import OBJECTIVES
 
   if variant == "gemm_dw":
     # Swap flax's conv primitive inside the model module only (the model file is not ours to edit).
@@ -249,52 +243,23 @@ def worker_jax(
       **{k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")}
     )
     resnet.nn.Conv = functools.partial(nn.Conv, conv_general_dilated=gemm_dw_conv())
+  from experiments.bench.ssl_step_bench import build
+
   base = _rss_mb()
-  model = MODELS["resnet18_xray"](num_classes=4, width_multiplier=width, dropout=0.2)
-  objective = OBJECTIVES["supervised"]
-  cfg = ml_collections.ConfigDict({})
-  x = jax.random.normal(jax.random.key(0), (batch, size, size, 1), jnp.float32)
-  y = jax.random.randint(jax.random.key(1), (batch,), 0, 4)
-  data = {"image": x, "label": y, "valid": jnp.ones((batch,), bool)}
-  variables = model.init(jax.random.key(2), x[:1], train=False)
-  params = variables["params"]
-  model_state = {k: v for k, v in variables.items() if k != "params"}
-  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.03, momentum=0.9))
-  opt_state = tx.init(params)
-
-  def train_step(params, model_state, opt_state, batch, rng):
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (loss, (_, new_state)), grads = grad_fn(
-      params, model_state, {}, batch, rng, model=model, config=cfg
-    )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_state, opt_state, loss
-
-  step_fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(params, model_state, opt_state, data, jax.random.key(3)).compile()
-  compile_s = time.perf_counter() - t0
-  xla_mb = xla_buffers_mb(compiled)
-  state = [params, model_state, opt_state]
-  i = [0]
-
-  def one():
-    i[0] += 1
-    p, s, o, loss = compiled(*state, data, jax.random.key(i[0]))
-    state[:] = [p, s, o]
-    jax.block_until_ready((p, loss))
-
-  _timed(one, warmup)
-  times = _timed(one, steps)
+  # The project's own train step (train/step.py) at configs/task1_supervised.py:paper.
+  info, one = build("supervised", batch, width, view=size)
+  for _ in range(warmup):
+    one()
+  times = [one() for _ in range(steps)]
   return {
-    "compile_s": compile_s,
+    "compile_s": info["compile_s"],
     "step_s": times,
     "base_rss_mb": base,
     "peak_rss_mb": _peak_rss_mb(),
-    "xla_buffers_mb": xla_mb,
+    "xla_buffers_mb": info["xla_buffers_mb"],
     "backend": jax.default_backend(),
     "jax": jax.__version__,
-    "num_params": int(sum(v.size for v in jax.tree.leaves(params))),
+    "num_params": info["num_params"],
   }
 
 
