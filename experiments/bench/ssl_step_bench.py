@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from experiments.bench.resnet_step_bench import xla_buffers_mb
+from experiments.bench.common import xla_buffers_mb
 
 METHODS = ("supervised", "byol", "myow", "myow_merged", "vicreg")
 
@@ -138,7 +138,7 @@ def build_torch_byol(batch: int, view: int = 64, threads: int = 2) -> tuple[dict
   import torch.nn as tnn
   import torch.nn.functional as F
 
-  from experiments.bench.resnet_step_bench import _torch_resnet18_xray
+  from experiments.bench.common import _torch_resnet18_xray
 
   torch.set_num_threads(threads)
   torch.manual_seed(0)

@@ -46,6 +46,8 @@ import sys
 import tempfile
 import time
 
+from experiments.bench.common import _peak_rss_mb, _rss_mb
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (model, batch, spatial shape without channel) per case; QUICK is the headline subset.
@@ -78,17 +80,6 @@ def case_name(model: str, batch: int, shape) -> str:
 
 # ---------------------------------------------------------------------------
 # Workers (child processes): build one step, then answer "step" lines.
-def _rss_mb() -> float:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mb() -> float:
-  import resource
-
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _build_infer(framework: str, batch: int, side: int, threads: int, compute_dtype: str):
   """Eval-mode 2D U-Net forward on [B, side, side, 1] windows; returns (info, one)."""
   if framework == "torch":
@@ -111,7 +102,7 @@ def _build_infer(framework: str, batch: int, side: int, threads: int, compute_dt
   import jax
   import jax.numpy as jnp
 
-  from experiments.bench.resnet_step_bench import xla_buffers_mb
+  from experiments.bench.common import xla_buffers_mb
   from experiments.bench.unet_step_bench import NUM_CLASSES
   from mtneuro_jax.models import MODELS as REG
   from mtneuro_jax.train.step import with_compute_dtype

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from experiments.bench.resnet_step_bench import _peak_rss_mb, _rss_mb, xla_buffers_mb
+from experiments.bench.common import _peak_rss_mb, _rss_mb, xla_buffers_mb
 
 # The PyTorch original's throughput on this machine quoted by the issue (2 threads).
 ISSUE_TORCH = {2: 3.1, 3: 0.24}
