@@ -13,6 +13,7 @@
   mtneuro icip      ICIP 2021 tables (Double U-Net two steps + baselines; micro/macro F1)
   mtneuro predict   sliding-window prediction of a volume box into a zarr (resumable, multi-process)
   mtneuro deploy    region/microstructure maps + region accuracy before/after kNN clean-up
+  mtneuro bench     benchmark suite: JAX vs the PyTorch reference, pipeline, export, inference
 
 Each subcommand's ``--help`` lists its options. Bad input of any subcommand is one
 line ``error: <problem>; <fix>`` on stderr and exit status 2 (no traceback);
@@ -90,6 +91,8 @@ def _icip(argv):
   from experiments import icip_tables
 
   return icip_tables.main(argv)
+
+
 def _predict(argv):
   from experiments import predict
 
@@ -100,6 +103,12 @@ def _deploy(argv):
   from experiments import deploy_tables
 
   return deploy_tables.main(argv)
+
+
+def _bench(argv):
+  from experiments.bench import suite
+
+  return suite.main(argv)
 
 
 def _check_folder_arg(parser: ArgumentParser, flag: str, path: str) -> None:
@@ -201,6 +210,7 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
   "icip": _icip,
   "predict": _predict,
   "deploy": _deploy,
+  "bench": _bench,
 }
 
 

@@ -299,6 +299,10 @@ def loop_defaults(
   c.num_devices = num_devices
   c.progress = progress
   c.distributed = distributed
+  # 'bfloat16': the model's convs/dots in bf16, float32 params/loss/optimizer (train/step.py).
+  c.compute_dtype = "float32"
+  # > 1: every conv's weight gradient as that many convs over batch slices (train/step.py).
+  c.conv_dw_groups = 1
   c.init_from = ml_collections.ConfigDict(
     {"workdir": "", "step": 0, "subtree": "", "model_state": True}
   )

@@ -61,7 +61,12 @@ RULES = (
     (L + "train", L + "objectives", L + "baselines", L + "readout"),
     "evaluators get a predict_fn",
   ),
-  (L + "train", "never", (L + "baselines", L + "readout", L + "deploy"), "the loop knows no baseline"),
+  (
+    L + "train",
+    "never",
+    (L + "baselines", L + "readout", L + "deploy"),
+    "the loop knows no baseline",
+  ),
   # deploy (inference) sits above train, beside eval: it may use train (checkpoints), models, data.
   (
     L + "deploy",

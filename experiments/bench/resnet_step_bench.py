@@ -39,6 +39,13 @@ import subprocess
 import sys
 import time
 
+from experiments.bench.common import (  # noqa: F401  (re-exported for older callers)
+  _peak_rss_mb,
+  _rss_mb,
+  _torch_resnet18_xray,
+  xla_buffers_mb,
+)
+
 # XLA_FLAGS per variant (appended to whatever the environment sets).
 VARIANTS = {
   "default": "",
@@ -67,8 +74,11 @@ FINDINGS = """## Findings (what was tried for the JAX gap)
   within noise (variant rows).
 * Layout: the same conv timed alone in NCHW, CHWN or HWCN instead of NHWC is no faster
   (weight gradient 12.7-15.8 GFLOP/s at 128^2).
-* Precision: on CPU, float32 has no TF32 or bf16 fast path to select. bf16 was not tried:
-  this CPU has no native bf16 matmul, and the paper trains in float32.
+* Precision: float32 has no TF32 path on CPU. bf16 compute (``config.compute_dtype``, issue 13)
+  was measured later in ``suite_quick.md``: no gain for the convolutions on this CPU even though it
+  has avx512_bf16 (see docs/speed.md).
+* Issue 13 (docs/speed.md, suite_quick.json): the weight gradient over two batch halves
+  (``config.conv_dw_groups=2``) is the one XLA-level change that sped up the 64^2 step.
 * Weight gradient as GEMMs (`gemm_dw` variant: a custom VJP with shifted copies of the
   input and a batched matmul over row groups): 2.6x faster for the 128^2 layer1 conv in
   isolation (0.99 s vs 2.6 s). The whole train step got *slower*, though (64^2: 2.3 vs 7.1
@@ -83,26 +93,6 @@ FINDINGS = """## Findings (what was tried for the JAX gap)
   So JAX reaches ~0.35-0.45x PyTorch's throughput on this CPU. Neither matches the issue's
   PyTorch numbers (24.9 / 5.3 img/s), which must come from a faster or idle machine.
 """  # PyTorch numbers quoted in the issue (B=32, 2 threads)
-
-
-def _rss_mb() -> float:
-  """Current resident set size in MiB (Linux)."""
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mb() -> float:
-  import resource
-
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def xla_buffers_mb(compiled) -> float | None:
-  """XLA's buffer assignment of a compiled step: arguments + outputs + temporaries, in MiB."""
-  mem = compiled.memory_analysis()
-  if mem is None:
-    return None
-  return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**20
 
 
 def _timed(step, n):
@@ -226,12 +216,6 @@ def worker_jax(
 ) -> dict:
   """One configuration in this process; returns the measurements."""
   import jax
-  import jax.numpy as jnp
-  import ml_collections
-  import optax
-
-  from mtneuro_jax.models import MODELS
-  from mtneuro_jax.objectives import OBJECTIVES
 
   if variant == "gemm_dw":
     # Swap flax's conv primitive inside the model module only (the model file is not ours to edit).
@@ -246,52 +230,23 @@ def worker_jax(
       **{k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")}
     )
     resnet.nn.Conv = functools.partial(nn.Conv, conv_general_dilated=gemm_dw_conv())
+  from experiments.bench.ssl_step_bench import build
+
   base = _rss_mb()
-  model = MODELS["resnet18_xray"](num_classes=4, width_multiplier=width, dropout=0.2)
-  objective = OBJECTIVES["supervised"]
-  cfg = ml_collections.ConfigDict({})
-  x = jax.random.normal(jax.random.key(0), (batch, size, size, 1), jnp.float32)
-  y = jax.random.randint(jax.random.key(1), (batch,), 0, 4)
-  data = {"image": x, "label": y, "valid": jnp.ones((batch,), bool)}
-  variables = model.init(jax.random.key(2), x[:1], train=False)
-  params = variables["params"]
-  model_state = {k: v for k, v in variables.items() if k != "params"}
-  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.03, momentum=0.9))
-  opt_state = tx.init(params)
-
-  def train_step(params, model_state, opt_state, batch, rng):
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (loss, (_, new_state)), grads = grad_fn(
-      params, model_state, {}, batch, rng, model=model, config=cfg
-    )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_state, opt_state, loss
-
-  step_fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(params, model_state, opt_state, data, jax.random.key(3)).compile()
-  compile_s = time.perf_counter() - t0
-  xla_mb = xla_buffers_mb(compiled)
-  state = [params, model_state, opt_state]
-  i = [0]
-
-  def one():
-    i[0] += 1
-    p, s, o, loss = compiled(*state, data, jax.random.key(i[0]))
-    state[:] = [p, s, o]
-    jax.block_until_ready((p, loss))
-
-  _timed(one, warmup)
-  times = _timed(one, steps)
+  # The project's own train step (train/step.py) at configs/task1_supervised.py:paper.
+  info, one = build("supervised", batch, width, view=size)
+  for _ in range(warmup):
+    one()
+  times = [one() for _ in range(steps)]
   return {
-    "compile_s": compile_s,
+    "compile_s": info["compile_s"],
     "step_s": times,
     "base_rss_mb": base,
     "peak_rss_mb": _peak_rss_mb(),
-    "xla_buffers_mb": xla_mb,
+    "xla_buffers_mb": info["xla_buffers_mb"],
     "backend": jax.default_backend(),
     "jax": jax.__version__,
-    "num_params": int(sum(v.size for v in jax.tree.leaves(params))),
+    "num_params": info["num_params"],
   }
 
 
@@ -346,48 +301,13 @@ def worker_conv(size: int, batch: int, reps: int = 2) -> dict:
   return {"convs": rows}
 
 
-def _torch_resnet18_xray(num_classes: int = 4):
-  """The reference resnet_xray classifier (torchvision resnet18 layout, 1-ch 3x3 stem, no max-pool)."""
-  import torch.nn as tnn
+def build_torch(size: int, batch: int, threads: int = 2) -> tuple[dict, "callable"]:
+  """The PyTorch ResNet18-xray supervised step (SGD momentum, CE), channels_last.
 
-  class Block(tnn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(cout)
-      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = tnn.BatchNorm2d(cout)
-      self.relu = tnn.ReLU(inplace=True)
-      self.down = None
-      if stride != 1 or cin != cout:
-        self.down = tnn.Sequential(
-          tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
-        )
-
-    def forward(self, x):
-      y = self.relu(self.bn1(self.conv1(x)))
-      y = self.bn2(self.conv2(y))
-      return self.relu(y + (x if self.down is None else self.down(x)))
-
-  layers = [tnn.Conv2d(1, 64, 3, 1, 1, bias=False), tnn.BatchNorm2d(64), tnn.ReLU(inplace=True)]
-  cin = 64
-  for i, w in enumerate((64, 128, 256, 512)):
-    for j in range(2):
-      layers.append(Block(cin, w, 2 if (i > 0 and j == 0) else 1))
-      cin = w
-  layers += [
-    tnn.AdaptiveAvgPool2d(1),
-    tnn.Flatten(),
-    tnn.Dropout(0.2),
-    tnn.Linear(512, num_classes),
-  ]
-  return tnn.Sequential(*layers)
-
-
-def worker_torch(size: int, batch: int, warmup: int, steps: int, threads: int) -> dict:
+  Returns (info, one): ``one()`` runs one step and returns its seconds.
+  """
   import torch
 
-  base = _rss_mb()
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   model = _torch_resnet18_xray().to(memory_format=torch.channels_last).train()
@@ -396,22 +316,156 @@ def worker_torch(size: int, batch: int, warmup: int, steps: int, threads: int) -
   y = torch.randint(0, 4, (batch,))
   loss_fn = torch.nn.CrossEntropyLoss()
 
-  def one():
+  def one() -> float:
+    t = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(model(x), y)
     loss.backward()
     opt.step()
+    return time.perf_counter() - t
 
-  _timed(one, warmup)
-  times = _timed(one, steps)
-  return {
-    "step_s": times,
-    "base_rss_mb": base,
-    "peak_rss_mb": _peak_rss_mb(),
+  info = {
+    "compile_s": None,
+    "xla_buffers_mb": None,
+    "version": f"torch {torch.__version__}, {threads} threads",
     "torch": torch.__version__,
     "threads": threads,
     "num_params": int(sum(p.numel() for p in model.parameters())),
   }
+  return info, one
+
+
+def worker_torch(size: int, batch: int, warmup: int, steps: int, threads: int) -> dict:
+  base = _rss_mb()
+  info, one = build_torch(size, batch, threads)
+  for _ in range(warmup):
+    one()
+  times = [one() for _ in range(steps)]
+  return {**info, "step_s": times, "base_rss_mb": base, "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_conv_torch(size: int, batch: int, threads: int = 2, reps: int = 2) -> dict:
+  """PyTorch (oneDNN) counterpart of ``worker_conv``: each conv shape's three passes alone."""
+  import torch
+
+  torch.set_num_threads(threads)
+  rows = []
+  for name, s, ci, co, st in conv_shapes(size):
+    x = torch.randn(batch, ci, s, s).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(co, ci, 3, 3) * 0.05).contiguous(memory_format=torch.channels_last)
+    dy = torch.ones(batch, co, s // st, s // st).contiguous(memory_format=torch.channels_last)
+    args = ([st, st], [1, 1], [1, 1], False, [0, 0], 1)
+    fns = {
+      "fwd": lambda x=x, w=w, st=st: torch.nn.functional.conv2d(x, w, stride=st, padding=1),
+      "dx": lambda x=x, w=w, dy=dy, args=args: torch.ops.aten.convolution_backward(
+        dy, x, w, None, *args, [True, False, False]
+      ),
+      "dw": lambda x=x, w=w, dy=dy, args=args: torch.ops.aten.convolution_backward(
+        dy, x, w, None, *args, [False, True, False]
+      ),
+    }
+    flops = 2 * batch * (s // st) ** 2 * ci * co * 9
+    row = {"conv": name, "input": [batch, s, s, ci], "c_out": co, "stride": st}
+    row["gflop"] = flops / 1e9
+    with torch.no_grad():
+      for k, fn in fns.items():
+        fn()
+        t = _timed(fn, reps)
+        row[f"{k}_ms"] = 1e3 * statistics.median(t)
+        row[f"{k}_gflops"] = flops / statistics.median(t) / 1e9
+    rows.append(row)
+  return {"convs": rows}
+
+
+def worker_dw_variants(size: int, batch: int, reps: int = 3) -> dict:
+  """XLA-level rewrites of one weight-gradient conv, each timed alone against XLA's own.
+
+  For the 3x3 stride-1 convs of ResNet18-xray at ``size``^2 (layer1..layer4 shapes):
+  ``xla`` (jax.vjp of the conv), ``batch_split_G`` (``train.step.split_weight_grad_conv``:
+  G weight-gradient convs over batch slices, summed), ``shift_dot`` (nine dots of shifted input slices, one per
+  tap, contracting B*Y*X), ``shift_dot_bf16`` (the same on bf16 operands, float32
+  accumulation), ``im2col_dot`` (conv_general_dilated_patches then one dot, float32 and bf16).
+  Also the max relative error against ``xla``.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  def conv(x, w):
+    return lax.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  def dw_xla(x, w, dy):
+    return jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+
+  def dw_shift(x, w, dy, dt=jnp.float32):
+    b, h, wd, c = x.shape
+    co = dy.shape[-1]
+    xp = jnp.pad(x.astype(dt), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    d = dy.astype(dt).reshape(-1, co)
+    taps = [
+      lax.dot_general(
+        lax.slice(xp, (0, i, j, 0), (b, i + h, j + wd, c)).reshape(-1, c),
+        d,
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+      )
+      for i in range(3)
+      for j in range(3)
+    ]
+    return jnp.stack(taps).reshape(3, 3, c, co)
+
+  def dw_im2col(x, w, dy, dt=jnp.float32):
+    c, co = x.shape[-1], dy.shape[-1]
+    p = lax.conv_general_dilated_patches(
+      x.astype(dt), (3, 3), (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )  # [B, Y, X, C*9], channel-major
+    r = lax.dot_general(
+      p.reshape(-1, c * 9),
+      dy.astype(dt).reshape(-1, co),
+      (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+    )
+    return r.reshape(c, 3, 3, co).transpose(1, 2, 0, 3)
+
+  from mtneuro_jax.train.step import split_weight_grad_conv
+
+  def dw_split(x, w, dy, groups):
+    conv_g = split_weight_grad_conv(groups)
+    f = lambda w: conv_g(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    return jax.vjp(f, w)[1](dy)[0]
+
+  variants = {
+    "xla": dw_xla,
+    "batch_split_2": lambda x, w, dy: dw_split(x, w, dy, 2),
+    "batch_split_4": lambda x, w, dy: dw_split(x, w, dy, 4),
+    "shift_dot": dw_shift,
+    "shift_dot_bf16": lambda x, w, dy: dw_shift(x, w, dy, jnp.bfloat16),
+    "im2col_dot": dw_im2col,
+    "im2col_dot_bf16": lambda x, w, dy: dw_im2col(x, w, dy, jnp.bfloat16),
+  }
+  rows = []
+  for name, s, ci, co, st in conv_shapes(size):
+    if st != 1 or ci == 1:
+      continue
+    x = jax.random.normal(jax.random.key(0), (batch, s, s, ci))
+    w = jnp.zeros((3, 3, ci, co))
+    dy = jax.random.normal(jax.random.key(1), (batch, s, s, co))
+    flops = 2 * batch * s * s * ci * co * 9
+    row = {"conv": name, "input": [batch, s, s, ci], "c_out": co, "gflop": flops / 1e9}
+    ref = None
+    for k, fn in variants.items():
+      f = jax.jit(fn)
+      out = f(x, w, dy).block_until_ready()
+      ref = out if ref is None else ref
+      t = statistics.median(
+        _timed(lambda f=f, x=x, w=w, dy=dy: f(x, w, dy).block_until_ready(), reps)
+      )
+      row[f"{k}_ms"] = 1e3 * t
+      row[f"{k}_rel_err"] = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+    rows.append(row)
+  return {"dw_variants": rows}
 
 
 def _run_worker(framework: str, variant: str, size: int, args) -> dict:
@@ -558,6 +612,10 @@ def main(argv=None) -> int:
   if args._worker:  # child process: one configuration, one JSON line on stdout
     if args._worker == "conv":
       res = worker_conv(sizes[0], args.batch)
+    elif args._worker == "conv_torch":
+      res = worker_conv_torch(sizes[0], args.batch, args.torch_threads)
+    elif args._worker == "dw_variants":
+      res = worker_dw_variants(sizes[0], args.batch)
     elif args._worker == "jax":
       res = worker_jax(sizes[0], args.batch, args.warmup, args.steps, args.width, args.variants)
     else:

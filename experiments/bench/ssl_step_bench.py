@@ -28,12 +28,26 @@ import subprocess
 import sys
 import time
 
+from experiments.bench.common import xla_buffers_mb
+
 METHODS = ("supervised", "byol", "myow", "myow_merged", "vicreg")
 
 
-def worker(method: str, batch: int, width: float, warmup: int, steps: int) -> dict:
+def build(
+  method: str,
+  batch: int,
+  width: float,
+  view: int = 64,
+  compute_dtype: str = "float32",
+  conv_dw_groups: int = 1,
+) -> tuple[dict, "callable"]:
+  """Builds ``method``'s train step (``train/step.py``) on a fixed batch.
+
+  Returns (info, one): ``one()`` runs one step to completion and returns its seconds; the
+  first call compiles. SSL methods get tiles of 2 * ``view`` (their views are half-size
+  crops), the supervised step whole ``view``^2 tiles.
+  """
   import importlib
-  import resource
 
   import jax
   import jax.numpy as jnp
@@ -52,7 +66,7 @@ def worker(method: str, batch: int, width: float, warmup: int, steps: int) -> di
   model = MODELS[cfg.model_name](**dict(cfg.model))
   objective = OBJECTIVES[cfg.objective_name]
   mesh = sharding.make_mesh(1)
-  side = 64 if method == "supervised" else 128
+  side = view if method == "supervised" else 2 * view
   rows = batch * 2 if method.startswith("myow") else batch
   rng = np.random.default_rng(0)
   host = {
@@ -70,7 +84,6 @@ def worker(method: str, batch: int, width: float, warmup: int, steps: int) -> di
     ),
     out_shardings=sharding.replicated_sharding(mesh),
   )()
-  n_params = param_count(state.params)
   p_step = step_lib.jit_train_step(
     mesh,
     model=model,
@@ -79,31 +92,136 @@ def worker(method: str, batch: int, width: float, warmup: int, steps: int) -> di
     config=cfg.objective,
     total_steps=1000,
     steps_per_epoch=100,
+    compute_dtype=compute_dtype,
+    conv_dw_groups=conv_dw_groups,
   )
   t0 = time.perf_counter()
-  for _ in range(warmup):
-    state, m = p_step(state, data)
-  jax.block_until_ready(m)
+  compiled = p_step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
+  box = {"state": state, "loss": None}
+
+  def one() -> float:
     t = time.perf_counter()
-    state, m = p_step(state, data)
+    box["state"], m = compiled(box["state"], data)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+    box["loss"] = float(m["train/loss"])
+    return time.perf_counter() - t
+
+  info = {
+    "method": method,
+    "rows_per_step": rows,
+    "view": f"1x{view}x{view}",
+    "width": width,
+    "num_params": param_count(state.params),
+    "compile_s": compile_s,
+    "xla_buffers_mb": xla_buffers_mb(compiled),
+    "compute_dtype": compute_dtype,
+    "conv_dw_groups": conv_dw_groups,
+    "version": f"jax {jax.__version__} ({jax.default_backend()})",
+  }
+  return info, one
+
+
+def build_torch_byol(batch: int, view: int = 64, threads: int = 2) -> tuple[dict, "callable"]:
+  """The PyTorch counterpart of our BYOL step at ``:paper`` (for the suite's side-by-side).
+
+  ResNet18-xray encoder (``resnet_step_bench._torch_resnet18_xray`` without its head),
+  projector 512->4096->256 and predictor 256->4096->256 (Linear, BatchNorm1d, ReLU, Linear),
+  an EMA target (encoder + projector), the symmetric 2 - 2 cos loss, plus the online linear
+  probe on detached features; SGD momentum 0.9, weight decay 5e-4. Views: two random
+  half-size crops per sample of 2 * ``view`` tiles (one offset per sample, as ours),
+  channels_last. Four encoder passes per step, like ours.
+  """
+  import copy
+
+  import torch
+  import torch.nn as tnn
+  import torch.nn.functional as F
+
+  from experiments.bench.common import _torch_resnet18_xray
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+
+  def mlp(cin, hidden, out):
+    return tnn.Sequential(
+      tnn.Linear(cin, hidden),
+      tnn.BatchNorm1d(hidden),
+      tnn.ReLU(inplace=True),
+      tnn.Linear(hidden, out),
+    )
+
+  encoder = _torch_resnet18_xray()[:-2]  # up to the flattened 512-d features
+  online = tnn.Sequential(encoder, mlp(512, 4096, 256)).to(memory_format=torch.channels_last)
+  predictor = mlp(256, 4096, 256)
+  probe = tnn.Linear(512, 4)
+  target = copy.deepcopy(online)
+  for p in target.parameters():
+    p.requires_grad_(False)
+  params = [*online.parameters(), *predictor.parameters(), *probe.parameters()]
+  opt = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=5e-4)
+  side = 2 * view
+  tiles = torch.randn(batch, 1, side, side)
+  labels = torch.randint(0, 4, (batch,))
+  gen = torch.Generator().manual_seed(1)
+
+  def crops() -> torch.Tensor:
+    off = torch.randint(0, side - view + 1, (batch, 2), generator=gen).tolist()
+    return torch.stack(
+      [t[:, y : y + view, x : x + view] for t, (y, x) in zip(tiles, off, strict=True)]
+    ).contiguous(memory_format=torch.channels_last)
+
+  def one() -> float:
+    t = time.perf_counter()
+    v1, v2 = crops(), crops()
+    opt.zero_grad(set_to_none=True)
+    f1 = encoder(v1)
+    f2 = encoder(v2)
+    p1 = predictor(online[1](f1))
+    p2 = predictor(online[1](f2))
+    with torch.no_grad():
+      z1, z2 = target(v1), target(v2)
+    loss = (2 - 2 * F.cosine_similarity(p1, z2, dim=-1)).mean()
+    loss = loss + (2 - 2 * F.cosine_similarity(p2, z1, dim=-1)).mean()
+    loss = loss + F.cross_entropy(probe(f1.detach()), labels)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+      for pt, po in zip(target.parameters(), online.parameters(), strict=True):
+        pt.mul_(0.996).add_(po.detach(), alpha=0.004)
+    return time.perf_counter() - t
+
+  info = {
+    "method": "byol",
+    "num_params": int(sum(p.numel() for p in params)),
+    "compile_s": None,
+    "xla_buffers_mb": None,
+    "version": f"torch {torch.__version__}, {threads} threads",
+  }
+  return info, one
+
+
+def worker(method: str, batch: int, width: float, warmup: int, steps: int) -> dict:
+  import resource
+
+  info, one = build(method, batch, width)
+  t0 = time.perf_counter()
+  for _ in range(warmup):
+    one()
+  warm_s = time.perf_counter() - t0
+  times = [one() for _ in range(steps)]
   med = statistics.median(times)
   return {
     "method": method,
     "batch": batch,
-    "rows_per_step": rows,
-    "view": "1x64x64",
+    "rows_per_step": info["rows_per_step"],
+    "view": info["view"],
     "width": width,
-    "params": n_params,
-    "warmup_s": round(compile_s, 2),
+    "params": info["num_params"],
+    "warmup_s": round(warm_s + info["compile_s"], 2),
     "step_s": [round(t, 3) for t in times],
     "median_step_s": round(med, 3),
     "img_per_s": round(batch / med, 2),
-    "loss": float(m["train/loss"]),
     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
   }
 

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from experiments.bench.resnet_step_bench import _peak_rss_mb, _rss_mb, xla_buffers_mb
+from experiments.bench.common import _peak_rss_mb, _rss_mb, xla_buffers_mb
 
 # The PyTorch original's throughput on this machine quoted by the issue (2 threads).
 ISSUE_TORCH = {2: 3.1, 3: 0.24}
@@ -68,16 +68,27 @@ def _batch_shape(dims: int, batch: int, size: int, depth: int) -> tuple[int, ...
   return (batch, size, size) if dims == 2 else (batch, depth, size, size)
 
 
-def worker_jax(dims: int, batch: int, size: int, depth: int):
-  """Builds the step; returns (info, one_step) where one_step() runs and times one step."""
+def worker_jax(
+  dims: int,
+  batch: int,
+  size: int,
+  depth: int,
+  compute_dtype: str = "float32",
+  conv_dw_groups: int = 1,
+):
+  """Builds the step; returns (info, one_step) where one_step() runs and times one step.
+
+  ``compute_dtype`` 'bfloat16' runs the model through ``train.step.with_compute_dtype``.
+  """
   import jax
   import jax.numpy as jnp
   import optax
 
   from mtneuro_jax.models import MODELS
+  from mtneuro_jax.train.step import conv_weight_grad_split, with_compute_dtype
 
   base = _rss_mb()
-  model = MODELS["unet"](num_classes=NUM_CLASSES, dims=dims)
+  model = with_compute_dtype(MODELS["unet"](num_classes=NUM_CLASSES, dims=dims), compute_dtype)
   shape = _batch_shape(dims, batch, size, depth)
   x = jax.random.normal(jax.random.key(0), shape + (1,), jnp.float32)
   y = jax.random.randint(jax.random.key(1), shape, 0, NUM_CLASSES)
@@ -95,7 +106,8 @@ def worker_jax(dims: int, batch: int, size: int, depth: int):
     return jnp.mean(ce), new
 
   def train_step(params, stats, opt_state, x, y):
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
+    with conv_weight_grad_split(conv_dw_groups):
+      (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), dict(new_stats), opt_state, loss
 
@@ -119,6 +131,8 @@ def worker_jax(dims: int, batch: int, size: int, depth: int):
     "compile_s": compile_s,
     "base_rss_mb": base,
     "xla_buffers_mb": xla_mb,
+    "compute_dtype": compute_dtype,
+    "conv_dw_groups": conv_dw_groups,
     "version": f"jax {jax.__version__} ({jax.default_backend()})",
     "num_params": int(sum(v.size for v in jax.tree.leaves(params))),
   }

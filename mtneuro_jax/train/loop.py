@@ -169,6 +169,8 @@ def validate_config(config) -> None:
       raise ConfigError(
         f"config.{key}={v!r} must be a positive integer; set e.g. --config.{key}=32"
       )
+  step_lib.check_compute_dtype(config.get("compute_dtype", "float32"))
+  step_lib.check_conv_dw_groups(config.get("conv_dw_groups", 1))
   total = config.get("total_steps", 0) or 0
   if total < 0:
     raise ConfigError(
@@ -239,6 +241,8 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
   if ckpt.latest_step() is not None and os.path.exists(config_path):
     with open(config_path) as f:
       saved = json.load(f)
+    saved.setdefault("compute_dtype", "float32")  # runs saved before these keys existed
+    saved.setdefault("conv_dw_groups", 1)
     changes = config_differences(saved, json.loads(config.to_json_best_effort()))
     if changes and not allow_config_change:
       listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:8])
@@ -352,6 +356,8 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
     config=objective_cfg,
     total_steps=total_steps,
     steps_per_epoch=steps_per_epoch,
+    compute_dtype=str(config.get("compute_dtype", "float32")),
+    conv_dw_groups=int(config.get("conv_dw_groups", 1)),
   )
   p_predict = step_lib.jit_predict(model=model, objective=objective, config=objective_cfg)
   log_every = int(config.get("log_every_steps", 50) or 1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import types
 from typing import Any, Callable
 
 import jax
@@ -11,8 +13,177 @@ import optax
 from jax.sharding import Mesh
 
 from mtneuro_jax import sharding
+from mtneuro_jax.errors import ConfigError
 from mtneuro_jax.objectives.base import StepContext
 from mtneuro_jax.train.state import TrainState
+
+# ``config.compute_dtype``: the dtype the model's convolutions and dots run in. Params,
+# optimizer state, BatchNorm statistics, the loss and the gradients stay float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def check_compute_dtype(compute_dtype: str) -> str:
+  """Returns ``compute_dtype`` if known, else raises ConfigError."""
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(
+      f"config.compute_dtype={compute_dtype!r} is not one of {COMPUTE_DTYPES}; "
+      "use --config.compute_dtype=float32 (the default) or bfloat16"
+    )
+  return compute_dtype
+
+
+def check_conv_dw_groups(groups) -> int:
+  """Returns ``groups`` if it is a positive int, else raises ConfigError."""
+  if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    raise ConfigError(
+      f"config.conv_dw_groups={groups!r} must be a positive integer; use 1 (XLA's own weight "
+      "gradient, the default) or e.g. 2"
+    )
+  return groups
+
+
+def _cast_floating(tree, dtype):
+  """``tree`` with every floating array leaf cast to ``dtype`` (other leaves unchanged)."""
+
+  def cast(x):
+    if isinstance(x, (jax.Array, jnp.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return x
+
+  return jax.tree.map(cast, tree)
+
+
+class MixedPrecisionModel:
+  """A Linen model run in a lower precision, with float32 master weights.
+
+  ``apply(variables, *args, **kwargs)`` casts the floating leaves of ``variables['params']``
+  and of the positional inputs (e.g. the image ``[B, (Z,) Y, X, C]``) to ``compute_dtype``,
+  so every Linen layer whose ``dtype`` is None computes in it (flax promotes to the inputs'
+  and params' dtype; BatchNorm still reduces its statistics in float32), and casts every
+  floating output (outputs and mutated collections) back to float32, so losses, metrics,
+  BatchNorm running statistics and gradients w.r.t. the float32 params are float32.
+  Everything else (``init``, attributes) is the wrapped model's. Works for every model
+  without editing the model files.
+  """
+
+  def __init__(self, model, compute_dtype: str):
+    self.model = model
+    self.compute_dtype = jnp.dtype(check_compute_dtype(compute_dtype))
+
+  def apply(self, variables, *args, **kwargs):
+    variables = dict(variables)
+    if "params" in variables:
+      variables["params"] = _cast_floating(variables["params"], self.compute_dtype)
+    out = self.model.apply(variables, *_cast_floating(args, self.compute_dtype), **kwargs)
+    return _cast_floating(out, jnp.float32)
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+
+def with_compute_dtype(model, compute_dtype: str = "float32"):
+  """``model`` itself for float32 (the default path is untouched), else a MixedPrecisionModel."""
+  if check_compute_dtype(compute_dtype) == "float32":
+    return model
+  return MixedPrecisionModel(model, compute_dtype)
+
+
+def split_weight_grad_conv(groups: int) -> Callable:
+  """A drop-in for ``lax.conv_general_dilated`` whose weight gradient is the sum of
+  ``groups`` weight-gradient convs over batch slices (same maths, summed in another order).
+
+  Why: XLA:CPU's weight-gradient ("backward filter") convolution uses the cores poorly
+  (see docs/speed.md); independent convs on batch slices run concurrently in XLA:CPU's
+  thunk executor. Forward and input gradient are XLA's own. Falls back to lax for grouped,
+  batch-grouped or lhs-dilated convs and for batches not divisible by ``groups``.
+  """
+  import jax.lax as lax
+
+  def conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+  ):
+    kw = dict(
+      window_strides=window_strides,
+      padding=padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    b_in, b_out = dn.lhs_spec[0], dn.out_spec[0]
+    plain = (
+      feature_group_count == 1
+      and batch_group_count == 1
+      and all(d in (None, 1) for d in (lhs_dilation or (None,)))
+      and lhs.shape[b_in] % groups == 0
+      and groups > 1
+    )
+    if not plain:
+      return lax.conv_general_dilated(lhs, rhs, **kw)
+
+    def f(x, w):
+      return lax.conv_general_dilated(x, w, **kw)
+
+    @jax.custom_vjp
+    def split(x, w):
+      return f(x, w)
+
+    def fwd(x, w):
+      return f(x, w), (x, w)
+
+    def bwd(res, dy):
+      x, w = res
+      dx = jax.vjp(lambda x_: f(x_, w), x)[1](dy)[0]
+      k = x.shape[b_in] // groups
+      dw = None
+      for g in range(groups):
+        xg = lax.slice_in_dim(x, g * k, (g + 1) * k, axis=b_in)
+        dyg = lax.slice_in_dim(dy, g * k, (g + 1) * k, axis=b_out)
+        part = jax.vjp(lambda w_, xg=xg: f(xg, w_), w)[1](dyg)[0]
+        dw = part if dw is None else dw + part
+      return dx, dw
+
+    split.defvjp(fwd, bwd)
+    return split(lhs, rhs)
+
+  return conv
+
+
+@contextlib.contextmanager
+def conv_weight_grad_split(groups: int):
+  """While active, every ``flax.linen.Conv`` traced uses ``split_weight_grad_conv(groups)``.
+
+  flax's Conv looks ``lax.conv_general_dilated`` up in its module at call time when the
+  layer sets no ``conv_general_dilated`` of its own, so swapping that name while the step is
+  traced changes every model's convs without editing the model files. ``groups`` 1 = no-op.
+  """
+  import flax.linen.linear as flax_linear
+
+  if groups <= 1:
+    yield
+    return
+  saved = flax_linear.lax
+  names = {k: getattr(saved, k) for k in dir(saved) if not k.startswith("__")}
+  names["conv_general_dilated"] = split_weight_grad_conv(groups)
+  flax_linear.lax = types.SimpleNamespace(**names)
+  try:
+    yield
+  finally:
+    flax_linear.lax = saved
 
 
 def global_norm(tree) -> jax.Array:
@@ -35,6 +206,8 @@ def train_step(
   config,
   total_steps: int,
   steps_per_epoch: int = 0,
+  compute_dtype: str = "float32",
+  conv_dw_groups: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update.
 
@@ -45,12 +218,17 @@ def train_step(
     config: the objective's ConfigDict (``config.objective``).
     total_steps, steps_per_epoch: the run's length and epoch size (static), for the
       objective's StepContext (steps_per_epoch 0 = unknown).
+    compute_dtype: 'float32' (default) or 'bfloat16': the model runs in it with float32
+      params, loss, gradients and optimizer state (see MixedPrecisionModel).
+    conv_dw_groups: > 1 computes every flax Conv's weight gradient as that many convs over
+      batch slices (``split_weight_grad_conv``); 1 (default) = XLA's own.
 
   Returns:
     (new state, metrics: dict of float32 scalars). Metrics are the objective's
     plus 'train/grad_norm'; 'train/loss' is the scalar loss if the objective did
     not name it (the loop's NaN guard reads both).
   """
+  model = with_compute_dtype(model, compute_dtype)
   rng = state.step_rng()
   ctx = StepContext(
     step=state.step, total_steps=int(total_steps), steps_per_epoch=int(steps_per_epoch)
@@ -61,9 +239,10 @@ def train_step(
       params, state.model_state, state.aux, batch, rng, ctx=ctx, model=model, config=config
     )
 
-  (loss, (metrics, model_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    state.params
-  )
+  with conv_weight_grad_split(conv_dw_groups):
+    (loss, (metrics, model_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+    )
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   aux = objective.update(aux, params, ctx=ctx, config=config)
@@ -86,14 +265,19 @@ def jit_train_step(
   total_steps: int,
   steps_per_epoch: int = 0,
   donate: bool = True,
+  compute_dtype: str = "float32",
+  conv_dw_groups: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``train_step`` bound to its statics and jitted for ``mesh``.
 
   State in/out replicated, batch split on 'data' (P('data') on the leading axis),
   metrics replicated. The state is donated: never reuse the state you pass in.
   Under jit, BatchNorm statistics are over the global batch, so the result does
-  not depend on the number of devices.
+  not depend on the number of devices. ``compute_dtype``, ``conv_dw_groups``: see
+  ``train_step``.
   """
+  check_compute_dtype(compute_dtype)
+  check_conv_dw_groups(conv_dw_groups)
   fn = functools.partial(
     train_step,
     model=model,
@@ -102,6 +286,8 @@ def jit_train_step(
     config=config,
     total_steps=total_steps,
     steps_per_epoch=steps_per_epoch,
+    compute_dtype=compute_dtype,
+    conv_dw_groups=conv_dw_groups,
   )
   rep, data = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh)
   return jax.jit(
