@@ -118,13 +118,34 @@ def _check_folder_arg(parser: ArgumentParser, flag: str, path: str) -> None:
     parser.error(f"{flag} {path} is a file, not a folder")
 
 
-MAIN_TASKS = ("1", "2", "3")
+MAIN_TASKS = ("1", "2", "3", "icip")
+
+
+def _icip_and_deploy(preset: str, data_dir: str, out: str, out_root: str) -> int:
+  """``mtneuro icip`` at ``preset``, then ``mtneuro deploy`` of its seed-1 Double U-Net."""
+  import json
+
+  rc = _icip(["--preset", preset, "--data_dir", data_dir, "--out", out])
+  if rc:
+    return rc
+  with open(os.path.join(out, "icip_tables.json")) as f:
+    runs = json.load(f)["final_runs"].get("double_unet", {})
+  if not runs:
+    print("== no Double U-Net run in the ICIP tables: deployment skipped", flush=True)
+    return 0
+  run = runs[sorted(runs, key=int)[0]]
+  deploy_preset = "quick" if preset != "paper" else "full"
+  deploy_out = os.path.join(out_root, f"deploy_{preset}")
+  print(f"== deploy the Double U-Net {run} -> {deploy_out}", flush=True)
+  return _deploy(["--preset", deploy_preset, "--run", run, "--out", deploy_out])
 
 
 def _main_job(argv):
   """Quick benchmark on the embedded phantom: export every task, summarise, then the quick
   tables of Task 1 (region classification), Task 2 (segmentation) and Task 3 (readouts of the
-  Task 1 encoders) into <out>/task{1,2,3}_<preset>."""
+  Task 1 encoders) into <out>/task{1,2,3}_<preset>, and the ICIP 2021 multi-scale tables
+  (<out>/icip_<preset>) followed by whole-volume deployment of its Double U-Net
+  (<out>/deploy_<preset>: region maps, accuracy before/after kNN clean-up)."""
   from experiments.task1_tables import PRESETS  # light: the heavy imports of task1 are lazy
 
   parser = ArgumentParser(prog="mtneuro main", description=_main_job.__doc__)
@@ -147,7 +168,7 @@ def _main_job(argv):
     "--tasks",
     default=",".join(MAIN_TASKS),
     help="which tasks' tables to run after the export, e.g. 1,3 (default: %(default)s; "
-    "Task 3 reads the Task 1 encoders)",
+    "Task 3 reads the Task 1 encoders; icip = the ICIP tables + deployment)",
   )
   parser.add_argument("--skip_task1", action="store_true", help="only export and summarise")
   args = parser.parse_args(argv)
@@ -162,6 +183,7 @@ def _main_job(argv):
   _check_folder_arg(parser, "--data_dir", args.data_dir)
   _check_folder_arg(parser, "--out", args.out)
   outs = {t: os.path.join(args.out, f"task{t}_{args.preset}") for t in MAIN_TASKS}
+  outs["icip"] = os.path.join(args.out, f"icip_{args.preset}")
   runners = {
     "1": lambda: _task1(["--preset", args.preset, "--data_dir", args.data_dir, "--out", outs["1"]]),
     "2": lambda: _task2(["--preset", args.preset, "--data_dir", args.data_dir, "--out", outs["2"]]),
@@ -169,6 +191,7 @@ def _main_job(argv):
       ["--preset", args.preset, "--data_dir", args.data_dir, "--t1_dir", outs["1"]]
       + ["--out", outs["3"]]
     ),
+    "icip": lambda: _icip_and_deploy(args.preset, args.data_dir, outs["icip"], args.out),
   }
   t0 = time.time()
   print(
