@@ -25,7 +25,7 @@ Run (~3-5 min on 2 CPU cores, the first time; `mtneuro fidelity` is the same)::
 The exports go to ``<out>/data`` (reused by a rerun when complete and made from the same
 source and generator; replaced otherwise) unless ``--data_dir`` names a folder that
 already holds both complete exports of this phantom. The ResNet's workdir is
-``<out>/work/...`` (named by the exports' content digests; a finished run is reused).
+under ``<out>`` in the ``work`` folder (named by the exports' content digests; a finished run is reused).
 ``--quick_dev`` (development only): 8 candidates per region and split, the ``tiny``
 ResNet, cube sets A and C only; the report says so at the top.
 

@@ -1,6 +1,6 @@
 """Worker processes that render parts of a phantom box in parallel (``PhantomVolume(workers=N)``).
 
-Workers are plain child processes (``python -m mtneuro_jax.volumes.phantom_pool``) that
+Workers are plain child processes (``python -m mtneuro_jax.volumes.phantom_worker``) that
 read render requests from stdin and write the rendered arrays to stdout (pickled).
 Not ``multiprocessing``: its ``fork`` is unsafe once the main job has imported JAX,
 and its ``spawn``/``forkserver`` re-import the caller's main module in every worker
@@ -45,7 +45,7 @@ class _Worker:
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
     self.proc = subprocess.Popen(
-      [sys.executable, "-m", "mtneuro_jax.volumes.phantom_pool"],
+      [sys.executable, "-m", "mtneuro_jax.volumes.phantom_worker"],
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
       env=env,
@@ -53,8 +53,8 @@ class _Worker:
 
   def call(self, request) -> dict:
     try:
-      _send(self.proc.stdin, request)
-      status, payload = _recv(self.proc.stdout)
+      send(self.proc.stdin, request)
+      status, payload = recv(self.proc.stdout)
     except (OSError, EOFError, pickle.UnpicklingError, struct.error) as e:
       raise WorkerError(f"phantom worker {self.proc.pid} failed: {e!r}") from None
     if status != "ok":
@@ -93,7 +93,7 @@ class _WorkerSet:
       w.close()
 
 
-def _send(f, obj) -> None:
+def send(f, obj) -> None:
   data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
   f.write(struct.pack("<Q", len(data)))
   f.write(data)
@@ -110,7 +110,7 @@ def _read_exact(f, n: int) -> bytes:
   return bytes(buf)
 
 
-def _recv(f):
+def recv(f):
   (n,) = struct.unpack("<Q", _read_exact(f, 8))
   return pickle.loads(_read_exact(f, n))
 
@@ -144,31 +144,3 @@ def shutdown() -> None:
     _SETS.clear()
   for ws in sets:
     ws.close()
-
-
-def _serve() -> None:
-  """The worker loop: requests on stdin, ("ok", arrays) or ("error", text) on stdout."""
-  from mtneuro_jax.volumes import phantom, spec
-
-  stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-  sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
-  volumes: dict = {}
-  while True:
-    try:
-      seed, zi, bounds = _recv(stdin)
-    except EOFError:
-      return
-    try:
-      vol = volumes.get((seed, zi))
-      if vol is None:
-        vol = volumes[(seed, zi)] = phantom.PhantomVolume(
-          seed, workers=1, zi_axon_labels=zi, cache_bytes=0
-        )
-      reply = ("ok", vol.render(spec.Box(*bounds)))
-    except Exception as e:  # noqa: BLE001 -- reported to the parent, which re-raises
-      reply = ("error", f"{e.__class__.__name__}: {e}")
-    _send(stdout, reply)
-
-
-if __name__ == "__main__":
-  _serve()
