@@ -25,7 +25,7 @@ Run (~3-5 min on 2 CPU cores, the first time; `mtneuro fidelity` is the same)::
 The exports go to ``<out>/data`` (reused by a rerun when complete and made from the same
 source and generator; replaced otherwise) unless ``--data_dir`` names a folder that
 already holds both complete exports of this phantom. The ResNet's workdir is
-under ``<out>`` in the ``work`` folder (named by the exports' content digests; a finished run is reused).
+under ``<out>`` in the ``runs`` folder (named by the exports' content digests; a finished run is reused).
 ``--quick_dev`` (development only): 8 candidates per region and split, the ``tiny``
 ResNet, cube sets A and C only; the report says so at the top.
 
@@ -1125,7 +1125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print("[fidelity] training the supervised ResNet (quick: ~30 s warm, ~1.5 min cold)", flush=True)
   sup = train_supervised(
     data_dir,
-    os.path.join(args.out, "work"),
+    os.path.join(args.out, "runs"),
     exports,
     config_arg="tiny" if args.quick_dev else "quick",
     progress=progress,

@@ -1,6 +1,6 @@
 """The fidelity report's pieces (experiments/phantom_fidelity.py, volumes/morphology.py) and the
 render bench's baseline machinery, on constructed inputs: no rendering of real-size boxes, no
-dependence on /work/data or on the phantom's exact numbers."""
+dependence on an exported dataset or on the phantom's exact numbers."""
 
 import json
 import math
