@@ -58,10 +58,13 @@ import numpy as np
 from experiments.tables import (
   bootstrap_ci,
   ci_text,
+  exports_info,
   fmt,
   machine_info,
   machine_line,
   mean_sd,
+  parse_seeds,
+  select_words,
   set_dotted,
   source_line,
 )
@@ -440,35 +443,6 @@ def _overlay_markdown(t: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-def _data_info(data_dir: str, tasks: Sequence[str]) -> dict:
-  from mtneuro_jax.data import pipeline
-
-  infos = {
-    t: pipeline.dataset_info({"data_dir": data_dir, "task": t, "downsample": 1}) for t in tasks
-  }
-  sources = {i["source"] for i in infos.values()}
-  if len(sources) > 1:
-    raise UserError(
-      f"the exports in {data_dir} come from different sources: {sorted(sources)}; "
-      f"export {', '.join(tasks)} from one source"
-    )
-  return {
-    "source": sources.pop(),
-    "synthetic": any(i["synthetic"] for i in infos.values()),
-    "limit_per_split": next(
-      (i["limit_per_split"] for i in infos.values() if i["limit_per_split"]), None
-    ),
-  }
-
-
-def _words(parser, flag: str, value: str | None, known: Sequence, default: Sequence) -> tuple:
-  if not value:
-    return tuple(default)
-  words = tuple(w for w in value.split(",") if w)
-  bad = [w for w in words if w not in known]
-  if bad or not words:
-    parser.error(f"{flag}={value!r}: unknown {bad}; known: {','.join(known)}")
-  return words
 
 
 def main(argv=None) -> int:
@@ -494,13 +468,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   preset = PRESETS[args.preset]
-  models = _words(parser, "--models", args.models, MODELS, preset.models)
-  try:
-    seeds = tuple(int(s) for s in args.seeds.split(",") if s) if args.seeds else preset.seeds
-  except ValueError:
-    parser.error(f"--seeds={args.seeds!r} must be comma-separated integers, e.g. 1,100")
-  if not seeds:
-    parser.error("--seeds is empty; give at least one seed, e.g. 1")
+  models = select_words(parser, "--models", args.models, MODELS, preset.models)
+  seeds = parse_seeds(parser, args.seeds, preset.seeds)
   preset = dataclasses.replace(preset, models=models, seeds=seeds)
   out = args.out or os.path.join("experiments", "results", f"icip_{args.preset}")
   runs_dir = args.runs or os.path.join(
@@ -513,7 +482,7 @@ def main(argv=None) -> int:
     return 0
 
   tasks = sorted({preset.micro_task, MACRO_TASK})
-  info = _data_info(args.data_dir, tasks)
+  info = exports_info(args.data_dir, tasks)
   os.makedirs(out, exist_ok=True)
   t_start = time.time()
   src = "SYNTHETIC phantom — not comparable to the paper" if info["synthetic"] else "real data"

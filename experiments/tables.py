@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mtneuro_jax.errors import UserError
+
 BOOTSTRAP_RESAMPLES = 10_000
 
 
@@ -124,3 +126,54 @@ def machine_line(table: dict) -> str:
     f"({m.get('device_kind', '?')}), jax {m.get('jax', '?')}. Reruns reproduce these numbers bit for "
     "bit on the same CPU model and library versions; another CPU model agrees only within seed noise."
   )
+
+
+# ---------------------------------------------------------------------------
+# Driver arguments and inputs shared by the table drivers (task2_tables, icip_tables).
+def select_words(parser, flag: str, value: str | None, known: Sequence, default: Sequence) -> tuple:
+  """The comma-separated words of ``flag`` (each one of ``known``), or ``default`` when empty."""
+  if not value:
+    return tuple(default)
+  words = tuple(w for w in value.split(",") if w)
+  bad = [w for w in words if w not in known]
+  if bad or not words:
+    parser.error(f"{flag}={value!r}: unknown {bad}; known: {','.join(known)}")
+  return words
+
+
+def parse_seeds(parser, value: str | None, default: Sequence[int]) -> tuple[int, ...]:
+  """``--seeds`` as a non-empty tuple of ints (empty items skipped), or ``default``."""
+  try:
+    seeds = tuple(int(s) for s in value.split(",") if s) if value else tuple(default)
+  except ValueError:
+    parser.error(f"--seeds={value!r} must be comma-separated integers, e.g. 1,100")
+  if not seeds:
+    parser.error("--seeds is empty; give at least one seed, e.g. 1")
+  return seeds
+
+
+def exports_info(data_dir: str, tasks: Sequence[str], *, what: str = "") -> dict:
+  """Source facts from the exports the runs need; raises naming the export command if one is missing.
+
+  ``what`` names the exports in the mixed-sources message (e.g. ``"Task 2 "``).
+  Returns ``source``, ``synthetic``, ``limit_per_split`` and ``num_examples`` per task.
+  """
+  from mtneuro_jax.data import pipeline
+
+  infos = {
+    t: pipeline.dataset_info({"data_dir": data_dir, "task": t, "downsample": 1}) for t in tasks
+  }
+  sources = {i["source"] for i in infos.values()}
+  if len(sources) > 1:
+    raise UserError(
+      f"the {what}exports in {data_dir} come from different sources: {sorted(sources)}; "
+      f"export {', '.join(tasks)} from one source"
+    )
+  return {
+    "source": sources.pop(),
+    "synthetic": any(i["synthetic"] for i in infos.values()),
+    "limit_per_split": next(
+      (i["limit_per_split"] for i in infos.values() if i["limit_per_split"]), None
+    ),
+    "num_examples": {t: i["num_examples"] for t, i in infos.items()},
+  }

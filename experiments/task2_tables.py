@@ -62,10 +62,13 @@ from experiments import paper_reference as paper
 from experiments.tables import (
   bootstrap_ci,
   ci_text,
+  exports_info,
   fmt,
   machine_info,
   machine_line,
   mean_sd,
+  parse_seeds,
+  select_words,
   set_dotted,
   source_line,
 )
@@ -590,37 +593,6 @@ def _overlay_markdown(t: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-def _data_info(data_dir: str, tasks: Sequence[str]) -> dict:
-  """Source facts from the exports the runs need; raises naming the export command if one is missing."""
-  from mtneuro_jax.data import pipeline
-
-  infos = {
-    t: pipeline.dataset_info({"data_dir": data_dir, "task": t, "downsample": 1}) for t in tasks
-  }
-  sources = {i["source"] for i in infos.values()}
-  if len(sources) > 1:
-    raise UserError(
-      f"the Task 2 exports in {data_dir} come from different sources: {sorted(sources)}; "
-      f"export {', '.join(tasks)} from one source"
-    )
-  return {
-    "source": sources.pop(),
-    "synthetic": any(i["synthetic"] for i in infos.values()),
-    "limit_per_split": next(
-      (i["limit_per_split"] for i in infos.values() if i["limit_per_split"]), None
-    ),
-    "num_examples": {t: i["num_examples"] for t, i in infos.items()},
-  }
-
-
-def _words(parser, flag: str, value: str | None, known: Sequence, default: Sequence) -> tuple:
-  if not value:
-    return tuple(default)
-  words = tuple(w for w in value.split(",") if w)
-  bad = [w for w in words if w not in known]
-  if bad or not words:
-    parser.error(f"{flag}={value!r}: unknown {bad}; known: {','.join(known)}")
-  return words
 
 
 class _Runner:
@@ -687,14 +659,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   preset = PRESETS[args.preset]
-  models = _words(parser, "--models", args.models, MODELS, preset.models)
-  settings = _words(parser, "--settings", args.settings, SETTINGS, preset.settings)
-  try:
-    seeds = tuple(int(s) for s in args.seeds.split(",") if s) if args.seeds else preset.seeds
-  except ValueError:
-    parser.error(f"--seeds={args.seeds!r} must be comma-separated integers, e.g. 1,100")
-  if not seeds:
-    parser.error("--seeds is empty; give at least one seed, e.g. 1")
+  models = select_words(parser, "--models", args.models, MODELS, preset.models)
+  settings = select_words(parser, "--settings", args.settings, SETTINGS, preset.settings)
+  seeds = parse_seeds(parser, args.seeds, preset.seeds)
   preset = dataclasses.replace(preset, models=models, settings=settings, seeds=seeds)
   out = args.out or os.path.join("experiments", "results", f"task2_{args.preset}")
   runs_dir = args.runs or os.path.join(
@@ -708,7 +675,7 @@ def main(argv=None) -> int:
       print(f"then {m} {s} seeds {list(seeds)} at the point chosen on {SELECT_METRIC}")
     return 0
 
-  info = _data_info(args.data_dir, sorted({task_of(m, s) for m, s in pairs}))
+  info = exports_info(args.data_dir, sorted({task_of(m, s) for m, s in pairs}), what="Task 2 ")
   os.makedirs(out, exist_ok=True)
   t_start = time.time()
   src = "SYNTHETIC phantom — not comparable to the paper" if info["synthetic"] else "real data"

@@ -498,18 +498,12 @@ def task1_byol_family_config(
 # 150 s on 2 idle cores (docs/icip.md has the measurement).
 ICIP_QUICK_STEPS = 64
 ICIP_QUICK_STEP1_STEPS = 60  # step 1 (the region branch learns faster than the pixels)
-ICIP_QUICK = Size(
-  name="quick",
-  downsample=4,
+# Task 2's quick size (same tiles, width and decay cap) with a larger batch and fewer steps.
+ICIP_QUICK = dataclasses.replace(
+  TASK2_QUICK,
   batch_size=16,
   eval_batch_size=64,
-  width_multiplier=0.25,
-  weight_decay_cap=5e-4,
   total_steps=ICIP_QUICK_STEPS,
-  num_epochs=None,
   log_every_steps=40,
-  checkpoint_every_steps=0,
-  progress=None,
-  nmf_max_iter=None,
 )
 ICIP_SIZES = {"quick": ICIP_QUICK, "tiny": TINY}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 
 def _rss_mb() -> float:
@@ -15,6 +17,18 @@ def _peak_rss_mb() -> float:
   import resource
 
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def serve_steps(info: dict, one_step) -> int:
+  """A bench worker's protocol: print ``info`` as a JSON line, then time one step (``one_step()``
+  returns seconds) per ``step`` line on stdin until another line or EOF, and end with the peak RSS."""
+  print(json.dumps(info), flush=True)
+  for line in sys.stdin:
+    if line.strip() != "step":
+      break
+    print(json.dumps({"step_s": one_step()}), flush=True)
+  print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+  return 0
 
 
 def xla_buffers_mb(compiled) -> float | None:

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 
-from experiments.bench.common import _peak_rss_mb, _rss_mb
+from experiments.bench.common import _peak_rss_mb, _rss_mb, serve_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -164,13 +164,7 @@ def serve(spec: dict) -> int:
   info = {**info, "build_s": time.perf_counter() - t0, "base_rss_mb": base}
   # Peak so far = the build's (JAX: compilation); the final peak_rss_mb adds the steps.
   info.update(build_peak_rss_mb=_peak_rss_mb(), rss_after_build_mb=_rss_mb())
-  print(json.dumps(info), flush=True)
-  for line in sys.stdin:
-    if line.strip() != "step":
-      break
-    print(json.dumps({"step_s": one()}), flush=True)
-  print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
-  return 0
+  return serve_steps(info, one)
 
 
 def _env(framework: str) -> dict:

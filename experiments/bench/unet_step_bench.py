@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from experiments.bench.common import _peak_rss_mb, _rss_mb, xla_buffers_mb
+from experiments.bench.common import _rss_mb, serve_steps, xla_buffers_mb
 
 # The PyTorch original's throughput on this machine quoted by the issue (2 threads).
 ISSUE_TORCH = {2: 3.1, 3: 0.24}
@@ -269,13 +269,7 @@ def _serve(args) -> int:
     info, one = worker_jax(args.dims, args.batch, args.size, args.depth)
   else:
     info, one = worker_torch(args.dims, args.batch, args.size, args.depth, args.torch_threads)
-  print(json.dumps(info), flush=True)
-  for line in sys.stdin:
-    if line.strip() != "step":
-      break
-    print(json.dumps({"step_s": one()}), flush=True)
-  print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
-  return 0
+  return serve_steps(info, one)
 
 
 def _start(framework: str, dims: int, batch: int, args) -> subprocess.Popen:

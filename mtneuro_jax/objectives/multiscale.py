@@ -43,7 +43,12 @@ from mtneuro_jax.objectives.base import (
   no_params_no_aux,
   weighted_mean,
 )
-from mtneuro_jax.objectives.segmentation import cross_entropy, pixel_weights
+from mtneuro_jax.objectives.segmentation import (
+  augmented_pixel_logits,
+  cross_entropy,
+  pixel_accuracy,
+  pixel_weights,
+)
 
 
 def _opt(config, key, default):
@@ -102,23 +107,21 @@ def region_recon_loss(params, model_state, aux, batch, rng, *, model, config, ct
 
 
 def _pixel_and_region(params, model_state, aux, batch, rng, *, model, config, region_weight):
-  aug_rng, model_rng = jax.random.split(rng)
-  image, mask = batch["image"], batch["mask"]
-  augment = PairedAugmentConfig.from_config(_opt(config, "augment", None))
-  image, mask = paired_augment(image, mask, aug_rng, augment)
-  out, new_state = apply_model(model, params, model_state, image, train=True, rng=model_rng)
-  logits = out["logits"].astype(jnp.float32)
-  if logits.shape[:-1] != mask.shape:
-    raise ConfigError(
-      f"the model's logits {logits.shape} do not match the mask {mask.shape}; use a "
-      "segmentation model (double_unet, res_unet, mt_unet, segnet)"
-    )
-  valid = _valid(batch)
+  out, logits, mask, valid, new_state = augmented_pixel_logits(
+    params,
+    model_state,
+    batch,
+    rng,
+    model=model,
+    config=config,
+    fix="; use a segmentation model (double_unet, res_unet, mt_unet, segnet)",
+  )
   weights = pixel_weights(valid, mask)
   pixel_ce = cross_entropy(logits, mask, weights)
-  correct = (jnp.argmax(logits, -1) == mask).astype(jnp.float32)
-  accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-  metrics = {"train/pixel_ce": pixel_ce, "train/pixel_accuracy": accuracy}
+  metrics = {
+    "train/pixel_ce": pixel_ce,
+    "train/pixel_accuracy": pixel_accuracy(logits, mask, weights),
+  }
   value = pixel_ce
   if region_weight:
     ce, acc = region_terms(_need(out, "region_logits", "multitask"), batch["region"], valid)

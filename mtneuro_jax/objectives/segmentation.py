@@ -62,11 +62,14 @@ def soft_dice_loss(logits: jax.Array, mask: jax.Array, weights: jax.Array) -> ja
   return 1.0 - jnp.mean((2.0 * inter + DICE_EPS) / (denom + DICE_EPS))
 
 
-def loss(params, model_state, aux, batch, rng, *, model, config, ctx=None):
-  del ctx  # no schedule in this objective
-  kind = _opt(config, "loss", "ce")
-  if kind not in LOSSES:
-    raise ConfigError(f"objective.loss={kind!r} is unknown; use one of {LOSSES}")
+def augmented_pixel_logits(params, model_state, batch, rng, *, model, config, fix: str):
+  """The training forward pass shared by the pixel objectives (this one and ``multiscale``).
+
+  Paired augmentation of ``batch['image']`` / ``batch['mask']`` (``config.augment``), the
+  model in train mode, and the check that its logits match the mask (``fix`` ends the error
+  message). Returns ``(out, logits float32 [B, (Z,) Y, X, C], mask [B, (Z,) Y, X],
+  valid bool [B], new_model_state)``.
+  """
   aug_rng, model_rng = jax.random.split(rng)
   image, mask = batch["image"], batch["mask"]
   augment = PairedAugmentConfig.from_config(_opt(config, "augment", None))
@@ -74,11 +77,31 @@ def loss(params, model_state, aux, batch, rng, *, model, config, ctx=None):
   out, new_state = apply_model(model, params, model_state, image, train=True, rng=model_rng)
   logits = out["logits"].astype(jnp.float32)
   if logits.shape[:-1] != mask.shape:
-    raise ConfigError(
-      f"the model's logits {logits.shape} do not match the mask {mask.shape} (the model must "
-      "keep the input's spatial size); pick a tile size the model supports"
-    )
+    raise ConfigError(f"the model's logits {logits.shape} do not match the mask {mask.shape}{fix}")
   valid = batch.get("valid", jnp.ones(mask.shape[:1], bool))
+  return out, logits, mask, valid, new_state
+
+
+def pixel_accuracy(logits, mask, weights) -> jax.Array:
+  """Weighted fraction of pixels whose argmax class is the mask's."""
+  correct = (jnp.argmax(logits, -1) == mask).astype(jnp.float32)
+  return jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def loss(params, model_state, aux, batch, rng, *, model, config, ctx=None):
+  del ctx  # no schedule in this objective
+  kind = _opt(config, "loss", "ce")
+  if kind not in LOSSES:
+    raise ConfigError(f"objective.loss={kind!r} is unknown; use one of {LOSSES}")
+  out, logits, mask, valid, new_state = augmented_pixel_logits(
+    params,
+    model_state,
+    batch,
+    rng,
+    model=model,
+    config=config,
+    fix=" (the model must keep the input's spatial size); pick a tile size the model supports",
+  )
   weights = pixel_weights(valid, mask)
   ce = cross_entropy(logits, mask, weights)
   metrics = {}
@@ -88,9 +111,9 @@ def loss(params, model_state, aux, batch, rng, *, model, config, ctx=None):
     metrics.update({"train/ce": ce, "train/dice_loss": dice})
   else:
     value = ce
-  correct = (jnp.argmax(logits, -1) == mask).astype(jnp.float32)
-  accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-  metrics.update({"train/loss": value, "train/pixel_accuracy": accuracy})
+  metrics.update(
+    {"train/loss": value, "train/pixel_accuracy": pixel_accuracy(logits, mask, weights)}
+  )
   return value, (metrics, new_state, aux)
 
 
