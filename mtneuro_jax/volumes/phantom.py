@@ -63,7 +63,7 @@ import scipy.ndimage as ndi
 
 from mtneuro_jax.volumes import spec
 
-GENERATOR_VERSION = "phantom-2.0"
+GENERATOR_VERSION = "phantom-2.1"
 
 _ROI = spec.ROI_IDS
 _PIX = spec.PIXEL_IDS
@@ -455,32 +455,55 @@ class RegionParams:
   fibre_in: float  # visible fibre area fraction inside axon masses ("fibre" regions)
   fibre_out: float  # visible fibre area fraction outside them
   texture: float = 1.0  # gain of the fine tissue texture (neuropil; CTX has no fibres)
+  patch: float = 0.0  # grey levels of a coarser (_PATCH) neuropil texture (CTX: no fibres)
 
 
 _NO_FIBRE = (0.0, 0.0, 1.0)
 _P = RegionParams
 # Calibrated against the shipped real masks (morphology.real_calibration_stats): cells per
 # 128x128 tile, cell area, nearest-neighbour distance, vessel and axon density (+ its spread).
+# vessel_density is the capillaries' share: the real density minus ~0.006, what the large
+# lumens add on average (measured on the four set-A cubes with and without lumens).
+# grey / texture / cell_dark / axon_gain are set so that, before the scan's global intensity
+# (_SCAN), the four regions' tile histograms (mean, sd, 10th and 90th percentile at 4x) nearly
+# coincide: region identity is in the structures, not in the grey levels.
 REGION_PARAMS: dict[int, RegionParams] = {
   _ROI["CTX"]: _P(
-    12.0, 4.05, 1.2, 1.9, "none", _NO_FIBRE, 0.0, 0.0, 0.0, (-1.0, 0.0), 121.0, 0.0, 70.0, 0, 0, 2.4
+    cells_per_tile=12.0,
+    cell_radius=4.05,
+    vessel_density=0.83,
+    vessel_radius=1.9,
+    fibre="none",
+    fibre_dir=_NO_FIBRE,
+    axon_frac=0.0,
+    axon_var=0.0,
+    axon_drift=0.0,
+    trend=(-1.0, 0.0),
+    grey=124.0,
+    axon_gain=0.0,
+    cell_dark=70.0,
+    fibre_in=0.0,
+    fibre_out=0.0,
+    texture=2.0,
+    patch=16.0,
   ),
   _ROI["STR"]: _P(
-    11.1,
-    5.1,
-    0.8,
-    1.9,
-    "fascicle",
-    (0.25, 0.45, 0.86),
-    0.20,
-    0.0,
-    0.8,
-    (1.5, 0.5),
-    121.0,
-    30.0,
-    62.0,
-    0,
-    0,
+    cells_per_tile=11.1,
+    cell_radius=5.1,
+    vessel_density=1.05,
+    vessel_radius=1.9,
+    fibre="fascicle",
+    fibre_dir=(0.25, 0.45, 0.86),
+    axon_frac=0.2,
+    axon_var=0.0,
+    axon_drift=0.8,
+    trend=(1.5, 0.5),
+    grey=121.0,
+    axon_gain=30.0,
+    cell_dark=90.0,
+    fibre_in=0.0,
+    fibre_out=0.0,
+    texture=1.1,
   ),
   _ROI["TRN"]: _P(
     9.0,
@@ -500,38 +523,40 @@ REGION_PARAMS: dict[int, RegionParams] = {
     0.15,
   ),
   _ROI["VP"]: _P(
-    8.9,
-    5.6,
-    2.55,
-    2.0,
-    "fibre",
-    (0.35, -0.55, 0.77),
-    0.52,
-    0.55,
-    1.3,
-    (0.0, 1.0),
-    119.0,
-    28.0,
-    62.0,
-    0.55,
-    0.12,
+    cells_per_tile=8.9,
+    cell_radius=5.6,
+    vessel_density=2.33,
+    vessel_radius=2.0,
+    fibre="fibre",
+    fibre_dir=(0.35, -0.55, 0.77),
+    axon_frac=0.52,
+    axon_var=0.55,
+    axon_drift=1.3,
+    trend=(0.0, 1.0),
+    grey=118.0,
+    axon_gain=28.0,
+    cell_dark=62.0,
+    fibre_in=0.55,
+    fibre_out=0.12,
+    texture=1.0,
   ),
   _ROI["ZI"]: _P(
-    16.2,
-    5.8,
-    3.6,
-    1.95,
-    "fibre",
-    (0.18, 0.22, 0.96),
-    0.50,
-    0.35,
-    2.2,
-    (0.0, 1.2),
-    125.0,
-    26.0,
-    36.0,
-    0.42,
-    0.10,
+    cells_per_tile=16.2,
+    cell_radius=5.8,
+    vessel_density=3.28,
+    vessel_radius=1.95,
+    fibre="fibre",
+    fibre_dir=(0.18, 0.22, 0.96),
+    axon_frac=0.5,
+    axon_var=0.35,
+    axon_drift=2.2,
+    trend=(0.0, 1.2),
+    grey=121.0,
+    axon_gain=30.0,
+    cell_dark=28.0,
+    fibre_in=0.42,
+    fibre_out=0.1,
+    texture=1.2,
   ),
   _ROI["internal_capsule"]: _P(
     4.0,
@@ -648,15 +673,19 @@ _LOCAL = {
 # and noise level changing over tens of slices and hundreds of pixels. Applied after the
 # blur as  mid + offset + contrast * (img - mid); (spacing z, y, x; amplitude).
 _SCAN = {
-  "offset": ((36.0, 300.0, 300.0), 40.0),
-  "offset_slow": ((70.0, 900.0, 900.0), 25.0),
-  "contrast": ((44.0, 380.0, 380.0), 0.9),
-  "noise": ((50.0, 420.0, 420.0), 1.0),
+  "offset": ((12.0, 140.0, 140.0), 55.0),  # shading within a tile and from slice to slice
+  "offset_slow": ((70.0, 900.0, 900.0), 0.0),
+  "contrast": ((14.0, 250.0, 250.0), 0.75),
+  "noise": ((16.0, 300.0, 300.0), 1.0),
+  "curve": ((14.0, 300.0, 300.0), 1.0),
 }
 _SCAN_MID = 120.0
+_SCAN_CURVE_SCALE = 24.0  # grey levels: the curve term is curve * d * clip(d, +-cap) / this
+_SCAN_CURVE_CAP = np.float32(30.0)  # d = img - mid
 _SCAN_MIN_CONTRAST = 0.35
 _SLICE_DRIFT = (12.0, 6.0)  # per-slice grey offset: z spacing, amplitude
 _MOTTLE = ((2.5, 2.5, 2.5), 14.0)  # fine tissue texture
+_PATCH = (9.0, 9.0, 9.0)  # lattice spacing of the coarse neuropil texture (RegionParams.patch)
 _GRAIN = 44.0  # pre-blur per-voxel grain (uniform amplitude, grey levels)
 _NOISE = 10.0  # post-blur per-voxel noise (triangular, grey levels; x the noise-level field)
 _EMPTY_NOISE = 0.6  # noise level outside the tissue (the empty scan), relative to _NOISE
@@ -981,8 +1010,15 @@ class PhantomVolume:
       gain = np.maximum(
         np.float32(1.0) + self._scan("contrast", zc, yc, xc), np.float32(_SCAN_MIN_CONTRAST)
       )
-      scanned = mid + offset + gain * (img - mid)
-      del offset, gain
+      dev = img - mid
+      # The scan's response curve: a quadratic term of varying sign skews the grey-level
+      # histogram one way or the other, so a region's skew says little about the region.
+      # (|img - mid| is capped inside the square so bright and dark extremes don't explode.)
+      dev += (self._scan("curve", zc, yc, xc) * np.float32(1.0 / _SCAN_CURVE_SCALE)) * (
+        dev * np.clip(dev, -_SCAN_CURVE_CAP, _SCAN_CURVE_CAP)
+      )
+      scanned = mid + offset + gain * dev
+      del offset, gain, dev
       img = scanned if tissue_all else np.where(tissue[core], scanned, img)
       del scanned
       level = np.maximum(np.float32(1.0) + self._scan("noise", zc, yc, xc), np.float32(0.25))
@@ -1368,6 +1404,9 @@ class PhantomVolume:
       2.0 * _GRAIN
     )
     tex = tex * table("texture")
+    patch = table("patch")
+    if np.any(patch):  # only regions without fibres have it: skip the field elsewhere
+      tex += patch * _grid_noise(self.key("patch"), _PATCH, (z, y, x))
     img = grey + contrast * (gain * ax_strength + tex)
     if rim is not None:  # the bright wall of large vessels
       img = np.where(rim, img + np.float32(_LUMEN_RIM[1]), img)
