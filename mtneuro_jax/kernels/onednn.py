@@ -230,7 +230,10 @@ def onednn_conv(x, w, strides, pads):
   spatial = x.shape[1:-1]
   out_shape = (
     x.shape[0],
-    *((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(spatial, pads, w.shape[:-2], strides)),
+    *(
+      (n + lo + hi - k) // s + 1
+      for n, (lo, hi), k, s in zip(spatial, pads, w.shape[:-2], strides, strict=True)
+    ),
     w.shape[-1],
   )
 
@@ -269,9 +272,10 @@ def supported(
     return None
   if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
     return None
-  if preferred_element_type not in (None, jnp.float32) and jnp.dtype(
-    preferred_element_type
-  ) != jnp.float32:
+  if (
+    preferred_element_type not in (None, jnp.float32)
+    and jnp.dtype(preferred_element_type) != jnp.float32
+  ):
     return None
   if feature_group_count != 1 or batch_group_count != 1:
     return None
@@ -286,7 +290,7 @@ def supported(
     pads = [tuple(p) for p in padding]
   if len(pads) != nd - 2 or any(lo < 0 or hi < 0 for lo, hi in pads):
     return None
-  for n, (lo, hi), k in zip(lhs.shape[1:-1], pads, rhs.shape[:-2]):
+  for n, (lo, hi), k in zip(lhs.shape[1:-1], pads, rhs.shape[:-2], strict=True):
     if n + lo + hi < k:
       return None
   if min(lhs.shape) == 0 or min(rhs.shape) == 0:
