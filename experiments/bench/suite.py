@@ -662,6 +662,9 @@ def main(argv=None) -> int:
     "oneDNN kernel, mtneuro_jax/kernels/onednn.py)",
   )
   p.add_argument("--per_op", action="store_true", help="per-conv tables (ResNet, 64² and 128²)")
+  p.add_argument(
+    "--per_op_sizes", default="64,128", help="input sides of the per-op tables (comma-separated)"
+  )
   p.add_argument("--memory", action="store_true", help="XLA buffer assignment, donation on/off")
   p.add_argument("--no_torch", dest="torch", action="store_false", help="skip PyTorch")
   p.add_argument("--warmup", type=int, default=None, help="untimed steps (quick 1, full 2)")
@@ -748,8 +751,9 @@ def main(argv=None) -> int:
       [sys.executable, "-m", "experiments.bench.suite", "--_memory", "64,32"]
     )
   if per_op:
-    meta.update(per_op_sizes=[64, 128], batch_per_op=32)
-    report["per_op"] = run_per_op([64, 128], 32, args.torch_threads, args.torch, args.conv_backend)
+    sizes = [int(x) for x in args.per_op_sizes.split(",") if x]
+    meta.update(per_op_sizes=sizes, batch_per_op=32)
+    report["per_op"] = run_per_op(sizes, 32, args.torch_threads, args.torch, args.conv_backend)
   meta.update(
     end=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     wall_s=round(time.time() - t_start, 1),
