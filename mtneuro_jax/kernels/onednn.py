@@ -118,7 +118,7 @@ def cache_dir() -> Path:
 
   h = hashlib.sha256(SOURCE.read_bytes())
   h.update(f"jax={jax.__version__} jaxlib={jaxlib.__version__}".encode())
-  h.update(" ".join(_compile_command(Path("x"))).encode())
+  h.update(" ".join(_compile_command(Path("x"))).replace(str(SOURCE), SOURCE.name).encode())
   base = os.environ.get("MTNEURO_KERNEL_CACHE") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtneuro_jax", "kernels"
   )

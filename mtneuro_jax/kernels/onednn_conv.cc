@@ -170,6 +170,23 @@ ffi::Error Check(const Problem& p) {
   return ffi::Error::Success();
 }
 
+// A growing 64-byte-aligned buffer per thread and purpose: the scratchpad and the reordered
+// weights are reused across calls instead of allocated (and page-faulted in) every time.
+void* ThreadBuffer(int slot, size_t bytes) {
+  struct Buf {
+    std::unique_ptr<char[]> data;
+    size_t size = 0;
+  };
+  thread_local Buf bufs[2];
+  Buf& b = bufs[slot];
+  if (b.size < bytes) {
+    b.data.reset(new char[bytes + 64]);
+    b.size = bytes;
+  }
+  const auto p = reinterpret_cast<uintptr_t>(b.data.get());
+  return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
+}
+
 // Runs pass p on raw pointers: src/wei/dst are XLA's buffers (inputs or the result).
 ffi::Error Run(const Problem& p, void* src, void* wei, void* dst) {
   if (auto err = Check(p); err.failure()) return err;
@@ -179,8 +196,10 @@ ffi::Error Run(const Problem& p, void* src, void* wei, void* dst) {
     dnnl::stream stream(eng);
     memory src_m(e.user_src, eng, src), dst_m(e.user_dst, eng, dst);
     memory user_wei_m(e.user_wei, eng, wei);
-    memory wei_m = e.reorder_wei ? memory(e.prim_wei, eng) : user_wei_m;
-    memory scratch_m(e.scratch, eng);
+    memory wei_m = e.reorder_wei
+                     ? memory(e.prim_wei, eng, ThreadBuffer(0, e.prim_wei.get_size()))
+                     : user_wei_m;
+    memory scratch_m(e.scratch, eng, ThreadBuffer(1, e.scratch.get_size()));
     if (e.reorder_wei && p.pass != kBwdWeights) {
       e.wei_reorder.execute(stream, {{DNNL_ARG_FROM, user_wei_m}, {DNNL_ARG_TO, wei_m}});
     }
