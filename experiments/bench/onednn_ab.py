@@ -9,9 +9,10 @@ they see the same background load; the ratio is the number to read, not the abso
   python -m experiments.bench.onednn_ab --size 128 --no_steps
 
 Per pass: each ResNet18-xray 3x3 conv shape (``resnet_step_bench.conv_shapes``), B=32: forward,
-input gradient, weight gradient (jitted, alone). Whole steps: the ResNet18-xray supervised
-train step (``ssl_step_bench.build``) and the 2D U-Net step (``unet_step_bench.worker_jax``),
-B=32 1x64², ``conv_backend`` 'xla' vs 'onednn'. Writes ``<out>/onednn_ab_<size>.{json,md}``.
+input gradient, weight gradient (jitted, alone). Whole steps (``--models``): the ResNet18-xray
+supervised train step (``ssl_step_bench.build``) and the 2D U-Net step
+(``unet_step_bench.worker_jax``), B=32 1x64², and the 3D U-Net step, B=1 1x8x256²
+(``STEP_CASES``), ``conv_backend`` 'xla' vs 'onednn'. ``--size`` is the per-pass input side. Writes ``<out>/onednn_ab_<size>.{json,md}``.
 Needs the kernel (``python -m mtneuro_jax.kernels.onednn build``).
 """
 
@@ -87,20 +88,31 @@ def per_pass(size: int, batch: int, reps: int) -> list[dict]:
   return rows
 
 
-def whole_steps(batch: int, side: int, reps: int) -> list[dict]:
+# Whole-step cases: model -> (batch, shape [Z,] Y, X): the suite's quick 2D cases and its 3D one.
+STEP_CASES = {
+  "resnet": (32, (1, 64, 64)),
+  "unet2d": (32, (1, 64, 64)),
+  "unet3d": (1, (8, 256, 256)),
+}
+
+
+def whole_steps(models, reps: int) -> list[dict]:
   from experiments.bench import ssl_step_bench, unet_step_bench
 
   rows = []
-  for model in ("resnet", "unet2d"):
+  for model in models:
+    batch, shape = STEP_CASES[model]
     fns = {}
     for b in ("xla", "onednn"):
       if model == "resnet":
-        _, one = ssl_step_bench.build("supervised", batch, 1.0, view=side, conv_backend=b)
+        _, one = ssl_step_bench.build("supervised", batch, 1.0, view=shape[-1], conv_backend=b)
+      elif model == "unet2d":
+        _, one = unet_step_bench.worker_jax(2, batch, shape[-1], 1, "float32", 1, b)
       else:
-        _, one = unet_step_bench.worker_jax(2, batch, side, 1, "float32", 1, b)
+        _, one = unet_step_bench.worker_jax(3, batch, shape[-1], shape[0], "float32", 1, b)
       fns[b] = one
     med = _alternate(fns, reps)
-    row = {"model": model, "batch": batch, "shape": [1, side, side]}
+    row = {"model": model, "batch": batch, "shape": list(shape)}
     row.update({f"{b}_step_s": t for b, t in med.items()})
     row.update({f"{b}_img_s": batch / t for b, t in med.items()})
     row["speedup"] = med["xla"] / med["onednn"]
@@ -121,13 +133,14 @@ def markdown(rep: dict) -> str:
   if rep.get("steps"):
     lines += [
       "",
-      "| train step | XLA img/s | oneDNN img/s | oneDNN speed-up |",
+      "| train step | XLA s/step (samples/s) | oneDNN s/step (samples/s) | oneDNN speed-up |",
       "|---|---|---|---|",
     ]
     for r in rep["steps"]:
       lines.append(
-        f"| {r['model']} B={r['batch']} {'x'.join(map(str, r['shape']))} | {r['xla_img_s']:.2f} "
-        f"| {r['onednn_img_s']:.2f} | {r['speedup']:.2f}x |"
+        f"| {r['model']} B={r['batch']} {'x'.join(map(str, r['shape']))} "
+        f"| {r['xla_step_s']:.2f} ({r['xla_img_s']:.3g}) "
+        f"| {r['onednn_step_s']:.2f} ({r['onednn_img_s']:.3g}) | {r['speedup']:.2f}x |"
       )
   if rep.get("per_pass"):
     lines += [
@@ -159,9 +172,15 @@ def main(argv=None) -> int:
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--reps", type=int, default=5)
+  p.add_argument(
+    "--models",
+    default="resnet,unet2d",
+    help="whole steps: comma-separated of " + ",".join(STEP_CASES),
+  )
   p.add_argument("--no_steps", action="store_true", help="per pass only")
   p.add_argument("--no_per_pass", action="store_true", help="whole steps only")
   p.add_argument("--note", default="")
+  p.add_argument("--name", default="", help="output file stem (default onednn_ab_<size>)")
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "bench", "results", "onednn"))
   args = p.parse_args(argv)
 
@@ -186,12 +205,12 @@ def main(argv=None) -> int:
   }
   rep = {"meta": meta}
   if not args.no_steps:
-    rep["steps"] = whole_steps(args.batch, args.size, args.reps)
+    rep["steps"] = whole_steps([m for m in args.models.split(",") if m], args.reps)
   if not args.no_per_pass:
     rep["per_pass"] = per_pass(args.size, args.batch, args.reps)
   meta.update(load1_after=round(os.getloadavg()[0], 2), end=time.strftime("%H:%M", time.gmtime()))
   os.makedirs(args.out, exist_ok=True)
-  base = os.path.join(args.out, f"onednn_ab_{args.size}")
+  base = os.path.join(args.out, args.name or f"onednn_ab_{args.size}")
   with open(base + ".json", "w") as f:
     json.dump(rep, f, indent=1)
   with open(base + ".md", "w") as f:
