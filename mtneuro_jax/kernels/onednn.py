@@ -147,18 +147,22 @@ def build(force: bool = False, verbose: bool = False) -> Path:
     return out
   why = missing()
   if why:
-    raise RuntimeError(f"cannot build the oneDNN conv kernel: {why}; {INSTALL_HINT}")
+    raise RuntimeError(f"cannot build the oneDNN conv kernel: {why}")
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   cmd = _compile_command(Path(tmp))
   if verbose:
     print(" ".join(cmd), flush=True)
+  # Compiler output on failure: the caller's message carries its last lines.
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
     os.unlink(tmp)
     tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-    raise RuntimeError(f"building the oneDNN conv kernel failed ({' '.join(cmd)}):\n{tail}")
+    raise RuntimeError(
+      f"building the oneDNN conv kernel failed (status {proc.returncode} from {cmd[0]}; "
+      f"rerun `python -m mtneuro_jax.kernels.onednn build` to see the command):\n{tail}"
+    )
   os.replace(tmp, out)
   return out
 
@@ -185,8 +189,9 @@ def available() -> bool:
 
 
 def why_unavailable() -> str:
-  """The reason ``available()`` is False ('' when it is True)."""
-  return _load()["error"] or ""
+  """The reason ``available()`` is False, on one line ('' when it is True)."""
+  reason = " ".join((_load()["error"] or "").split())
+  return reason if len(reason) <= 400 else reason[:400] + " ..."
 
 
 def version() -> str | None:
@@ -364,11 +369,11 @@ def main(argv=None) -> int:
     try:
       path = build(force=args.force, verbose=True)
     except RuntimeError as e:
-      print(e, file=sys.stderr)
+      print(f"{e}\n{INSTALL_HINT}", file=sys.stderr)
       return 1
     print(f"built {path}")
   if not available():
-    print(f"oneDNN conv kernel unavailable: {why_unavailable()}", file=sys.stderr)
+    print(f"oneDNN conv kernel unavailable: {why_unavailable()}\n{INSTALL_HINT}", file=sys.stderr)
     return 1
   print(f"oneDNN conv kernel available: {_state['path']} (oneDNN {version()})")
   return 0
