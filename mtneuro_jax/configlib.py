@@ -303,6 +303,9 @@ def loop_defaults(
   c.compute_dtype = "float32"
   # > 1: every conv's weight gradient as that many convs over batch slices (train/step.py).
   c.conv_dw_groups = 1
+  # 'onednn': every supported conv runs in oneDNN via an XLA FFI call (optional kernel,
+  # mtneuro_jax/kernels/onednn.py; needs libdnnl-dev + g++). 'xla' = XLA's own convs.
+  c.conv_backend = "xla"
   c.init_from = ml_collections.ConfigDict(
     {"workdir": "", "step": 0, "subtree": "", "model_state": True}
   )

@@ -264,20 +264,27 @@ def conv_shapes(size: int) -> list[tuple[str, int, int, int, int]]:
   ]
 
 
-def worker_conv(size: int, batch: int, reps: int = 2) -> dict:
-  """Times one 3x3 conv of each ResNet18-xray shape: forward, input gradient, weight gradient."""
+def worker_conv(size: int, batch: int, reps: int = 2, backend: str = "xla") -> dict:
+  """Times one 3x3 conv of each ResNet18-xray shape: forward, input gradient, weight gradient.
+
+  ``backend`` 'onednn': the optional oneDNN kernel (``mtneuro_jax.kernels.onednn``) instead of
+  XLA's conv, with the same arguments.
+  """
   import jax
   from jax import lax
 
+  conv_fn = lax.conv_general_dilated
+  if backend == "onednn":
+    from mtneuro_jax.kernels import onednn
+
+    conv_fn = onednn.make_conv_general_dilated()
   rows = []
   for name, s, ci, co, st in conv_shapes(size):
     x = jax.random.normal(jax.random.key(0), (batch, s, s, ci))
     w = jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05
 
     def conv(x, w, st=st):
-      return lax.conv_general_dilated(
-        x, w, (st, st), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-      )
+      return conv_fn(x, w, (st, st), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     fns = {
       "fwd": jax.jit(conv),
@@ -298,7 +305,7 @@ def worker_conv(size: int, batch: int, reps: int = 2) -> dict:
       row[f"{k}_ms"] = 1e3 * statistics.median(t)
       row[f"{k}_gflops"] = flops / statistics.median(t) / 1e9
     rows.append(row)
-  return {"convs": rows}
+  return {"convs": rows, "backend": backend}
 
 
 def build_torch(size: int, batch: int, threads: int = 2) -> tuple[dict, "callable"]:
@@ -612,6 +619,8 @@ def main(argv=None) -> int:
   if args._worker:  # child process: one configuration, one JSON line on stdout
     if args._worker == "conv":
       res = worker_conv(sizes[0], args.batch)
+    elif args._worker == "conv_onednn":
+      res = worker_conv(sizes[0], args.batch, backend="onednn")
     elif args._worker == "conv_torch":
       res = worker_conv_torch(sizes[0], args.batch, args.torch_threads)
     elif args._worker == "dw_variants":

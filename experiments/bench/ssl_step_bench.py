@@ -40,6 +40,7 @@ def build(
   view: int = 64,
   compute_dtype: str = "float32",
   conv_dw_groups: int = 1,
+  conv_backend: str = "xla",
 ) -> tuple[dict, "callable"]:
   """Builds ``method``'s train step (``train/step.py``) on a fixed batch.
 
@@ -94,6 +95,7 @@ def build(
     steps_per_epoch=100,
     compute_dtype=compute_dtype,
     conv_dw_groups=conv_dw_groups,
+    conv_backend=conv_backend,
   )
   t0 = time.perf_counter()
   compiled = p_step.lower(state, data).compile()
@@ -117,6 +119,7 @@ def build(
     "xla_buffers_mb": xla_buffers_mb(compiled),
     "compute_dtype": compute_dtype,
     "conv_dw_groups": conv_dw_groups,
+    "conv_backend": conv_backend,
     "version": f"jax {jax.__version__} ({jax.default_backend()})",
   }
   return info, one

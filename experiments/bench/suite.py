@@ -132,6 +132,7 @@ def build(spec: dict):
   fw, model, b, shape = spec["framework"], spec["model"], spec["batch"], spec["shape"]
   threads, dt = spec.get("threads", 2), spec.get("compute_dtype", "float32")
   groups = spec.get("conv_dw_groups", 1)
+  backend = spec.get("conv_backend", "xla")
   side = shape[-1]
   if model == "infer":
     return _build_infer(fw, b, side, threads, dt)
@@ -141,7 +142,7 @@ def build(spec: dict):
     method = "supervised" if model == "resnet" else "byol"
     if fw == "jax":
       return ssl_step_bench.build(
-        method, b, 1.0, view=side, compute_dtype=dt, conv_dw_groups=groups
+        method, b, 1.0, view=side, compute_dtype=dt, conv_dw_groups=groups, conv_backend=backend
       )
     if model == "resnet":
       return resnet_step_bench.build_torch(side, b, threads)
@@ -151,7 +152,7 @@ def build(spec: dict):
   dims = 2 if model == "unet2d" else 3
   depth = shape[0] if dims == 3 else 1
   if fw == "jax":
-    return unet_step_bench.worker_jax(dims, b, side, depth, dt, groups)
+    return unet_step_bench.worker_jax(dims, b, side, depth, dt, groups, backend)
   return unet_step_bench.worker_torch(dims, b, side, depth, threads)
 
 
@@ -220,6 +221,8 @@ def run_case(model: str, batch: int, shape, args, log=print) -> list[dict]:
     specs.append({"framework": "jax", "compute_dtype": "bfloat16"})
   for g in args.dw_groups if model != "infer" else ():
     specs.append({"framework": "jax", "compute_dtype": "float32", "conv_dw_groups": g})
+  for backend in args.conv_backend if model != "infer" else ():
+    specs.append({"framework": "jax", "compute_dtype": "float32", "conv_backend": backend})
   if args.torch:
     specs.append({"framework": "torch"})
   per_step = batch * (shape[-1] * shape[-2] if model == "infer" else 1)
@@ -228,6 +231,7 @@ def run_case(model: str, batch: int, shape, args, log=print) -> list[dict]:
     s.update(model=model, batch=batch, shape=list(shape), threads=args.torch_threads)
     label = s["framework"] + ("" if s.get("compute_dtype", "float32") == "float32" else "-bf16")
     label += f"-dw{s['conv_dw_groups']}" if s.get("conv_dw_groups", 1) > 1 else ""
+    label += f"-{s['conv_backend']}" if s.get("conv_backend", "xla") != "xla" else ""
     row = {"case": name, "model": model, "batch": batch, "shape": list(shape), "label": label}
     row.update(framework=s["framework"], compute_dtype=s.get("compute_dtype"))
     log(f"[bench] {name} {label}: building (load {os.getloadavg()[0]:.2f}) ...")
@@ -329,13 +333,15 @@ def run_pipeline(data_dir: str, batch: int, batches: int) -> dict:
   return res
 
 
-def run_per_op(sizes, batch: int, threads: int, with_torch: bool) -> dict:
-  """resnet_step_bench's per-conv tables (JAX, PyTorch) and weight-gradient rewrites."""
+def run_per_op(sizes, batch: int, threads: int, with_torch: bool, backends=()) -> dict:
+  """resnet_step_bench's per-conv tables (JAX, PyTorch) and weight-gradient rewrites;
+  ``backends`` ('onednn'): also each conv through that conv backend (``conv_<backend>_<size>``)."""
   out = {}
   mod = [sys.executable, "-m", "experiments.bench.resnet_step_bench", "--batch", str(batch)]
   mod += ["--torch_threads", str(threads)]
   for size in sizes:
     kinds = ["conv", "dw_variants"] + (["conv_torch"] if with_torch else [])
+    kinds += [f"conv_{b}" for b in backends]
     for kind in kinds:
       load0 = os.getloadavg()[0]
       res = _child_json(mod + ["--_worker", kind, "--sizes", str(size)])
@@ -456,6 +462,8 @@ def _variant(row: dict) -> str:
   parts = [] if row.get("compute_dtype") in (None, "float32") else [row["compute_dtype"]]
   if row.get("conv_dw_groups", 1) > 1:
     parts.append(f"conv_dw_groups={row['conv_dw_groups']}")
+  if row.get("conv_backend", "xla") != "xla":
+    parts.append(f"conv_backend={row['conv_backend']}")
   return f" [{', '.join(parts)}]" if parts else ""
 
 
@@ -576,6 +584,30 @@ def _per_op_markdown(po: dict, meta: dict) -> list[str]:
       + " | ".join(f"{tot[k][0]:.0f} | {tot[k][1]:.0f}" for k in ("fwd", "dx", "dw"))
       + " |"
     )
+    for key in sorted(po):
+      if not (key.startswith("conv_") and key.endswith(f"_{size}")) or key in (
+        f"conv_{size}",
+        f"conv_torch_{size}",
+      ):
+        continue
+      other = {c["conv"]: c for c in po[key].get("convs", [])}
+      backend = key[len("conv_") : -len(f"_{size}")]
+      lines += [
+        "",
+        f"conv_backend={backend}, {size}²: ms (GFLOP/s), beside XLA's (load "
+        f"{po[key]['load1'][0]}/{po[key]['load1'][1]}):",
+        "",
+        f"| conv | fwd XLA | fwd {backend} | input grad XLA | input grad {backend} "
+        f"| weight grad XLA | weight grad {backend} |",
+        "|---|---|---|---|---|---|---|",
+      ]
+      for c in jx["convs"]:
+        o = other.get(c["conv"])
+        cells = []
+        for k in ("fwd", "dx", "dw"):
+          cells.append(f"{c[k + '_ms']:.0f} ({c[k + '_gflops']:.0f})")
+          cells.append(f"{o[k + '_ms']:.0f} ({o[k + '_gflops']:.0f})" if o else "—")
+        lines.append(f"| {c['conv']} | " + " | ".join(cells) + " |")
     dv = po.get(f"dw_variants_{size}", {}).get("dw_variants")
     if dv:
       names = [k[:-3] for k in dv[0] if k.endswith("_ms")]
@@ -623,7 +655,16 @@ def main(argv=None) -> int:
     default="",
     help="also run JAX with conv_dw_groups=G for each comma-separated G (e.g. 2,4)",
   )
+  p.add_argument(
+    "--conv_backend",
+    default="",
+    help="also run JAX with conv_backend=B for each comma-separated B (onednn: the optional "
+    "oneDNN kernel, mtneuro_jax/kernels/onednn.py)",
+  )
   p.add_argument("--per_op", action="store_true", help="per-conv tables (ResNet, 64² and 128²)")
+  p.add_argument(
+    "--per_op_sizes", default="64,128", help="input sides of the per-op tables (comma-separated)"
+  )
   p.add_argument("--memory", action="store_true", help="XLA buffer assignment, donation on/off")
   p.add_argument("--no_torch", dest="torch", action="store_false", help="skip PyTorch")
   p.add_argument("--warmup", type=int, default=None, help="untimed steps (quick 1, full 2)")
@@ -661,6 +702,7 @@ def main(argv=None) -> int:
       print("[bench] PyTorch not installed: JAX only", flush=True)
       args.torch = False
   args.dw_groups = [int(g) for g in args.dw_groups.split(",") if g]
+  args.conv_backend = [b for b in args.conv_backend.split(",") if b and b != "xla"]
   mode = "quick" if args.quick else "full"
   args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
   args.steps = args.steps if args.steps is not None else (3 if args.quick else 5)
@@ -709,8 +751,9 @@ def main(argv=None) -> int:
       [sys.executable, "-m", "experiments.bench.suite", "--_memory", "64,32"]
     )
   if per_op:
-    meta.update(per_op_sizes=[64, 128], batch_per_op=32)
-    report["per_op"] = run_per_op([64, 128], 32, args.torch_threads, args.torch)
+    sizes = [int(x) for x in args.per_op_sizes.split(",") if x]
+    meta.update(per_op_sizes=sizes, batch_per_op=32)
+    report["per_op"] = run_per_op(sizes, 32, args.torch_threads, args.torch, args.conv_backend)
   meta.update(
     end=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     wall_s=round(time.time() - t_start, 1),

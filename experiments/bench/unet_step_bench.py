@@ -75,19 +75,22 @@ def worker_jax(
   depth: int,
   compute_dtype: str = "float32",
   conv_dw_groups: int = 1,
+  conv_backend: str = "xla",
 ):
   """Builds the step; returns (info, one_step) where one_step() runs and times one step.
 
-  ``compute_dtype`` 'bfloat16' runs the model through ``train.step.with_compute_dtype``.
+  ``compute_dtype`` 'bfloat16' runs the model through ``train.step.with_compute_dtype``;
+  ``conv_dw_groups``, ``conv_backend``: see ``train.step.train_step``.
   """
   import jax
   import jax.numpy as jnp
   import optax
 
   from mtneuro_jax.models import MODELS
-  from mtneuro_jax.train.step import conv_weight_grad_split, with_compute_dtype
+  from mtneuro_jax.train.step import check_conv_backend, flax_conv, with_compute_dtype
 
   base = _rss_mb()
+  check_conv_backend(conv_backend)
   model = with_compute_dtype(MODELS["unet"](num_classes=NUM_CLASSES, dims=dims), compute_dtype)
   shape = _batch_shape(dims, batch, size, depth)
   x = jax.random.normal(jax.random.key(0), shape + (1,), jnp.float32)
@@ -106,7 +109,7 @@ def worker_jax(
     return jnp.mean(ce), new
 
   def train_step(params, stats, opt_state, x, y):
-    with conv_weight_grad_split(conv_dw_groups):
+    with flax_conv(conv_dw_groups, conv_backend):
       (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), dict(new_stats), opt_state, loss
@@ -133,6 +136,7 @@ def worker_jax(
     "xla_buffers_mb": xla_mb,
     "compute_dtype": compute_dtype,
     "conv_dw_groups": conv_dw_groups,
+    "conv_backend": conv_backend,
     "version": f"jax {jax.__version__} ({jax.default_backend()})",
     "num_params": int(sum(v.size for v in jax.tree.leaves(params))),
   }

@@ -171,6 +171,7 @@ def validate_config(config) -> None:
       )
   step_lib.check_compute_dtype(config.get("compute_dtype", "float32"))
   step_lib.check_conv_dw_groups(config.get("conv_dw_groups", 1))
+  step_lib.check_conv_backend(config.get("conv_backend", "xla"))
   total = config.get("total_steps", 0) or 0
   if total < 0:
     raise ConfigError(
@@ -243,6 +244,7 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
       saved = json.load(f)
     saved.setdefault("compute_dtype", "float32")  # runs saved before these keys existed
     saved.setdefault("conv_dw_groups", 1)
+    saved.setdefault("conv_backend", "xla")
     changes = config_differences(saved, json.loads(config.to_json_best_effort()))
     if changes and not allow_config_change:
       listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:8])
@@ -358,6 +360,7 @@ def _train_and_evaluate(config, workdir: str, data, allow_config_change: bool) -
     steps_per_epoch=steps_per_epoch,
     compute_dtype=str(config.get("compute_dtype", "float32")),
     conv_dw_groups=int(config.get("conv_dw_groups", 1)),
+    conv_backend=str(config.get("conv_backend", "xla")),
   )
   p_predict = step_lib.jit_predict(model=model, objective=objective, config=objective_cfg)
   log_every = int(config.get("log_every_steps", 50) or 1)

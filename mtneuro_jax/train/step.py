@@ -42,6 +42,31 @@ def check_conv_dw_groups(groups) -> int:
   return groups
 
 
+# ``config.conv_backend``: who runs the convolutions of every flax Conv. 'onednn' needs the
+# optional oneDNN kernel (mtneuro_jax/kernels/onednn.py: libdnnl-dev + a C++ compiler).
+CONV_BACKENDS = ("xla", "onednn")
+
+
+def check_conv_backend(backend: str) -> str:
+  """Returns ``backend`` if known and usable here, else raises ConfigError (one line)."""
+  if backend not in CONV_BACKENDS:
+    raise ConfigError(
+      f"config.conv_backend={backend!r} is not one of {CONV_BACKENDS}; use "
+      "--config.conv_backend=xla (the default) or onednn"
+    )
+  if backend == "onednn":
+    from mtneuro_jax.kernels import onednn
+
+    if not onednn.available():
+      raise ConfigError(
+        "config.conv_backend='onednn' but the oneDNN conv kernel is unavailable "
+        f"({onednn.why_unavailable() or 'not built'}); install it with `apt-get install "
+        "libdnnl-dev g++` and build it with `python -m mtneuro_jax.kernels.onednn build` "
+        "(or `bash scripts/build_onednn.sh`), or use --config.conv_backend=xla"
+      )
+  return backend
+
+
 def _cast_floating(tree, dtype):
   """``tree`` with every floating array leaf cast to ``dtype`` (other leaves unchanged)."""
 
@@ -163,27 +188,51 @@ def split_weight_grad_conv(groups: int) -> Callable:
   return conv
 
 
+def flax_conv_fn(conv_dw_groups: int = 1, conv_backend: str = "xla") -> Callable | None:
+  """The ``lax.conv_general_dilated`` replacement for these options (None = lax's own).
+
+  'onednn': oneDNN's forward, input and weight gradient for the convs it supports
+  (``kernels.onednn.supported``); the others go to ``split_weight_grad_conv(conv_dw_groups)``
+  when ``conv_dw_groups`` > 1, else to lax.
+  """
+  split = split_weight_grad_conv(conv_dw_groups) if conv_dw_groups > 1 else None
+  if conv_backend == "onednn":
+    import jax.lax as lax
+
+    from mtneuro_jax.kernels import onednn
+
+    return onednn.make_conv_general_dilated(split or lax.conv_general_dilated)
+  return split
+
+
 @contextlib.contextmanager
-def conv_weight_grad_split(groups: int):
-  """While active, every ``flax.linen.Conv`` traced uses ``split_weight_grad_conv(groups)``.
+def flax_conv(conv_dw_groups: int = 1, conv_backend: str = "xla"):
+  """While active, every ``flax.linen.Conv`` traced uses ``flax_conv_fn(...)``.
 
   flax's Conv looks ``lax.conv_general_dilated`` up in its module at call time when the
   layer sets no ``conv_general_dilated`` of its own, so swapping that name while the step is
-  traced changes every model's convs without editing the model files. ``groups`` 1 = no-op.
+  traced changes every model's convs without editing the model files. Defaults = no-op.
   """
   import flax.linen.linear as flax_linear
 
-  if groups <= 1:
+  fn = flax_conv_fn(conv_dw_groups, conv_backend)
+  if fn is None:
     yield
     return
   saved = flax_linear.lax
   names = {k: getattr(saved, k) for k in dir(saved) if not k.startswith("__")}
-  names["conv_general_dilated"] = split_weight_grad_conv(groups)
+  names["conv_general_dilated"] = fn
   flax_linear.lax = types.SimpleNamespace(**names)
   try:
     yield
   finally:
     flax_linear.lax = saved
+
+
+def conv_weight_grad_split(groups: int):
+  """``flax_conv(groups)``: every flax Conv's weight gradient split over ``groups`` batch
+  slices while active (``split_weight_grad_conv``); ``groups`` 1 = no-op."""
+  return flax_conv(conv_dw_groups=groups)
 
 
 def global_norm(tree) -> jax.Array:
@@ -208,6 +257,7 @@ def train_step(
   steps_per_epoch: int = 0,
   compute_dtype: str = "float32",
   conv_dw_groups: int = 1,
+  conv_backend: str = "xla",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update.
 
@@ -222,6 +272,9 @@ def train_step(
       params, loss, gradients and optimizer state (see MixedPrecisionModel).
     conv_dw_groups: > 1 computes every flax Conv's weight gradient as that many convs over
       batch slices (``split_weight_grad_conv``); 1 (default) = XLA's own.
+    conv_backend: 'xla' (default) or 'onednn': every supported flax Conv (float32, no
+      dilation/groups) runs forward and both gradients in oneDNN (``kernels/onednn.py``);
+      ``conv_dw_groups`` then applies only to the convs oneDNN does not take.
 
   Returns:
     (new state, metrics: dict of float32 scalars). Metrics are the objective's
@@ -239,7 +292,7 @@ def train_step(
       params, state.model_state, state.aux, batch, rng, ctx=ctx, model=model, config=config
     )
 
-  with conv_weight_grad_split(conv_dw_groups):
+  with flax_conv(conv_dw_groups, conv_backend):
     (loss, (metrics, model_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params
     )
@@ -267,17 +320,19 @@ def jit_train_step(
   donate: bool = True,
   compute_dtype: str = "float32",
   conv_dw_groups: int = 1,
+  conv_backend: str = "xla",
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``train_step`` bound to its statics and jitted for ``mesh``.
 
   State in/out replicated, batch split on 'data' (P('data') on the leading axis),
   metrics replicated. The state is donated: never reuse the state you pass in.
   Under jit, BatchNorm statistics are over the global batch, so the result does
-  not depend on the number of devices. ``compute_dtype``, ``conv_dw_groups``: see
-  ``train_step``.
+  not depend on the number of devices. ``compute_dtype``, ``conv_dw_groups``,
+  ``conv_backend``: see ``train_step``.
   """
   check_compute_dtype(compute_dtype)
   check_conv_dw_groups(conv_dw_groups)
+  check_conv_backend(conv_backend)
   fn = functools.partial(
     train_step,
     model=model,
@@ -288,6 +343,7 @@ def jit_train_step(
     steps_per_epoch=steps_per_epoch,
     compute_dtype=compute_dtype,
     conv_dw_groups=conv_dw_groups,
+    conv_backend=conv_backend,
   )
   rep, data = sharding.replicated_sharding(mesh), sharding.data_sharding(mesh)
   return jax.jit(
