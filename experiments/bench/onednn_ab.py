@@ -91,6 +91,7 @@ def per_pass(size: int, batch: int, reps: int) -> list[dict]:
 # Whole-step cases: model -> (batch, shape [Z,] Y, X): the suite's quick 2D cases and its 3D one.
 STEP_CASES = {
   "resnet": (32, (1, 64, 64)),
+  "resnet128": (32, (1, 128, 128)),
   "unet2d": (32, (1, 64, 64)),
   "unet3d": (1, (8, 256, 256)),
 }
@@ -104,7 +105,7 @@ def whole_steps(models, reps: int) -> list[dict]:
     batch, shape = STEP_CASES[model]
     fns = {}
     for b in ("xla", "onednn"):
-      if model == "resnet":
+      if model.startswith("resnet"):
         _, one = ssl_step_bench.build("supervised", batch, 1.0, view=shape[-1], conv_backend=b)
       elif model == "unet2d":
         _, one = unet_step_bench.worker_jax(2, batch, shape[-1], 1, "float32", 1, b)
