@@ -3,7 +3,7 @@
 Usage:
   python -m experiments.bench.unet_anatomy                      # 2D B=32 1x64^2
   python -m experiments.bench.unet_anatomy --case 2d256 --reps 3  # 2D B=8 1x256^2
-  python -m experiments.bench.unet_anatomy --case 3d --reps 3     # 3D B=1 1x8x256^2
+  python -m experiments.bench.unet_anatomy --case 3d --reps 3 --steps fast,flax  # 3D B=1 1x8x256^2
 
 Cases: ``2d64`` (B=32 [32, 64, 64, 1]), ``2d256`` (B=8 [8, 256, 256, 1]), ``3d`` (B=1
 [1, 8, 256, 256, 1]); full-width reference U-Net (4 blocks, 32 start filters, BatchNorm in
@@ -43,6 +43,7 @@ import os
 import platform
 import statistics
 import time
+from typing import Sequence
 
 CASES = {
   "2d64": dict(dims=2, batch=32, spatial=(64, 64)),
@@ -50,6 +51,7 @@ CASES = {
   "3d": dict(dims=3, batch=1, spatial=(8, 256, 256)),
 }
 NUM_CLASSES = 3
+STEP_VARIANTS = ("fast", "flax", "fast_up", "fast_pool")
 FILTERS = (32, 64, 128, 256)
 
 
@@ -120,7 +122,9 @@ def legacy_ops(up: bool, pool: bool):
     sb.up_conv, sb.pool = saved
 
 
-def jax_pieces(dims: int, batch: int, spatial: tuple[int, ...]) -> dict:
+def jax_pieces(
+  dims: int, batch: int, spatial: tuple[int, ...], step_variants: Sequence[str] = STEP_VARIANTS
+) -> dict:
   """name -> (callable running one timed repetition, compile seconds)."""
   import flax.linen as nn
   import jax
@@ -174,7 +178,9 @@ def jax_pieces(dims: int, batch: int, spatial: tuple[int, ...]) -> dict:
       state[:] = [p, s, o]
       return time.perf_counter() - t
 
-    return one, timed(fwd, params, stats, x, y), compile_s
+    # The step donates its state: the forward gets its own copies.
+    fwd_args = jax.tree.map(jnp.copy, (params, stats))
+    return one, timed(fwd, *fwd_args, x, y), compile_s
 
   for name, up, pool in [
     ("fast", False, False),
@@ -182,6 +188,8 @@ def jax_pieces(dims: int, batch: int, spatial: tuple[int, ...]) -> dict:
     ("fast_up", False, True),
     ("fast_pool", True, False),
   ]:
+    if name not in step_variants:
+      continue
     one, fwd, c = build_step(up, pool)
     out[f"step[{name}]"] = (one, c)
     if name == "fast":
@@ -351,7 +359,7 @@ def torch_pieces(dims: int, batch: int, spatial: tuple[int, ...]) -> dict:
   return out
 
 
-def run(case: str, reps: int, warmup: int) -> dict:
+def run(case: str, reps: int, warmup: int, step_variants: Sequence[str] = STEP_VARIANTS) -> dict:
   import jax
   import torch
 
@@ -361,7 +369,7 @@ def run(case: str, reps: int, warmup: int) -> dict:
   dims, batch, spatial = cfg["dims"], cfg["batch"], cfg["spatial"]
   load_start = os.getloadavg()
   print(f"[anatomy] {case}: building + compiling (load {load_start[0]:.2f})", flush=True)
-  jp = jax_pieces(dims, batch, spatial)
+  jp = jax_pieces(dims, batch, spatial, step_variants)
   tp = torch_pieces(dims, batch, spatial)
   # Round-robin order: each JAX piece beside its PyTorch counterpart.
   names = []
@@ -453,9 +461,12 @@ def main(argv=None) -> int:
   p.add_argument("--case", choices=sorted(CASES), default="2d64")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
+  p.add_argument(
+    "--steps", default=",".join(STEP_VARIANTS), help="JAX step variants to time (comma list)"
+  )
   p.add_argument("--out", default="experiments/bench/results")
   a = p.parse_args(argv)
-  res = run(a.case, a.reps, a.warmup)
+  res = run(a.case, a.reps, a.warmup, a.steps.split(","))
   os.makedirs(a.out, exist_ok=True)
   stem = os.path.join(a.out, "unet_anatomy" + ("" if a.case == "2d64" else f"_{a.case}"))
   with open(stem + ".json", "w") as f:
