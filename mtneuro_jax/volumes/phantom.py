@@ -130,44 +130,91 @@ def _smoothstep(f: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Noise fields.
-def _grid_noise(key: int, spacing, coords, grad: bool = False):
+# Noise fields. Speed (see docs/phantom.md, "Render speed"): the full-grid fields are
+# computed slice by slice (z) with in-place float32 ops, so the temporaries stay in the
+# CPU cache; every voxel still gets exactly the same sequence of float32 operations
+# as the plain vectorised formula (tests/test_phantom.py keeps that formula as the
+# reference and checks bitwise equality), so no byte depends on how the work is cut.
+def _smooth_weights(c, s):
+  """Lattice cell index (int64) and smoothstep weight (float32) of 1D integer coords ``c``."""
+  t = np.asarray(c, np.float64) / float(s)
+  i = np.floor(t)
+  return i.astype(np.int64), _smoothstep((t - i).astype(np.float32))
+
+
+def _lerp_axis(v: np.ndarray, idx: np.ndarray, w: np.ndarray, ax: int) -> np.ndarray:
+  """``a + (b - a) * w`` along axis ``ax`` of the lattice array ``v``: a, b = v[idx], v[idx + 1].
+
+  The differences are taken once per lattice pair (the same float32 subtraction as per
+  voxel), then gathered; ``w`` is 1D along ``ax``.
+  """
+  lo = [slice(None)] * v.ndim
+  hi = [slice(None)] * v.ndim
+  lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+  d = np.take(v[tuple(hi)] - v[tuple(lo)], idx, axis=ax)
+  shape = [1] * v.ndim
+  shape[ax] = -1
+  d *= w.reshape(shape)
+  d += np.take(v, idx, axis=ax)  # a + d * w (float addition commutes exactly)
+  return d
+
+
+class _GridNoise:
+  """Separable value noise in [-1, 1] on the outer grid of 1D integer ``coords`` (z, y, x),
+  lattice ``spacing`` per axis in voxels, served one z slice at a time.
+
+  Each value depends only on its own coordinates (lattice values are hashes of global
+  lattice indices; the lerps run in a fixed order: x, then y, then z).
+  """
+
+  def __init__(self, key: int, spacing, coords):
+    idx, ws, lat = [], [], []
+    for c, s in zip(coords, spacing, strict=True):
+      i, w = _smooth_weights(c, s)
+      lo = int(i.min())
+      lat.append(np.arange(lo, int(i.max()) + 2))
+      idx.append(i - lo)
+      ws.append(w)
+    grids = np.meshgrid(*lat, indexing="ij", sparse=True)
+    v = _unit(_hash_nd(key, grids)) * np.float32(2.0) - np.float32(1.0)
+    for ax in reversed(range(1, len(coords))):
+      v = _lerp_axis(v, idx[ax], ws[ax], ax)
+    self._a = v  # lerped along every axis but z: (lattice z, Y, X)
+    self._d = v[1:] - v[:-1]
+    self._iz, self._wz = idx[0], ws[0]
+    self.shape = tuple(len(c) for c in coords)
+
+  def slice(self, k: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The field at z index ``k`` (float32 (Y, X)), into ``out`` when given."""
+    j = self._iz[k]
+    out = np.multiply(self._d[j], self._wz[k], out=out)
+    out += self._a[j]
+    return out
+
+  def full(self, scale=None) -> np.ndarray:
+    """The whole field (float32 (Z, Y, X)), times float32 ``scale`` when given."""
+    out = np.empty(self.shape, np.float32)
+    for k in range(self.shape[0]):
+      self.slice(k, out[k])
+      if scale is not None:
+        out[k] *= scale
+    return out
+
+
+def _grid_noise(key: int, spacing, coords) -> np.ndarray:
   """Separable value noise in [-1, 1] on the outer grid of 1D integer ``coords``.
 
   ``coords`` is one 1D array per axis (e.g. z, y, x), ``spacing`` the lattice
-  spacing per axis in voxels. Returns float32 of shape ``(len(c) for c in coords)``
-  and, with ``grad``, also the list of its partial derivatives (per voxel, same
-  axis order). Each output value depends only on its own coordinates (lattice
-  values are hashes of global lattice indices; the lerps run in a fixed order).
+  spacing per axis in voxels. Returns float32 of shape ``(len(c) for c in coords)``.
+  Each output value depends only on its own coordinates (lattice values are hashes of
+  global lattice indices; the lerps run in a fixed order, last axis first).
   """
-  idx, ws, dws, lat = [], [], [], []
-  for c, s in zip(coords, spacing, strict=True):
-    t = np.asarray(c, np.float64) / float(s)
-    i = np.floor(t)
-    f = (t - i).astype(np.float32)
-    ws.append(_smoothstep(f))
-    dws.append(np.float32(6.0 / s) * f * (np.float32(1.0) - f))
-    i = i.astype(np.int64)
-    lo = int(i.min())
-    lat.append(np.arange(lo, int(i.max()) + 2))
-    idx.append(i - lo)
-  grids = np.meshgrid(*lat, indexing="ij", sparse=True)
-  arrays = {(): _unit(_hash_nd(key, grids)) * np.float32(2.0) - np.float32(1.0)}
-  for ax in reversed(range(len(coords))):
-    shape = [1] * len(coords)
-    shape[ax] = -1
-    w, dw = ws[ax].reshape(shape), dws[ax].reshape(shape)
-    new = {}
-    for k, v in arrays.items():
-      a = np.take(v, idx[ax], axis=ax)
-      d = np.take(v, idx[ax] + 1, axis=ax) - a
-      new[k] = a + d * w
-      if grad and k == ():
-        new[(ax,)] = d * dw
-    arrays = new
-  if grad:
-    return arrays[()], [arrays[(ax,)] for ax in range(len(coords))]
-  return arrays[()]
+  if len(coords) > 1:
+    return _GridNoise(key, spacing, coords).full()
+  i, w = _smooth_weights(coords[0], spacing[0])
+  lo = int(i.min())
+  v = _unit(_hash_nd(key, [np.arange(lo, int(i.max()) + 2)])) * np.float32(2.0) - np.float32(1.0)
+  return _lerp_axis(v, i - lo, w, 0)
 
 
 def _point_noise(key: int, spacing, coords) -> np.ndarray:
@@ -200,62 +247,85 @@ def _voxel_hash(key: int, z, y, x) -> np.ndarray:
   return _mix32(h)
 
 
+def _lerp_into(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """``a + (b - a) * w``, computed in place in ``b`` (the same float32 ops, addition commutes)."""
+  b -= a
+  b *= w
+  b += a
+  return b
+
+
+class _Lattice:
+  """Value noise in [-1, 1] at float32 points (lattice units) of a 2D or 3D lattice.
+
+  Lattice values are hashes of global lattice indices, held in a local table that spans
+  ``bounds`` (per axis (lo, hi) lattice indices covering every point it will be asked
+  for), so each value depends only on its point. Lerps run along the last axis first.
+  """
+
+  def __init__(self, key: int, bounds):
+    self.lo = [int(b[0]) for b in bounds]
+    n = [int(b[1]) - int(b[0]) + 3 for b in bounds]
+    lat = np.meshgrid(
+      *[np.arange(lo, lo + m) for lo, m in zip(self.lo, n, strict=True)], indexing="ij", sparse=True
+    )
+    self.flat = (_unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)).ravel()
+    self.strides = [int(np.prod(n[k + 1 :])) for k in range(len(n))]
+    self.base = sum(lo * s for lo, s in zip(self.lo, self.strides, strict=True))
+
+  def __call__(self, q) -> np.ndarray:
+    """Noise at the points ``q`` (one float32 array per axis, same shape; a cache-sized
+    chunk); the arrays in ``q`` are left unchanged."""
+    idx, w = None, []
+    for c, s in zip(q, self.strides, strict=True):
+      f = np.floor(c)
+      i = f.astype(np.intp)
+      if s != 1:
+        i *= s
+      if idx is None:
+        idx = i
+      else:
+        idx += i
+      np.subtract(c, f, out=f)
+      ww = f * f  # _smoothstep(f) = f * f * (3 - 2 f)
+      f *= np.float32(2.0)
+      np.subtract(np.float32(3.0), f, out=f)
+      ww *= f
+      w.append(ww)
+    idx -= self.base
+    return self._corners(idx, w, 0, 0)
+
+  def _corners(self, idx, w, ax, off):
+    """Lerped noise over the lattice cell's corners from axis ``ax`` on (last axis first)."""
+    s = self.strides[ax]
+    if ax == len(self.strides) - 1:
+      a = np.take(self.flat, idx + off) if off else np.take(self.flat, idx)
+      b = np.take(self.flat[off + s :], idx)
+    else:
+      a = self._corners(idx, w, ax + 1, off)
+      b = self._corners(idx, w, ax + 1, off + s)
+    return _lerp_into(a, b, w[ax])
+
+
+_LATTICE_CHUNK = 1 << 15  # points per chunk: a few arrays of it stay in the CPU cache
+
+
 def _lattice_noise(key: int, q, bounds=None) -> np.ndarray:
-  """Value noise in [-1, 1] at float32 points ``q`` (3 same-shape arrays, lattice units).
+  """Value noise in [-1, 1] at float32 points ``q`` (2 or 3 same-shape arrays, lattice units).
 
   Lattice values are hashes of global lattice indices, gathered from a local
   table spanning ``bounds`` (per axis (lo, hi) lattice indices covering every
   point; computed from ``q`` if None), so each value depends only on its point.
   """
   shape = q[0].shape
-  q = [c.reshape(-1) for c in q]
-  fl = [np.floor(c) for c in q]
-  w = [_smoothstep(c - f) for c, f in zip(q, fl, strict=True)]
+  q = [np.ascontiguousarray(c, np.float32).reshape(-1) for c in q]
   if bounds is None:
-    bounds = [(int(f.min()), int(f.max())) for f in fl]
-  lo = [b[0] for b in bounds]
-  n = [b[1] - b[0] + 3 for b in bounds]
-  lat = np.meshgrid(
-    *[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True
-  )
-  v = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
-  # Each row holds the 4 corners of a lattice cell's face: (i, j, k), (i, j, k+1),
-  # (i, j+1, k), (i, j+1, k+1); two row gathers per point instead of eight.
-  quad = np.stack([v[:, :-1, :-1], v[:, :-1, 1:], v[:, 1:, :-1], v[:, 1:, 1:]], -1).reshape(-1, 4)
-  s1 = n[2] - 1
-  s0 = (n[1] - 1) * s1
-  idx_t = np.int32 if quad.shape[0] < 2**31 - s0 else np.int64
-  base = (fl[0] - np.float32(lo[0])).astype(idx_t) * idx_t(s0)
-  base += (fl[1] - np.float32(lo[1])).astype(idx_t) * idx_t(s1)
-  base += (fl[2] - np.float32(lo[2])).astype(idx_t)
-  del fl
-  out = []
-  for g in (np.take(quad, base, axis=0), np.take(quad, base + idx_t(s0), axis=0)):
-    a = g[:, 0::2]  # (k) corners at j, j+1
-    a = a + (g[:, 1::2] - a) * w[2][:, None]  # lerp along axis 2 -> [P, 2]
-    out.append(a[:, 0] + (a[:, 1] - a[:, 0]) * w[1])  # lerp along axis 1
-  return (out[0] + (out[1] - out[0]) * w[0]).reshape(shape)
-
-
-def _lattice_noise2(key: int, q, bounds) -> np.ndarray:
-  """2D value noise in [-1, 1] at float32 points ``q`` (2 same-shape arrays); see ``_lattice_noise``."""
-  shape = q[0].shape
-  q = [c.reshape(-1) for c in q]
-  fl = [np.floor(c) for c in q]
-  w = [_smoothstep(c - f) for c, f in zip(q, fl, strict=True)]
-  lo = [b[0] for b in bounds]
-  n = [b[1] - b[0] + 3 for b in bounds]
-  lat = np.meshgrid(
-    *[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True
-  )
-  v = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
-  quad = np.stack([v[:-1, :-1], v[:-1, 1:], v[1:, :-1], v[1:, 1:]], -1).reshape(-1, 4)
-  base = (fl[0] - np.float32(lo[0])).astype(np.int32) * np.int32(n[1] - 1)
-  base += (fl[1] - np.float32(lo[1])).astype(np.int32)
-  g = np.take(quad, base, axis=0)
-  a = g[:, 0::2]
-  a = a + (g[:, 1::2] - a) * w[1][:, None]
-  return (a[:, 0] + (a[:, 1] - a[:, 0]) * w[0]).reshape(shape)
+    bounds = [(int(np.floor(c.min())), int(np.floor(c.max()))) for c in q]
+  lat = _Lattice(key, bounds)
+  out = np.empty(q[0].shape, np.float32)
+  for a in range(0, len(out), _LATTICE_CHUNK):
+    out[a : a + _LATTICE_CHUNK] = lat([c[a : a + _LATTICE_CHUNK] for c in q])
+  return out.reshape(shape)
 
 
 _QUANTILE_LEVELS = np.linspace(0.0, 1.0, 201)
@@ -1079,30 +1149,37 @@ class PhantomVolume:
     if warp is None:
       amp_vox = np.float32(warp_amp * across)
       warp = [
-        amp_vox * _grid_noise(self.key("warp", rid, kind, k), (warp_sp,) * 3, (z, y, x))
+        _GridNoise(self.key("warp", rid, kind, k), (warp_sp,) * 3, (z, y, x)).full(amp_vox)
         for k in range(2)
       ]
       warp_max = float(amp_vox)
     else:
-      warp_max = float(max(np.abs(w).max() for w in warp))
+      warp_max = float(max(max(w.max(), -w.min()) for w in warp))
     dims = 2 if kind == "striation" else 3
-    q, bounds = [], []
+    proj, bounds = [], []
     for k in range(dims):
       e = frame[k] / (across if k < 2 else along)
-      proj = (
-        (e[0] * z).astype(np.float32)[:, None, None]
-        + (e[1] * y).astype(np.float32)[None, :, None]
-        + (e[2] * x).astype(np.float32)[None, None, :]
-      )
+      # The projection (e . (z, y, x)) as float32 per axis, summed per voxel (z + y) + x.
+      proj.append([(e[0] * z).astype(np.float32), (e[1] * y).astype(np.float32)])
+      proj[-1].append((e[2] * x).astype(np.float32)[None, :])
       amp = warp_max / across if k < 2 else 0.0
-      if k < 2:
-        proj = proj + warp[k] * np.float32(1.0 / across)
       pc = corners @ e  # the projection is linear: its extremes are at the corners
       bounds.append((int(np.floor(pc.min() - amp)) - 1, int(np.floor(pc.max() + amp)) + 1))
-      q.append(proj)
-    if dims == 2:
-      return _lattice_noise2(self.key("fibre", rid, kind), q, bounds), warp
-    return _lattice_noise(self.key("fibre", rid, kind), q, bounds), warp
+    lattice = _Lattice(self.key("fibre", rid, kind), bounds)
+    inv = np.float32(1.0 / across)
+    out = np.empty((len(z), len(y), len(x)), np.float32)
+    rows = max(1, _LATTICE_CHUNK // len(x))  # points = lattice coordinates of a few rows
+    for i in range(len(z)):
+      for r0 in range(0, len(y), rows):
+        r1 = min(len(y), r0 + rows)
+        q = []
+        for k, (pz, py, px) in enumerate(proj):
+          c = (pz[i] + py[r0:r1])[:, None] + px
+          if k < 2:  # bent by the warp (voxels -> lattice units across)
+            c += warp[k][i, r0:r1] * inv
+          q.append(c)
+        out[i, r0:r1] = lattice(q)
+    return out, warp
 
   def _vessels(self, z, y, x, shape):
     """Vessels: capillary walkers + sparse large vessels.
