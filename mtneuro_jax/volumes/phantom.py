@@ -107,6 +107,19 @@ def _mix32(h: np.ndarray) -> np.ndarray:
   return h ^ (h >> 16)
 
 
+def _mix32_inplace(h: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+  """``_mix32`` in place on a uint32 array (``tmp``: a scratch array of its shape)."""
+  np.right_shift(h, 16, out=tmp)
+  h ^= tmp
+  h *= np.uint32(0x85EBCA6B)
+  np.right_shift(h, 13, out=tmp)
+  h ^= tmp
+  h *= np.uint32(0xC2B2AE35)
+  np.right_shift(h, 16, out=tmp)
+  h ^= tmp
+  return h
+
+
 def _key(*parts) -> int:
   """A 32-bit key from ints/strings, stable across processes (unlike ``hash``)."""
   return zlib.crc32(repr(parts).encode()) & 0xFFFFFFFF
@@ -1037,42 +1050,93 @@ class PhantomVolume:
       )
     g1 = ndi.gaussian_filter(img, _BLUR[0], mode="nearest", truncate=_BLUR[1])
     g2 = ndi.gaussian_filter(img, _FRINGE[0], mode="nearest", truncate=_FRINGE[1])
-    img = g1[core] + np.float32(_FRINGE[2]) * (g1[core] - g2[core])
-    del g1, g2
+    del img
     zc, yc, xc = z[h:-h], y[h:-h], x[h:-h]
-    noise_amp = np.float32(_NOISE * 2.0)
-    if not present:
-      noise_amp = noise_amp * np.float32(_EMPTY_NOISE)
-    else:  # the scan's global intensity (see _SCAN), on tissue only
-      mid = np.float32(_SCAN_MID)
-      offset = self._scan("offset", zc, yc, xc) + self._scan("offset_slow", zc, yc, xc)
-      zs, za = _SLICE_DRIFT
-      offset += np.float32(za) * _grid_noise(self.key("slice"), (zs,), (zc,))[:, None, None]
-      gain = np.maximum(
-        np.float32(1.0) + self._scan("contrast", zc, yc, xc), np.float32(_SCAN_MIN_CONTRAST)
-      )
-      scanned = mid + offset + gain * (img - mid)
-      del offset, gain
-      img = scanned if tissue_all else np.where(tissue[core], scanned, img)
-      del scanned
-      level = np.maximum(np.float32(1.0) + self._scan("noise", zc, yc, xc), np.float32(0.25))
-      noise_amp = noise_amp * (
-        level if tissue_all else np.where(tissue[core], level, np.float32(_EMPTY_NOISE))
-      )
-    hn = _voxel_hash(self.key("noise"), zc, yc, xc)
-    tri = (
-      (hn & np.uint32(0xFFFF)).astype(np.float32) + (hn >> 16).astype(np.float32)
-    ) * np.float32(1.0 / 65536.0)
-    img += (tri - np.float32(1.0)) * noise_amp
-    img += np.float32(0.5)
-    np.clip(img, 0.0, 255.0, out=img)
+    image = self._finish(zc, yc, xc, g1, g2, bool(present), tissue_all, tissue[core])
+    del g1, g2
     roi = np.array(anat[core], np.uint8)
     roi[(zc < spec.ROI_ANNOTATED_Z[0]) | (zc >= spec.ROI_ANNOTATED_Z[1])] = _ROI["clear"]
     return {
-      "image": img.astype(np.uint8),
+      "image": image,
       "roi_labels": roi,
       "pixel_labels": np.ascontiguousarray(pix[core]),
     }
+
+  def _finish(self, zc, yc, xc, g1, g2, present, tissue_all, tissue):
+    """The image after the blur (uint8, core shape): fringes, the scan's global intensity
+    (``_SCAN``, on tissue only), per-voxel noise, rounding.
+
+    ``g1``, ``g2``: the two blurred grids (with the halo); ``tissue``: the core's tissue mask.
+    Slice by slice (cache-sized temporaries); per voxel the float32 operations of
+    ``out = g1 + k (g1 - g2)``, ``mid + offset + gain (out - mid)``, ``+ noise``, in that order.
+    """
+    h = _HALO
+    shape = (len(zc), len(yc), len(xc))
+    image = np.empty(shape, np.uint8)
+    k_fringe = np.float32(_FRINGE[2])
+    noise_amp = np.float32(_NOISE * 2.0)
+    if present:
+      scan = {n: _GridNoise(self.key("scan", n), sp, (zc, yc, xc)) for n, (sp, _) in _SCAN.items()}
+      amp = {n: np.float32(a) for n, (_, a) in _SCAN.items()}
+      zs, za = _SLICE_DRIFT
+      slice_offset = np.float32(za) * _grid_noise(self.key("slice"), (zs,), (zc,))
+      mid = np.float32(_SCAN_MID)
+    else:
+      noise_amp = noise_amp * np.float32(_EMPTY_NOISE)
+    # _voxel_hash(key("noise")) one slice at a time.
+    key = self.key("noise")
+    hz = _mix32(_u32(zc) * np.uint32(_PRIMES[0]) ^ _u32(key))
+    hy = _mix32(_u32(yc) * np.uint32(_PRIMES[1]) ^ _u32(key * 7 + 1))
+    hx = _mix32(_u32(xc) * np.uint32(_PRIMES[2]) ^ _u32(key * 13 + 2))
+    hyx = hy[:, None] ^ (hx[None, :] * np.uint32(3))
+    hn, hbuf = np.empty(shape[1:], np.uint32), np.empty(shape[1:], np.uint32)
+    tri, t = np.empty(shape[1:], np.float32), np.empty(shape[1:], np.float32)
+    for k in range(shape[0]):
+      a = g1[k + h, h:-h, h:-h]
+      img = g1[k + h, h:-h, h:-h] - g2[k + h, h:-h, h:-h]
+      img *= k_fringe
+      img += a  # g1 + k (g1 - g2)
+      if present:
+        offset = scan["offset"].slice(k)
+        offset *= amp["offset"]
+        offset += scan["offset_slow"].slice(k, t) * amp["offset_slow"]
+        offset += slice_offset[k]
+        gain = scan["contrast"].slice(k)
+        gain *= amp["contrast"]
+        gain += np.float32(1.0)
+        np.maximum(gain, np.float32(_SCAN_MIN_CONTRAST), out=gain)
+        plain = None if tissue_all else img.copy()
+        img -= mid
+        img *= gain
+        offset += mid
+        img += offset  # (mid + offset) + gain (img - mid)
+        if plain is not None:
+          np.copyto(img, plain, where=~tissue[k])
+        level = scan["noise"].slice(k)
+        level *= amp["noise"]
+        level += np.float32(1.0)
+        np.maximum(level, np.float32(0.25), out=level)
+        if not tissue_all:
+          np.copyto(level, np.float32(_EMPTY_NOISE), where=~tissue[k])
+        level *= noise_amp
+        amp_k = level
+      else:
+        amp_k = noise_amp
+      np.bitwise_xor(hyx, hz[k], out=hn)
+      _mix32_inplace(hn, hbuf)
+      np.bitwise_and(hn, np.uint32(0xFFFF), out=hbuf)
+      np.copyto(tri, hbuf, casting="unsafe")
+      np.right_shift(hn, 16, out=hbuf)
+      np.copyto(t, hbuf, casting="unsafe")
+      tri += t
+      tri *= np.float32(1.0 / 65536.0)
+      tri -= np.float32(1.0)
+      tri *= amp_k
+      img += tri
+      img += np.float32(0.5)
+      np.clip(img, 0.0, 255.0, out=img)
+      np.copyto(image[k], img, casting="unsafe")
+    return image
 
   def _axons(self, z, y, x, anat, present, per_region):
     """Axon label mask and visible fibre strength in [0, 1] (bright fibres) on the grid.
