@@ -868,13 +868,16 @@ class PhantomVolume:
   def key(self, *parts) -> int:
     return _key(self.seed, GENERATOR_VERSION, *parts)
 
-  def _trend_at(self, y, x, per_region):
-    """The linear trend t of each voxel's region (0 at its set-A cube centre), broadcastable."""
+  def _trend_at(self, y, x, per_region, k=None):
+    """The linear trend t of each voxel's region (0 at its set-A cube centre), broadcastable
+    to the grid, or with ``k`` to its z slice k (Y, X)."""
     t = self._trend
-    yy = y.astype(np.float32)[None, :, None]
-    xx = x.astype(np.float32)[None, None, :]
-    return per_region(t["gy"]) * (yy - per_region(t["y0"])) + per_region(t["gx"]) * (
-      xx - per_region(t["x0"])
+    yy = y.astype(np.float32)[:, None]
+    xx = x.astype(np.float32)[None, :]
+    if k is None:
+      yy, xx = yy[None], xx[None]
+    return per_region(t["gy"], k) * (yy - per_region(t["y0"], k)) + per_region(t["gx"], k) * (
+      xx - per_region(t["x0"], k)
     )
 
   def _drift(self, name, z, y, x, per_region):
@@ -1018,8 +1021,10 @@ class PhantomVolume:
 
     single = present[0] if len(present) == 1 and tissue_all else None
 
-    def per_region(t):  # a per-region table on the grid: a scalar when one region fills it
-      return np.float32(t[single]) if single is not None else t[anat]
+    def per_region(t, k=None):  # a per-region table on the grid (z slice k): a scalar
+      if single is not None:  # when one region fills the grid
+        return np.float32(t[single])
+      return t[anat] if k is None else t[anat[k]]
 
     pix = np.zeros(shape, np.uint8)
     if not present:  # outside tissue: the empty scan
@@ -1491,36 +1496,79 @@ class PhantomVolume:
     return mask, profile
 
   def _image(self, z, y, x, pix, ax_strength, cell_profile, lumen, rim, per_region, tissue):
-    """Pre-blur grey levels (float32, grid shape). ``tissue`` None means all tissue."""
+    """Pre-blur grey levels (float32, grid shape). ``tissue`` None means all tissue.
 
-    def table(name):
-      return per_region(self._tables[name])
+    Slice by slice (cache-sized temporaries), per voxel the float32 operations of
+    ``grey + contrast (gain axon_strength + texture)`` and the overrides, in that order.
+    """
+    shape = pix.shape
+    out = np.empty(shape, np.float32)
+    drift = {}
+    for name in ("contrast", "axon_gain"):
+      sp, amp = _DRIFT[name]
+      drift[name] = (_GridNoise(self.key("drift", name), sp, (z, y, x)), np.float32(amp))
+    sp, mottle_amp = _MOTTLE
+    mottle = _GridNoise(self.key("mottle"), sp, (z, y, x))
+    # _voxel_hash(key("grain")) one slice at a time.
+    key = self.key("grain")
+    hz = _mix32(_u32(z) * np.uint32(_PRIMES[0]) ^ _u32(key))
+    hy = _mix32(_u32(y) * np.uint32(_PRIMES[1]) ^ _u32(key * 7 + 1))
+    hx = _mix32(_u32(x) * np.uint32(_PRIMES[2]) ^ _u32(key * 13 + 2))
+    hyx = hy[:, None] ^ (hx[None, :] * np.uint32(3))
+    hg, hbuf = np.empty(shape[1:], np.uint32), np.empty(shape[1:], np.uint32)
+    full_strength = np.ndim(ax_strength) > 0
 
-    grey = table("grey")
-    contrast = np.float32(1.0) + self._drift("contrast", z, y, x, per_region)
-    gain = table("axon_gain") * (
-      np.float32(1.0)
-      + self._drift("axon_gain", z, y, x, per_region)
-      + np.float32(_TREND["axon_gain"]) * self._trend_at(y, x, per_region)
-    )
-    sp, amp = _MOTTLE
-    tex = np.float32(amp) * _grid_noise(self.key("mottle"), sp, (z, y, x))
-    tex += (_unit(_voxel_hash(self.key("grain"), z, y, x)) - np.float32(0.5)) * np.float32(
-      2.0 * _GRAIN
-    )
-    tex = tex * table("texture")
-    img = grey + contrast * (gain * ax_strength + tex)
-    if rim is not None:  # the bright wall of large vessels
-      img = np.where(rim, img + np.float32(_LUMEN_RIM[1]), img)
-    img = np.where(
-      pix == _PIX["cell"], grey - contrast * (table("cell_dark") * cell_profile - tex), img
-    )
-    # Capillaries (2-5 px across) look dark grey after the point spread; large lumens black.
-    img = np.where(pix == _PIX["vessel"], grey - contrast * (np.float32(_CAP_DARK) - tex), img)
-    if lumen is not None:
-      img = np.where(
-        lumen, np.float32(_VESSEL_GREY) + np.float32(0.1) * (grey - 120.0) + tex * 0.3, img
-      )
-    if tissue is not None:
-      img = np.where(tissue, img, np.float32(_OUTSIDE_GREY))
-    return img.astype(np.float32)
+    for k in range(shape[0]):
+
+      def table(name, k=k):
+        return per_region(self._tables[name], k)
+
+      def drift_at(name, k=k):  # amplitude * (drift noise - its set-A anchor)
+        field, amp = drift[name]
+        d = field.slice(k)
+        d -= per_region(self._anchors[name], k)
+        d *= amp
+        return d
+
+      grey = table("grey")
+      contrast = drift_at("contrast")
+      contrast += np.float32(1.0)
+      gain = drift_at("axon_gain")
+      gain += np.float32(1.0)
+      gain += np.float32(_TREND["axon_gain"]) * self._trend_at(y, x, per_region, k)
+      gain *= table("axon_gain")
+      tex = mottle.slice(k)
+      tex *= np.float32(mottle_amp)
+      np.bitwise_xor(hyx, hz[k], out=hg)
+      _mix32_inplace(hg, hbuf)
+      hg >>= np.uint32(8)
+      grain = hg.astype(np.float32)
+      grain *= np.float32(1.0 / (1 << 24))  # _unit
+      grain -= np.float32(0.5)
+      grain *= np.float32(2.0 * _GRAIN)
+      tex += grain
+      tex *= table("texture")
+      img = out[k]
+      np.multiply(gain, ax_strength[k] if full_strength else ax_strength, out=img)
+      img += tex
+      img *= contrast
+      img += grey
+      if rim is not None:  # the bright wall of large vessels
+        np.add(img, np.float32(_LUMEN_RIM[1]), out=img, where=rim[k])
+      t = table("cell_dark") * cell_profile[k]
+      t -= tex
+      t *= contrast
+      np.subtract(grey, t, out=t)
+      np.copyto(img, t, where=pix[k] == _PIX["cell"])
+      # Capillaries (2-5 px across) look dark grey after the point spread; large lumens black.
+      t = np.float32(_CAP_DARK) - tex
+      t *= contrast
+      np.subtract(grey, t, out=t)
+      np.copyto(img, t, where=pix[k] == _PIX["vessel"])
+      if lumen is not None:
+        t = tex * np.float32(0.3)
+        t += np.float32(_VESSEL_GREY) + np.float32(0.1) * (grey - np.float32(120.0))
+        np.copyto(img, t, where=lumen[k])
+      if tissue is not None:
+        np.copyto(img, np.float32(_OUTSIDE_GREY), where=~tissue[k])
+    return out
