@@ -1152,54 +1152,72 @@ class PhantomVolume:
     masses (``fibre_in``) and sparse outside (``fibre_out``). ZI's masses are labelled
     only with ``zi_axon_labels`` (the shipped real ZI masks carry no axon labels).
     """
-    axon = strength = drift = None
+    regions = [
+      rid
+      for rid in present
+      if REGION_PARAMS[rid].fibre != "none" and REGION_PARAMS[rid].axon_frac > 0
+    ]
+    if not regions:
+      return np.zeros(anat.shape, bool), np.float32(0.0)
     multi = len(present) > 1
-    for rid in present:
+    # Threshold shifts: location drift and trend + local variation (shared by the regions).
+    sp, drift_amp = _DRIFT["fibre_density"]
+    drift_field = _GridNoise(self.key("drift", "fibre_density"), sp, (z, y, x))
+    sp, local_amp = _LOCAL["fibre_density"]
+    local_field = _GridNoise(self.key("local-fibre-density"), sp, (z, y, x))
+    fields = {}  # per region: its full fibre fields and its mass fields (served per slice)
+    for rid in regions:
       p = REGION_PARAMS[rid]
-      if p.fibre == "none" or p.axon_frac <= 0:
-        continue
-      if drift is None:  # threshold shifts: location drift and trend + local variation
-        drift = self._drift("fibre_density", z, y, x, per_region)
-        drift = drift + np.float32(_TREND["fibre_density"]) * self._trend_at(y, x, per_region)
-        sp, amp = _LOCAL["fibre_density"]
-        local = np.float32(amp) * _grid_noise(self.key("local-fibre-density"), sp, (z, y, x))
-      shift = np.float32(p.axon_drift) * (drift + local)
-      inside = (anat == rid) if multi else None
       if p.fibre == "fascicle":
         f, warp = self._fibre_field(rid, p.fibre, p.fibre_dir, z, y, x)
-        m = f > _noise_quantile(1.0 - p.axon_frac) - shift
         fine, _ = self._fibre_field(rid, "striation", p.fibre_dir, z, y, x, warp=warp)
-        s = np.float32(0.55) + np.float32(0.45) * np.clip(
-          fine * np.float32(1.6) + np.float32(0.4), 0.0, 1.0
-        )
-        lab = m
+        fields[rid] = (f, fine)
       else:
-        mass = _grid_noise(self.key("mass", rid), _MASS_FINE, (z, y, x))
-        mass += np.float32(p.axon_var) * _grid_noise(
-          self.key("mass-coarse", rid), _MASS_COARSE, (z, y, x)
-        )
-        lab = mass > _mass_quantile(1.0 - p.axon_frac, p.axon_var) - shift
-        del mass
         f, _ = self._fibre_field(rid, p.fibre, p.fibre_dir, z, y, x)
-        thr = np.where(lab, _noise_quantile(1.0 - p.fibre_in), _noise_quantile(1.0 - p.fibre_out))
-        m = f > thr
-        s = np.clip((f - thr) * np.float32(3.0) + np.float32(0.35), 0.0, 1.0)
-        if rid == _ROI["ZI"] and not self.zi_axon_labels:
-          lab = None
-      if inside is not None:
-        m &= inside
+        mass = _GridNoise(self.key("mass", rid), _MASS_FINE, (z, y, x))
+        coarse = _GridNoise(self.key("mass-coarse", rid), _MASS_COARSE, (z, y, x))
+        fields[rid] = (f, mass, coarse)
+    axon = np.zeros(anat.shape, bool)
+    strength = np.empty(anat.shape, np.float32)
+    # Slice by slice (cache-sized temporaries); per voxel the float32 operations of the
+    # whole-grid formulas, in the same order.
+    for k in range(anat.shape[0]):
+      drift = drift_field.slice(k)
+      drift -= per_region(self._anchors["fibre_density"], k)
+      drift *= np.float32(drift_amp)
+      drift += np.float32(_TREND["fibre_density"]) * self._trend_at(y, x, per_region, k)
+      drift += local_field.slice(k) * np.float32(local_amp)  # drift + local
+      for n, rid in enumerate(regions):
+        p = REGION_PARAMS[rid]
+        shift = np.float32(p.axon_drift) * drift
+        if p.fibre == "fascicle":
+          f, fine = fields[rid]
+          m = f[k] > _noise_quantile(1.0 - p.axon_frac) - shift
+          s = np.float32(0.55) + np.float32(0.45) * np.clip(
+            fine[k] * np.float32(1.6) + np.float32(0.4), 0.0, 1.0
+          )
+          lab = m
+        else:
+          f, mass_field, coarse = fields[rid]
+          mass = mass_field.slice(k)
+          mass += np.float32(p.axon_var) * coarse.slice(k)
+          lab = mass > _mass_quantile(1.0 - p.axon_frac, p.axon_var) - shift
+          thr = np.where(lab, _noise_quantile(1.0 - p.fibre_in), _noise_quantile(1.0 - p.fibre_out))
+          m = f[k] > thr
+          s = np.clip((f[k] - thr) * np.float32(3.0) + np.float32(0.35), 0.0, 1.0)
+          if rid == _ROI["ZI"] and not self.zi_axon_labels:
+            lab = None
+        if multi:
+          inside = anat[k] == rid
+          m &= inside
+          if lab is not None:
+            lab &= inside
+        if n == 0:
+          np.copyto(strength[k], np.where(m, s, np.float32(0.0)))
+        else:
+          np.copyto(strength[k], s, where=m)
         if lab is not None:
-          lab &= inside
-      s = np.where(m, s, np.float32(0.0))
-      if axon is None:
-        axon = np.zeros(anat.shape, bool)
-        strength = s
-      else:
-        strength = np.where(m, s, strength)
-      if lab is not None:
-        axon |= lab
-    if axon is None:
-      return np.zeros(anat.shape, bool), np.float32(0.0)
+          axon[k] |= lab
     return axon, strength
 
   def _fibre_field(self, rid, kind, direction, z, y, x, warp=None):
