@@ -38,8 +38,9 @@ any requested box (plus a halo for the blur); the volume never exists whole:
   density and size between cube locations (cube sets B-D differ from A: ROI-C2's
   domain shift) and are anchored at each set-A cube, where the calibration holds.
 
-See docs/phantom.md. Parallel rendering: ``workers`` processes (``phantom_pool``)
-render parts of large boxes; values never depend on the split.
+See docs/phantom.md. Parallel rendering: ``workers`` renderers (this process and
+``workers - 1`` processes of ``phantom_pool``) render parts of large requests; values
+never depend on the split.
 
 Bitwise consistency: values are pointwise functions of global coordinates and
 only use exactly-rounded float ops (add, mul, div, sqrt, floor: no exp/sin,
@@ -77,8 +78,10 @@ _N_ROI = max(_ROI.values()) + 1
 _CHUNK_Z = 32
 _MAX_RENDER_XY = 320
 _MIN_RENDER_ZYX = (32, 64, 64)
-# Parallel rendering (PhantomVolume(workers=N)): boxes of at least this many voxels are
-# split along y into one part per worker (each at least _PARALLEL_MIN_ROWS rows).
+# Parallel rendering (PhantomVolume(workers=N)): the render parts of a request go to N
+# renderers (this process and N - 1 worker processes); parts too few to go round are
+# split along y (pieces of at least _PARALLEL_MIN_ROWS rows; boxes of at least
+# _PARALLEL_MIN_VOXELS voxels: below that, the transfer costs more than it saves).
 _PARALLEL_MIN_VOXELS = 1 << 20
 _PARALLEL_MIN_ROWS = 32
 # Imaging: Gaussian blur (point spread), then phase-contrast-like edge enhancement
@@ -372,6 +375,13 @@ def _mass_quantile(p, var: float) -> np.float32:
     )
     _mass_tables[var] = np.quantile(v, _QUANTILE_LEVELS)
   return np.float32(np.interp(p, _QUANTILE_LEVELS, _mass_tables[var]))
+
+
+def _warm_tables() -> None:
+  """Computes the one-off quantile tables (a worker process does it before its first request)."""
+  _noise_quantile(0.5)
+  for var in sorted({p.axon_var for p in REGION_PARAMS.values() if p.fibre == "fibre"}):
+    _mass_quantile(0.5, var)
 
 
 # ---------------------------------------------------------------------------
@@ -898,27 +908,30 @@ class PhantomVolume:
       raise ValueError(f"unknown channel {channel!r}; known: {', '.join(spec.CHANNELS)}")
     box.check_inside(self.shape)
     out = np.empty(box.shape, np.dtype(spec.CHANNELS[channel].dtype))
-    for part in self._render_boxes(box):
-      arrays, rbox = self._rendered(part)
-      src = tuple(
-        slice(a - r0, b - r0)
-        for a, b, r0 in zip(
-          (part.z0, part.y0, part.x0),
-          (part.z1, part.y1, part.x1),
-          (rbox.z0, rbox.y0, rbox.x0),
-          strict=True,
+    parts = self._render_boxes(box)
+    batch = 4 * self.workers  # parts rendered together (spread over the workers); bounds memory
+    for b0 in range(0, len(parts), batch):
+      chunk = parts[b0 : b0 + batch]
+      for part, (arrays, rbox) in zip(chunk, self._rendered(chunk), strict=True):
+        src = tuple(
+          slice(a - r0, b - r0)
+          for a, b, r0 in zip(
+            (part.z0, part.y0, part.x0),
+            (part.z1, part.y1, part.x1),
+            (rbox.z0, rbox.y0, rbox.x0),
+            strict=True,
+          )
         )
-      )
-      dst = tuple(
-        slice(a - b0, b - b0)
-        for a, b, b0 in zip(
-          (part.z0, part.y0, part.x0),
-          (part.z1, part.y1, part.x1),
-          (box.z0, box.y0, box.x0),
-          strict=True,
+        dst = tuple(
+          slice(a - b0, b - b0)
+          for a, b, b0 in zip(
+            (part.z0, part.y0, part.x0),
+            (part.z1, part.y1, part.x1),
+            (box.z0, box.y0, box.x0),
+            strict=True,
+          )
         )
-      )
-      out[dst] = arrays[channel][src]
+        out[dst] = arrays[channel][src]
     return out
 
   def anatomy(self, z, y, x) -> np.ndarray:
@@ -938,49 +951,81 @@ class PhantomVolume:
       spec.Box(a, b, c, d, e, f) for a, b in pairs[0] for c, d in pairs[1] for e, f in pairs[2]
     ]
 
-  def _rendered(self, part: spec.Box):
+  def _cached(self, part: spec.Box):
+    """(arrays, rendered box) of a cached box that holds ``part``, or None (lock held)."""
+    for rbox in reversed(self._cache):
+      if (
+        rbox.z0 <= part.z0
+        and part.z1 <= rbox.z1
+        and rbox.y0 <= part.y0
+        and part.y1 <= rbox.y1
+        and rbox.x0 <= part.x0
+        and part.x1 <= rbox.x1
+      ):
+        self._cache.move_to_end(rbox)
+        return self._cache[rbox], rbox
+    return None
+
+  def _rendered(self, parts: list[spec.Box]) -> list:
+    """(arrays, rendered box) holding each part: from the cache, or rendered (the missing
+    ones together, spread over the workers) and cached."""
+    found: list = [None] * len(parts)
+    todo: dict = {}  # rendered box -> indices of the parts it serves
     with self._lock:
-      for rbox in reversed(self._cache):
-        if (
-          rbox.z0 <= part.z0
-          and part.z1 <= rbox.z1
-          and rbox.y0 <= part.y0
-          and part.y1 <= rbox.y1
-          and rbox.x0 <= part.x0
-          and part.x1 <= rbox.x1
-        ):
-          self._cache.move_to_end(rbox)
-          return self._cache[rbox], rbox
-    rbox = self._widen(part)
-    arrays = self._render_maybe_parallel(rbox)
+      for i, part in enumerate(parts):
+        found[i] = self._cached(part)
+        if found[i] is None:
+          todo.setdefault(self._widen(part), []).append(i)
+    rboxes = list(todo)
+    rendered = self._render_many(rboxes)
     with self._lock:
-      self._cache[rbox] = arrays
+      for rbox, arrays in zip(rboxes, rendered, strict=True):
+        for i in todo[rbox]:
+          found[i] = (arrays, rbox)
+        self._cache[rbox] = arrays
       total = sum(sum(a.nbytes for a in v.values()) for v in self._cache.values())
       while total > self._cache_bytes and len(self._cache) > 1:
         _, old = self._cache.popitem(last=False)
         total -= sum(a.nbytes for a in old.values())
-    return arrays, rbox
+    return found
 
-  def _render_maybe_parallel(self, box: spec.Box) -> dict[str, np.ndarray]:
-    """``render(box)``, split along y over the worker processes when it is large enough.
-
-    Values are pointwise functions of the coordinates, so the split changes no byte;
-    a failed worker (killed, out of memory) falls back to rendering in this process.
+  def _render_many(self, boxes: list[spec.Box]) -> list[dict[str, np.ndarray]]:
+    """``render`` of each box, spread over ``workers`` renderers (this process and worker
+    processes) when there is enough work: at least ``workers`` pieces (a box too few
+    to go round is split along y, pieces of at least _PARALLEL_MIN_ROWS rows) and
+    _PARALLEL_MIN_VOXELS voxels in all. Values are pointwise functions of the
+    coordinates, so no split changes a byte.
     """
-    n = min(self.workers, box.shape[1] // _PARALLEL_MIN_ROWS)
-    if n < 2 or int(np.prod(box.shape)) < _PARALLEL_MIN_VOXELS:
-      return self.render(box)
-    from mtneuro_jax.volumes import phantom_pool
+    per_box = -(-self.workers // max(1, len(boxes)))
+    tasks, owner = [], []
+    for j, box in enumerate(boxes):
+      n = min(per_box, box.shape[1] // _PARALLEL_MIN_ROWS)
+      if int(np.prod(box.shape)) < _PARALLEL_MIN_VOXELS:
+        n = 1
+      edges = [int(e) for e in np.linspace(box.y0, box.y1, max(n, 1) + 1).round()]
+      for a, b in zip(edges[:-1], edges[1:], strict=True):
+        tasks.append((box.z0, box.z1, a, b, box.x0, box.x1))
+        owner.append(j)
+    total = sum(int(np.prod(b.shape)) for b in boxes)
+    if self.workers < 2 or len(tasks) < 2 or total < _PARALLEL_MIN_VOXELS:
+      return [self.render(b) for b in boxes]
+    from mtneuro_jax.volumes import phantom_pool  # the pool only when parallel rendering
 
-    edges = [int(e) for e in np.linspace(box.y0, box.y1, n + 1).round()]
-    parts = [
-      (box.z0, box.z1, a, b, box.x0, box.x1) for a, b in zip(edges[:-1], edges[1:], strict=True)
-    ]
-    try:
-      results = phantom_pool.render_parts(self.workers, self.seed, self.zi_axon_labels, parts)
-    except phantom_pool.WorkerError:
-      return self.render(box)
-    return {ch: np.concatenate([r[ch] for r in results], axis=1) for ch in results[0]}
+    results = phantom_pool.render_parts(
+      self.workers,
+      self.seed,
+      self.zi_axon_labels,
+      tasks,
+      local=lambda bounds: self.render(spec.Box(*bounds)),
+    )
+    out = []
+    for j in range(len(boxes)):
+      pieces = [r for r, o in zip(results, owner, strict=True) if o == j]
+      if len(pieces) == 1:
+        out.append(pieces[0])
+      else:
+        out.append({ch: np.concatenate([p[ch] for p in pieces], axis=1) for ch in pieces[0]})
+    return out
 
   def _widen(self, part: spec.Box) -> spec.Box:
     """Widens a thin request to the aligned block around it (values never depend on it)."""
