@@ -1519,40 +1519,57 @@ class PhantomVolume:
     # Quadratic form A = R^T diag(1/r^2) R per cell.
     inv = 1.0 / (radii * radii)
     A = np.einsum("nki,nk,nkj->nij", rot, inv, rot)
-    # Offsets inside the bounding sphere.
+    # Offsets inside the bounding sphere (radius rmax + 0.5). A voxel with rho2 <= 1 lies
+    # within the cell's largest semi-axis of its centre, so within that + sqrt(3) of the
+    # rounded-down centre: each cell is evaluated on the offsets of that reach only
+    # (cells grouped by whole reach), with the same per-(cell, offset) arithmetic.
     g = np.arange(-rmax, rmax + 1)
     oz, oy, ox = [a.ravel() for a in np.meshgrid(g, g, g, indexing="ij")]
-    ball = oz * oz + oy * oy + ox * ox <= (rmax + 0.5) ** 2
-    oz, oy, ox = oz[ball], oy[ball], ox[ball]
+    o2 = oz * oz + oy * oy + ox * ox
+    ball = o2 <= (rmax + 0.5) ** 2
+    oz, oy, ox, o2 = oz[ball], oy[ball], ox[ball], o2[ball]
+    reach = np.ceil(radii.max(1) + np.sqrt(3.0) + 0.01)
     iz, iy, ix = np.floor(cz), np.floor(cy), np.floor(cx)
-    dz = oz[None, :] - (cz - iz)[:, None]
-    dy = oy[None, :] - (cy - iy)[:, None]
-    dx = ox[None, :] - (cx - ix)[:, None]
-    rho2 = (
-      A[:, 0, 0, None] * dz * dz
-      + A[:, 1, 1, None] * dy * dy
-      + A[:, 2, 2, None] * dx * dx
-      + 2.0 * (A[:, 0, 1, None] * dz * dy + A[:, 0, 2, None] * dz * dx + A[:, 1, 2, None] * dy * dx)
-    )
-    vz = iz.astype(np.int64)[:, None] + oz[None, :] - z[0]
-    vy = iy.astype(np.int64)[:, None] + oy[None, :] - y[0]
-    vx = ix.astype(np.int64)[:, None] + ox[None, :] - x[0]
-    ok = (
-      (rho2 <= 1.0)
-      & (vz >= 0)
-      & (vz < shape[0])
-      & (vy >= 0)
-      & (vy < shape[1])
-      & (vx >= 0)
-      & (vx < shape[2])
-    )
-    flat = (vz * shape[1] + vy) * shape[2] + vx
-    dark = (np.float32(0.75) + np.float32(0.5) * u[15])[:, None]
-    val = dark * (np.float32(1.0) - rho2.astype(np.float32) * np.float32(0.35))
+    dark_all = np.float32(0.75) + np.float32(0.5) * u[15]
+    found = []
+    for r in np.unique(reach):
+      cells = np.flatnonzero(reach == r)
+      near = o2 <= r * r
+      ozr, oyr, oxr = oz[near], oy[near], ox[near]
+      Ar = A[cells]
+      dz = ozr[None, :] - (cz[cells] - iz[cells])[:, None]
+      dy = oyr[None, :] - (cy[cells] - iy[cells])[:, None]
+      dx = oxr[None, :] - (cx[cells] - ix[cells])[:, None]
+      rho2 = (
+        Ar[:, 0, 0, None] * dz * dz
+        + Ar[:, 1, 1, None] * dy * dy
+        + Ar[:, 2, 2, None] * dx * dx
+        + 2.0
+        * (Ar[:, 0, 1, None] * dz * dy + Ar[:, 0, 2, None] * dz * dx + Ar[:, 1, 2, None] * dy * dx)
+      )
+      del dz, dy, dx
+      vz = iz[cells].astype(np.int64)[:, None] + ozr[None, :] - z[0]
+      vy = iy[cells].astype(np.int64)[:, None] + oyr[None, :] - y[0]
+      vx = ix[cells].astype(np.int64)[:, None] + oxr[None, :] - x[0]
+      ok = (
+        (rho2 <= 1.0)
+        & (vz >= 0)
+        & (vz < shape[0])
+        & (vy >= 0)
+        & (vy < shape[1])
+        & (vx >= 0)
+        & (vx < shape[2])
+      )
+      flat = ((vz * shape[1] + vy) * shape[2] + vx)[ok]
+      dark = dark_all[cells][:, None]
+      val = (dark * (np.float32(1.0) - rho2.astype(np.float32) * np.float32(0.35)))[ok]
+      found.append((flat, val, np.broadcast_to(cells[:, None], ok.shape)[ok]))
+    flat, val, cell = (np.concatenate(parts) for parts in zip(*found, strict=True))
     # Cells are in a fixed global order (object block, slot): where two overlap the
     # later one wins, whichever box is rendered (made explicit: numpy does not
     # promise an order for repeated indices).
-    flat, val = flat[ok][::-1], val[ok][::-1]
+    order = np.argsort(cell, kind="stable")[::-1]
+    flat, val = flat[order], val[order]
     flat, first = np.unique(flat, return_index=True)
     mask.ravel()[flat] = True
     profile.ravel()[flat] = val[first]
