@@ -281,41 +281,51 @@ class _Lattice:
 
   def __init__(self, key: int, bounds):
     self.lo = [int(b[0]) for b in bounds]
-    n = [int(b[1]) - int(b[0]) + 3 for b in bounds]
+    self.n = [int(b[1]) - int(b[0]) + 3 for b in bounds]
     lat = np.meshgrid(
-      *[np.arange(lo, lo + m) for lo, m in zip(self.lo, n, strict=True)], indexing="ij", sparse=True
+      *[np.arange(lo, lo + m) for lo, m in zip(self.lo, self.n, strict=True)],
+      indexing="ij",
+      sparse=True,
     )
     self.flat = (_unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)).ravel()
-    self.strides = [int(np.prod(n[k + 1 :])) for k in range(len(n))]
-    self.base = sum(lo * s for lo, s in zip(self.lo, self.strides, strict=True))
+    self.strides = [int(np.prod(self.n[k + 1 :])) for k in range(len(self.n))]
+    # Flat indices are formed in float32 (exact for integers below 2**24) and gathered as
+    # int32: fewer and cheaper passes than int64 index arithmetic.
+    self.small = len(self.flat) < 1 << 24
 
   def __call__(self, q) -> np.ndarray:
     """Noise at the points ``q`` (one float32 array per axis, same shape; a cache-sized
-    chunk); the arrays in ``q`` are left unchanged."""
-    idx, w = None, []
-    for c, s in zip(q, self.strides, strict=True):
-      f = np.floor(c)
-      i = f.astype(np.intp)
-      if s != 1:
-        i *= s
-      if idx is None:
-        idx = i
-      else:
-        idx += i
-      np.subtract(c, f, out=f)
-      ww = f * f  # _smoothstep(f) = f * f * (3 - 2 f)
+    chunk). The arrays in ``q`` are overwritten (scratch)."""
+    fl = [np.floor(c) for c in q]
+    for c, f in zip(q, fl, strict=True):
+      c -= f  # the position in the cell
+    if self.small:
+      idx = fl[0]
+      idx -= np.float32(self.lo[0])
+      for f, lo, n in zip(fl[1:], self.lo[1:], self.n[1:], strict=True):
+        idx *= np.float32(n)
+        f -= np.float32(lo)
+        idx += f
+      idx = idx.astype(np.int32)
+    else:
+      idx = sum(
+        (f.astype(np.intp) - lo) * s for f, lo, s in zip(fl, self.lo, self.strides, strict=True)
+      )
+    del fl
+    w = []
+    for f in q:  # _smoothstep(f) = f * f * (3 - 2 f)
+      ww = f * f
       f *= np.float32(2.0)
       np.subtract(np.float32(3.0), f, out=f)
       ww *= f
       w.append(ww)
-    idx -= self.base
     return self._corners(idx, w, 0, 0)
 
   def _corners(self, idx, w, ax, off):
     """Lerped noise over the lattice cell's corners from axis ``ax`` on (last axis first)."""
     s = self.strides[ax]
     if ax == len(self.strides) - 1:
-      a = np.take(self.flat, idx + off) if off else np.take(self.flat, idx)
+      a = np.take(self.flat[off:], idx)
       b = np.take(self.flat[off + s :], idx)
     else:
       a = self._corners(idx, w, ax + 1, off)
@@ -334,7 +344,7 @@ def _lattice_noise(key: int, q, bounds=None) -> np.ndarray:
   point; computed from ``q`` if None), so each value depends only on its point.
   """
   shape = q[0].shape
-  q = [np.ascontiguousarray(c, np.float32).reshape(-1) for c in q]
+  q = [np.array(c, np.float32).reshape(-1) for c in q]  # copies: the chunks are scratch
   if bounds is None:
     bounds = [(int(np.floor(c.min())), int(np.floor(c.max()))) for c in q]
   lat = _Lattice(key, bounds)
