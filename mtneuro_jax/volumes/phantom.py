@@ -292,6 +292,12 @@ class _Lattice:
     # Flat indices are formed in float32 (exact for integers below 2**24) and gathered as
     # int32: fewer and cheaper passes than int64 index arithmetic.
     self.small = len(self.flat) < 1 << 24
+    # The 4 corners of a cell's face across the last two axes, (j, k), (j, k+1), (j+1, k),
+    # (j+1, k+1), as one 16-byte item: one gather per face instead of four.
+    f, s = self.flat, self.strides[-2]
+    m = len(f) - s - 1
+    quads = np.stack([f[:m], f[1 : m + 1], f[s : m + s], f[s + 1 : m + s + 1]], -1)
+    self.quads = quads.view(np.complex128).reshape(-1)
 
   def __call__(self, q) -> np.ndarray:
     """Noise at the points ``q`` (one float32 array per axis, same shape; a cache-sized
@@ -319,18 +325,16 @@ class _Lattice:
       np.subtract(np.float32(3.0), f, out=f)
       ww *= f
       w.append(ww)
-    return self._corners(idx, w, 0, 0)
-
-  def _corners(self, idx, w, ax, off):
-    """Lerped noise over the lattice cell's corners from axis ``ax`` on (last axis first)."""
-    s = self.strides[ax]
-    if ax == len(self.strides) - 1:
-      a = np.take(self.flat[off:], idx)
-      b = np.take(self.flat[off + s :], idx)
-    else:
-      a = self._corners(idx, w, ax + 1, off)
-      b = self._corners(idx, w, ax + 1, off + s)
-    return _lerp_into(a, b, w[ax])
+    faces = []
+    for off in (0, self.strides[0]) if len(w) == 3 else (0,):
+      g = np.take(self.quads[off:], idx).view(np.float32).reshape(*idx.shape, 4)
+      c = np.moveaxis(g, -1, 0).copy()  # the 4 corners as contiguous arrays
+      a = _lerp_into(c[0], c[1], w[-1])  # along the last axis
+      b = _lerp_into(c[2], c[3], w[-1])
+      faces.append(_lerp_into(a, b, w[-2]))  # along the second-last
+    if len(faces) == 2:
+      return _lerp_into(faces[0], faces[1], w[0])  # along the first (3D)
+    return faces[0]
 
 
 _LATTICE_CHUNK = 1 << 15  # points per chunk: a few arrays of it stay in the CPU cache
