@@ -254,15 +254,6 @@ def _point_noise(key: int, spacing, coords) -> np.ndarray:
   return out
 
 
-def _voxel_hash(key: int, z, y, x) -> np.ndarray:
-  """Per-voxel uint32 hash on the outer grid of 1D coordinates: shape (Z, Y, X)."""
-  hz = _mix32(_u32(z) * np.uint32(_PRIMES[0]) ^ _u32(key))
-  hy = _mix32(_u32(y) * np.uint32(_PRIMES[1]) ^ _u32(key * 7 + 1))
-  hx = _mix32(_u32(x) * np.uint32(_PRIMES[2]) ^ _u32(key * 13 + 2))
-  h = (hy[:, None] ^ (hx[None, :] * np.uint32(3)))[None] ^ hz[:, None, None]
-  return _mix32(h)
-
-
 def _lerp_into(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
   """``a + (b - a) * w``, computed in place in ``b`` (the same float32 ops, addition commutes)."""
   b -= a
@@ -338,6 +329,15 @@ class _Lattice:
 
 
 _LATTICE_CHUNK = 1 << 15  # points per chunk: a few arrays of it stay in the CPU cache
+
+
+def _voxel_hash_parts(key: int, z, y, x):
+  """Per-axis parts of the per-voxel uint32 hash on the outer grid of 1D coordinates:
+  (hz [Z], hyx [Y, X]); voxel (k, j, i) hashes to ``_mix32(hyx[j, i] ^ hz[k])``."""
+  hz = _mix32(_u32(z) * np.uint32(_PRIMES[0]) ^ _u32(key))
+  hy = _mix32(_u32(y) * np.uint32(_PRIMES[1]) ^ _u32(key * 7 + 1))
+  hx = _mix32(_u32(x) * np.uint32(_PRIMES[2]) ^ _u32(key * 13 + 2))
+  return hz, hy[:, None] ^ (hx[None, :] * np.uint32(3))
 
 
 def _lattice_noise(key: int, q, bounds=None) -> np.ndarray:
@@ -801,10 +801,17 @@ def _ball_offsets(radius: float) -> np.ndarray:
 
 
 def _splat_spheres(
-  mask: np.ndarray, origin, centres: np.ndarray, radii: np.ndarray, batch: int = 2048
+  mask: np.ndarray,
+  origin,
+  centres: np.ndarray,
+  radii: np.ndarray,
+  batch: int = 2048,
+  by_reach: bool = True,
 ) -> None:
   """Sets ``mask`` (a grid whose voxel [0, 0, 0] is at global ``origin``) True at every
-  voxel within ``radii[i]`` of ``centres[i]`` (global float coordinates [P, 3])."""
+  voxel within ``radii[i]`` of ``centres[i]`` (global float coordinates [P, 3]).
+  ``by_reach=False``: every sphere tested on the largest one's offsets (the plain
+  formula, slower; the tests check that both give the same mask)."""
   shape = np.array(mask.shape)
   origin = np.asarray(origin, np.float64)
   rmax = float(radii.max(initial=0.0))
@@ -822,7 +829,7 @@ def _splat_spheres(
   # are grouped by that reach (squared, whole: the offsets' |o|^2 are integers) and each
   # group is tested on the offsets within its reach only (same per-voxel arithmetic).
   o2 = np.sum(off * off, 1)
-  reach2 = np.floor((radii + 0.876) ** 2)
+  reach2 = np.floor((radii + 0.876) ** 2) if by_reach else np.full(len(radii), o2.max())
   for n in np.unique(reach2):
     group = np.flatnonzero(reach2 == n)
     near = o2 <= n
@@ -1169,12 +1176,7 @@ class PhantomVolume:
       mid = np.float32(_SCAN_MID)
     else:
       noise_amp = noise_amp * np.float32(_EMPTY_NOISE)
-    # _voxel_hash(key("noise")) one slice at a time.
-    key = self.key("noise")
-    hz = _mix32(_u32(zc) * np.uint32(_PRIMES[0]) ^ _u32(key))
-    hy = _mix32(_u32(yc) * np.uint32(_PRIMES[1]) ^ _u32(key * 7 + 1))
-    hx = _mix32(_u32(xc) * np.uint32(_PRIMES[2]) ^ _u32(key * 13 + 2))
-    hyx = hy[:, None] ^ (hx[None, :] * np.uint32(3))
+    hz, hyx = _voxel_hash_parts(self.key("noise"), zc, yc, xc)  # per-voxel noise, slice by slice
     hn, hbuf = np.empty(shape[1:], np.uint32), np.empty(shape[1:], np.uint32)
     tri, t = np.empty(shape[1:], np.float32), np.empty(shape[1:], np.float32)
     for k in range(shape[0]):
@@ -1487,10 +1489,12 @@ class PhantomVolume:
       return None, None
     return mask, rim
 
-  def _cells(self, z, y, x, shape):
+  def _cells(self, z, y, x, shape, by_reach: bool = True):
     """Cell bodies: rotated ellipsoids, seeded per object block. Returns (mask, profile).
 
     ``profile`` is 1 at a cell centre and 0 at its rim (used for shading).
+    ``by_reach=False``: every cell evaluated on the whole rmax ball (the plain formula,
+    slower; the tests check that both give the same bytes).
     """
     o, rmax = _OBJ, _CELL_RMAX
     origin, u = self._candidates("cells", _CELL_SLOTS, rmax, z, y, x, 16)
@@ -1564,7 +1568,7 @@ class PhantomVolume:
     o2 = oz * oz + oy * oy + ox * ox
     ball = o2 <= (rmax + 0.5) ** 2
     oz, oy, ox, o2 = oz[ball], oy[ball], ox[ball], o2[ball]
-    reach = np.ceil(radii.max(1) + np.sqrt(3.0) + 0.01)
+    reach = np.ceil(radii.max(1) + np.sqrt(3.0) + 0.01) if by_reach else np.full(len(cz), 99.0)
     iz, iy, ix = np.floor(cz), np.floor(cy), np.floor(cx)
     dark_all = np.float32(0.75) + np.float32(0.5) * u[15]
     found = []
@@ -1625,12 +1629,7 @@ class PhantomVolume:
       drift[name] = (_GridNoise(self.key("drift", name), sp, (z, y, x)), np.float32(amp))
     sp, mottle_amp = _MOTTLE
     mottle = _GridNoise(self.key("mottle"), sp, (z, y, x))
-    # _voxel_hash(key("grain")) one slice at a time.
-    key = self.key("grain")
-    hz = _mix32(_u32(z) * np.uint32(_PRIMES[0]) ^ _u32(key))
-    hy = _mix32(_u32(y) * np.uint32(_PRIMES[1]) ^ _u32(key * 7 + 1))
-    hx = _mix32(_u32(x) * np.uint32(_PRIMES[2]) ^ _u32(key * 13 + 2))
-    hyx = hy[:, None] ^ (hx[None, :] * np.uint32(3))
+    hz, hyx = _voxel_hash_parts(self.key("grain"), z, y, x)  # per-voxel noise, slice by slice
     hg, hbuf = np.empty(shape[1:], np.uint32), np.empty(shape[1:], np.uint32)
     full_strength = np.ndim(ax_strength) > 0
 
