@@ -21,6 +21,7 @@ parent widens labels to the cutout dtype).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import queue
@@ -54,6 +55,7 @@ class _Worker:
       stdout=subprocess.PIPE,
       env=env,
     )
+    _widen_pipe(self.proc.stdout)
 
   def call(self, request) -> dict:
     try:
@@ -71,6 +73,23 @@ class _Worker:
       self.proc.wait(timeout=10)
     except (OSError, subprocess.TimeoutExpired):
       self.proc.kill()
+
+
+_PIPE_BYTES = 1 << 20
+
+
+def _widen_pipe(f) -> None:
+  """Raises a pipe's capacity to 1 MiB (Linux; the default 64 KiB holds 1/50 of a reply).
+
+  The thread reading a reply needs the GIL back after every read, and while this
+  process renders a part itself it gets it only every switch interval: fewer, larger
+  reads keep a reply from waiting on the GIL."""
+  try:
+    import fcntl
+
+    fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+  except (ImportError, AttributeError, OSError):
+    pass  # not Linux, or capped lower: slower transfers, same bytes
 
 
 class _WorkerSet:
@@ -115,6 +134,29 @@ def _worker_set(n: int) -> _WorkerSet:
         atexit.register(shutdown)
       ws = _SETS[n] = _WorkerSet(n)
   return ws
+
+
+_SWITCH = {"depth": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _short_switch_interval(seconds: float = 2e-4):
+  """While this thread renders (holding the GIL between numpy calls), the threads that
+  read the workers' replies wait up to the switch interval (5 ms by default) for the GIL
+  after each read; a short interval lets them in promptly (nested and concurrent uses
+  restore the original when the last one ends)."""
+  with _LOCK:
+    if _SWITCH["depth"] == 0:
+      _SWITCH["saved"] = sys.getswitchinterval()
+      sys.setswitchinterval(min(seconds, _SWITCH["saved"]))
+    _SWITCH["depth"] += 1
+  try:
+    yield
+  finally:
+    with _LOCK:
+      _SWITCH["depth"] -= 1
+      if _SWITCH["depth"] == 0:
+        sys.setswitchinterval(_SWITCH["saved"])
 
 
 def start(workers: int, wait: bool = False) -> None:
@@ -167,9 +209,10 @@ def render_parts(workers: int, seed: int, zi_axon_labels: bool, parts, local) ->
     return False
 
   jobs = [ws.threads.submit(child_loop, w) for w in ws.workers] if ws else []
-  while (i := next_part()) is not None:
-    results[i] = local(parts[i])
-  broken = any(j.result() for j in jobs)
+  with _short_switch_interval():
+    while (i := next_part()) is not None:
+      results[i] = local(parts[i])
+    broken = any(j.result() for j in jobs)
   for i in failed:
     results[i] = local(parts[i])
   if broken:
