@@ -408,6 +408,27 @@ def _ref_lattice_noise2(key: int, q, bounds) -> np.ndarray:
   return (a[:, 0] + (a[:, 1] - a[:, 0]) * w[0]).reshape(shape)
 
 
+def _ref_point_noise(key: int, spacing, coords) -> np.ndarray:
+  """Value noise in [-1, 1] at arbitrary (broadcastable) points; for small point sets."""
+  coords = np.broadcast_arrays(*[np.asarray(c, np.float64) for c in coords])
+  idx, ws = [], []
+  for c, s in zip(coords, spacing, strict=True):
+    t = c / float(s)
+    i = np.floor(t)
+    ws.append(P._smoothstep((t - i).astype(np.float32)))
+    idx.append(i.astype(np.int64))
+  out = np.zeros(coords[0].shape, np.float32)
+  for corner in itertools.product((0, 1), repeat=len(coords)):
+    v = P._unit(P._hash_nd(key, [i + c for i, c in zip(idx, corner, strict=True)])) * np.float32(
+      2.0
+    ) - np.float32(1.0)
+    wt = np.ones_like(out)
+    for w, c in zip(ws, corner, strict=True):
+      wt = wt * (w if c else np.float32(1.0) - w)
+    out = out + wt * v
+  return out
+
+
 class _ReferenceVolume(P.PhantomVolume):
   """``PhantomVolume`` rendering with the reference formulas (whole-grid arrays)."""
 
@@ -693,6 +714,15 @@ def test_noise_fields_match_reference_formulas():
     np.testing.assert_array_equal(field.full(np.float32(0.7)), ref * np.float32(0.7))
   z = np.arange(-3, 40)
   np.testing.assert_array_equal(P._grid_noise(5, (12.0,), (z,)), _ref_grid_noise(5, (12.0,), (z,)))
+  # Point noise: a broadcast grid (hashed once per lattice point) and a sparse wide cloud.
+  pts = (z[:, None] * 7.0, np.arange(-50, 400, 3)[None, :] * 1.5)
+  np.testing.assert_array_equal(
+    P._point_noise(6, (180.0, 220.0), pts), _ref_point_noise(6, (180.0, 220.0), pts)
+  )
+  cloud = [rng.random(50) * 1e6 - 5e5 for _ in range(3)]
+  np.testing.assert_array_equal(
+    P._point_noise(7, (40.0, 40.0, 40.0), cloud), _ref_point_noise(7, (40.0, 40.0, 40.0), cloud)
+  )
   # Lattice noise at scattered points (negative too), 3D and 2D, int32 and int64 gathers.
   q = [(rng.random(5000) * 90.0 - 30.0).astype(np.float32) for _ in range(3)]
   np.testing.assert_array_equal(P._lattice_noise(3, q), _ref_lattice_noise(3, q))

@@ -234,7 +234,11 @@ def _grid_noise(key: int, spacing, coords) -> np.ndarray:
 
 
 def _point_noise(key: int, spacing, coords) -> np.ndarray:
-  """Value noise in [-1, 1] at arbitrary (broadcastable) points; for small point sets."""
+  """Value noise in [-1, 1] at arbitrary (broadcastable) points; for small point sets.
+
+  The lattice values are hashed once per lattice point of the points' range (a small
+  table: the spacings are large) and gathered per corner; per point the same values
+  and float32 operations as hashing every corner of every point."""
   coords = np.broadcast_arrays(*[np.asarray(c, np.float64) for c in coords])
   idx, ws = [], []
   for c, s in zip(coords, spacing, strict=True):
@@ -243,13 +247,33 @@ def _point_noise(key: int, spacing, coords) -> np.ndarray:
     ws.append(_smoothstep((t - i).astype(np.float32)))
     idx.append(i.astype(np.int64))
   out = np.zeros(coords[0].shape, np.float32)
+  if out.size == 0:
+    return out
+  lo = [int(i.min()) for i in idx]
+  span = [int(i.max()) - lo_ + 2 for i, lo_ in zip(idx, lo, strict=True)]
+  if out.ndim and np.prod(span, dtype=np.float64) <= 4 * out.size + 4096:  # hash each once
+    lat = np.meshgrid(
+      *[np.arange(lo_, lo_ + n) for lo_, n in zip(lo, span, strict=True)],
+      indexing="ij",
+      sparse=True,
+    )
+    table = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
+    rel = [i - lo_ for i, lo_ in zip(idx, lo, strict=True)]
+
+    def values(corner):
+      return table[tuple(r + c for r, c in zip(rel, corner, strict=True))]
+  else:  # a sparse cloud over a wide range: hash the corners directly
+
+    def values(corner):
+      h = _hash_nd(key, [i + c for i, c in zip(idx, corner, strict=True)])
+      return _unit(h) * np.float32(2.0) - np.float32(1.0)
+
+  one_minus = [np.float32(1.0) - w for w in ws]
   for corner in itertools.product((0, 1), repeat=len(coords)):
-    v = _unit(_hash_nd(key, [i + c for i, c in zip(idx, corner, strict=True)])) * np.float32(
-      2.0
-    ) - np.float32(1.0)
+    v = values(corner)
     wt = np.ones_like(out)
-    for w, c in zip(ws, corner, strict=True):
-      wt = wt * (w if c else np.float32(1.0) - w)
+    for w, w1, c in zip(ws, one_minus, corner, strict=True):
+      wt = wt * (w if c else w1)
     out = out + wt * v
   return out
 
