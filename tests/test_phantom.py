@@ -678,6 +678,68 @@ class _ReferenceVolume(P.PhantomVolume):
       img = np.where(tissue, img, np.float32(P._OUTSIDE_GREY))
     return img.astype(np.float32)
 
+  def _lumens(self, z, y, x):
+    """Large vessels: near-vertical capsules seeded per ``_LUMEN_OBJ`` block.
+
+    Returns (lumen mask, rim mask) on the grid, or (None, None) when none is near.
+    """
+    rngs = [
+      np.arange((a[0] - r) // o, (a[-1] + r) // o + 1)
+      for a, r, o in zip((z, y, x), P._LUMEN_REACH, P._LUMEN_OBJ, strict=True)
+    ]
+    cz, cy, cx = (g.ravel() for g in np.meshgrid(*rngs, indexing="ij"))
+    h = P._hash_nd(self.key("lumen"), [cz, cy, cx])
+    u = [P._unit(P._mix32(h ^ np.uint32(k + 1))).astype(np.float64) for k in range(8)]
+    keep = u[0] < P._LUMEN_PROB
+    if not keep.any():
+      return None, None
+    oz, oy, ox = P._LUMEN_OBJ
+    centre = np.stack([(cz + u[1]) * oz, (cy + u[2]) * oy, (cx + u[3]) * ox], 1)[keep]
+    half = (P._LUMEN_HALF[0] + (P._LUMEN_HALF[1] - P._LUMEN_HALF[0]) * u[4])[keep]
+    tilt = P._LUMEN_TILT
+    slope = np.stack([np.ones_like(u[5]), tilt * (2 * u[5] - 1), tilt * (2 * u[6] - 1)], 1)[keep]
+    # Radii skewed to the small end (many ~8-12 px lumens, a few up to 20).
+    radius = (P._LUMEN_RADIUS[0] + (P._LUMEN_RADIUS[1] - P._LUMEN_RADIUS[0]) * u[7] * u[7])[keep]
+    region = self._anatomy(centre[:, 0], centre[:, 1], centre[:, 2])
+    width = P._LUMEN_RIM[0]
+    mask = rim = None
+    for c, hl, sl, r, reg in zip(centre, half, slope, radius, region, strict=True):
+      if reg == 0:
+        continue
+      a, b = c - hl * sl, c + hl * sl
+      ro = r + width
+      lo, hi = np.minimum(a, b) - ro, np.maximum(a, b) + ro
+      sel = [
+        np.flatnonzero((g >= a_) & (g <= b_)) for g, a_, b_ in zip((z, y, x), lo, hi, strict=True)
+      ]
+      if any(len(s_) == 0 for s_ in sel):
+        continue
+      # The axis is near z: per slice the closest axis point is ~ the slice's own centre,
+      # so the distance is evaluated in-plane from the axis point of each slice (exact
+      # rounding: add/mul/div only), capped at the capsule's ends.
+      d = b - a
+      zz = z[sel[0]].astype(np.float64)
+      t = np.clip((zz - a[0]) / d[0], 0.0, 1.0)
+      pz = (a[0] + t * d[0] - zz)[:, None, None]
+      py = (a[1] + t * d[1])[:, None, None]
+      px = (a[2] + t * d[2])[:, None, None]
+      gy = y[sel[1]].astype(np.float64)[None, :, None] - py
+      gx = x[sel[2]].astype(np.float64)[None, None, :] - px
+      d2 = gy * gy + gx * gx + pz * pz
+      inside = d2 < r * r
+      ring = d2 < ro * ro
+      if not ring.any():
+        continue
+      if mask is None:
+        mask = np.zeros((len(z), len(y), len(x)), bool)
+        rim = np.zeros((len(z), len(y), len(x)), bool)
+      ix = np.ix_(*sel)
+      mask[ix] |= inside
+      rim[ix] |= ring
+    if mask is None:
+      return None, None
+    return mask, rim
+
   def _cells(self, z, y, x, shape):
     return super()._cells(z, y, x, shape, by_reach=False)
 
@@ -691,14 +753,21 @@ class _ReferenceVolume(P.PhantomVolume):
     (BOX_EDGE, False),  # tissue edge (the empty scan beside tissue)
     (spec.Box(300, 306, 1000, 1050, 4600, 4660), False),  # CTX: cells, no fibres
     (spec.Box(100, 104, 10, 40, 100, 140), False),  # outside the tissue
+    (spec.Box(262, 268, 620, 680, 3060, 3120), False),  # a large vessel's lumen and rim
   ],
-  ids=["vp", "mixed", "zi", "edge", "ctx", "outside"],
+  ids=["vp", "mixed", "zi", "edge", "ctx", "outside", "lumen"],
 )
 def test_render_matches_reference_formulas(box, zi):
   """The fast render (slice by slice, in place, chunked gathers, per-object reach) gives
   exactly the bytes of the plain whole-grid formulas."""
   fast = P.PhantomVolume(seed=0, workers=1, zi_axon_labels=zi).render(box)
   ref = _ReferenceVolume(seed=0, workers=1, zi_axon_labels=zi).render(box)
+  if box.z0 == 262:  # the lumen box really holds one
+    h = P._HALO
+    grid = [
+      np.arange(a - h, b + h) for a, b in ((box.z0, box.z1), (box.y0, box.y1), (box.x0, box.x1))
+    ]
+    assert _ReferenceVolume(seed=0)._lumens(*grid)[0].sum() > 500
   for ch in CHANNELS:
     np.testing.assert_array_equal(fast[ch], ref[ch], err_msg=ch)
 

@@ -1493,22 +1493,30 @@ class PhantomVolume:
       d = b - a
       zz = z[sel[0]].astype(np.float64)
       t = np.clip((zz - a[0]) / d[0], 0.0, 1.0)
-      pz = (a[0] + t * d[0] - zz)[:, None, None]
-      py = (a[1] + t * d[1])[:, None, None]
-      px = (a[2] + t * d[2])[:, None, None]
-      gy = y[sel[1]].astype(np.float64)[None, :, None] - py
-      gx = x[sel[2]].astype(np.float64)[None, None, :] - px
-      d2 = gy * gy + gx * gx + pz * pz
-      inside = d2 < r * r
-      ring = d2 < ro * ro
-      if not ring.any():
-        continue
-      if mask is None:
-        mask = np.zeros((len(z), len(y), len(x)), bool)
-        rim = np.zeros((len(z), len(y), len(x)), bool)
-      ix = np.ix_(*sel)
-      mask[ix] |= inside
-      rim[ix] |= ring
+      pz = a[0] + t * d[0] - zz
+      py = a[1] + t * d[1]
+      px = a[2] + t * d[2]
+      # Per slice only the window within ro (+1) of the axis point can be inside the ring;
+      # the rest of the bounding box has d2 >= ro^2 (same d2 arithmetic per voxel).
+      (y0, y1), (x0, x1) = (sel[1][0], sel[1][-1] + 1), (sel[2][0], sel[2][-1] + 1)
+      for k, iz in enumerate(sel[0]):
+        j0 = max(y0, int(np.floor(py[k] - ro)) - 1 - int(y[0]))
+        j1 = min(y1, int(np.floor(py[k] + ro)) + 2 - int(y[0]))
+        i0 = max(x0, int(np.floor(px[k] - ro)) - 1 - int(x[0]))
+        i1 = min(x1, int(np.floor(px[k] + ro)) + 2 - int(x[0]))
+        if j0 >= j1 or i0 >= i1:
+          continue
+        gy = y[j0:j1].astype(np.float64)[:, None] - py[k]
+        gx = x[i0:i1].astype(np.float64)[None, :] - px[k]
+        d2 = gy * gy + gx * gx + pz[k] * pz[k]
+        ring = d2 < ro * ro
+        if not ring.any():
+          continue
+        if mask is None:
+          mask = np.zeros((len(z), len(y), len(x)), bool)
+          rim = np.zeros((len(z), len(y), len(x)), bool)
+        mask[iz, j0:j1, i0:i1] |= d2 < r * r
+        rim[iz, j0:j1, i0:i1] |= ring
     if mask is None:
       return None, None
     return mask, rim
