@@ -208,10 +208,12 @@ def render_parts(workers: int, seed: int, zi_axon_labels: bool, parts, local) ->
         return True
     return False
 
-  try:
-    jobs = [ws.threads.submit(child_loop, w) for w in ws.workers] if ws else []
-  except RuntimeError:  # the set was closed meanwhile (another call saw a child fail)
-    jobs = []
+  jobs = []
+  for w in ws.workers if ws else ():
+    try:
+      jobs.append(ws.threads.submit(child_loop, w))
+    except RuntimeError:  # the set was closed meanwhile (another call saw a child fail)
+      break
   with _short_switch_interval():
     while (i := next_part()) is not None:
       results[i] = local(parts[i])
