@@ -1333,7 +1333,8 @@ class PhantomVolume:
     The two across-fibre coordinates are shifted by a smooth warp (voxels; made
     here from the region's warp noise unless ``warp`` is given), which bends the
     fibres. "striation" is 2D noise across the direction only (fine, long fibres).
-    Returns (field float32 (Z, Y, X), warp) so a second field can bend along.
+    Returns (field float32 (Z, Y, X), warp) so a second field can bend along; ``warp``
+    is (its two noise fields, amplitude in voxels), evaluated slice by slice.
     """
     across, along, warp_amp, warp_sp = _FIBRE_GEOM[kind]
     frame = _fibre_frame(direction)
@@ -1341,14 +1342,12 @@ class PhantomVolume:
       list(itertools.product((z[0], z[-1]), (y[0], y[-1]), (x[0], x[-1]))), np.float64
     )
     if warp is None:
-      amp_vox = np.float32(warp_amp * across)
-      warp = [
-        _GridNoise(self.key("warp", rid, kind, k), (warp_sp,) * 3, (z, y, x)).full(amp_vox)
-        for k in range(2)
+      fields = [
+        _GridNoise(self.key("warp", rid, kind, k), (warp_sp,) * 3, (z, y, x)) for k in range(2)
       ]
-      warp_max = float(amp_vox)
-    else:
-      warp_max = float(max(max(w.max(), -w.min()) for w in warp))
+      warp = (fields, np.float32(warp_amp * across))
+    fields, amp_vox = warp
+    warp_max = float(amp_vox)  # |noise| <= 1: a bound for the lattice table's range
     dims = 2 if kind == "striation" else 3
     proj, bounds = [], []
     for k in range(dims):
@@ -1363,16 +1362,22 @@ class PhantomVolume:
     inv = np.float32(1.0 / across)
     out = np.empty((len(z), len(y), len(x)), np.float32)
     rows = max(1, _LATTICE_CHUNK // len(x))  # points = lattice coordinates of a few rows
+    bend = [np.empty((len(y), len(x)), np.float32) for _ in range(2)]
+    qbuf = [np.empty((rows, len(x)), np.float32) for _ in range(dims)]
+    tbuf = np.empty((rows, len(x)), np.float32)
     for i in range(len(z)):
+      for k in range(2):  # the warp of this slice, voxels (noise * amplitude)
+        fields[k].slice(i, bend[k])
+        bend[k] *= amp_vox
       for r0 in range(0, len(y), rows):
         r1 = min(len(y), r0 + rows)
         q = []
         for k, (pz, py, px) in enumerate(proj):
-          c = (pz[i] + py[r0:r1])[:, None] + px
+          c = np.add((pz[i] + py[r0:r1])[:, None], px, out=qbuf[k][: r1 - r0])
           if k < 2:  # bent by the warp (voxels -> lattice units across)
-            c += warp[k][i, r0:r1] * inv
+            c += np.multiply(bend[k][r0:r1], inv, out=tbuf[: r1 - r0])
           q.append(c)
-        out[i, r0:r1] = lattice(q)
+        out[i, r0:r1] = lattice(q)  # (q is scratch, refilled per chunk)
     return out, warp
 
   def _vessels(self, z, y, x, shape):
