@@ -233,12 +233,14 @@ def _grid_noise(key: int, spacing, coords) -> np.ndarray:
   return _lerp_axis(v, i - lo, w, 0)
 
 
-def _point_noise(key: int, spacing, coords) -> np.ndarray:
+def _point_noise(key, spacing, coords):
   """Value noise in [-1, 1] at arbitrary (broadcastable) points; for small point sets.
 
-  The lattice values are hashed once per lattice point of the points' range (a small
-  table: the spacings are large) and gathered per corner; per point the same values
-  and float32 operations as hashing every corner of every point."""
+  ``key``: one key, or a list of keys (then a list of fields: the weights are computed
+  once for all). The lattice values are hashed once per lattice point of the points'
+  range (a small table: the spacings are large) and gathered per corner; per point the
+  same values and float32 operations as hashing every corner of every point."""
+  keys = list(key) if isinstance(key, (list, tuple)) else [key]
   coords = np.broadcast_arrays(*[np.asarray(c, np.float64) for c in coords])
   idx, ws = [], []
   for c, s in zip(coords, spacing, strict=True):
@@ -246,36 +248,37 @@ def _point_noise(key: int, spacing, coords) -> np.ndarray:
     i = np.floor(t)
     ws.append(_smoothstep((t - i).astype(np.float32)))
     idx.append(i.astype(np.int64))
-  out = np.zeros(coords[0].shape, np.float32)
-  if out.size == 0:
-    return out
+  outs = [np.zeros(coords[0].shape, np.float32) for _ in keys]
+  if outs[0].size == 0:
+    return outs if isinstance(key, (list, tuple)) else outs[0]
   lo = [int(i.min()) for i in idx]
   span = [int(i.max()) - lo_ + 2 for i, lo_ in zip(idx, lo, strict=True)]
-  if out.ndim and np.prod(span, dtype=np.float64) <= 4 * out.size + 4096:  # hash each once
+  size = outs[0].size
+  use_table = outs[0].ndim and np.prod(span, dtype=np.float64) <= 4 * size + 4096
+  if use_table:  # hash each lattice point once
     lat = np.meshgrid(
       *[np.arange(lo_, lo_ + n) for lo_, n in zip(lo, span, strict=True)],
       indexing="ij",
       sparse=True,
     )
-    table = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
+    tables = [_unit(_hash_nd(k, lat)) * np.float32(2.0) - np.float32(1.0) for k in keys]
     rel = [i - lo_ for i, lo_ in zip(idx, lo, strict=True)]
-
-    def values(corner):
-      return table[tuple(r + c for r, c in zip(rel, corner, strict=True))]
-  else:  # a sparse cloud over a wide range: hash the corners directly
-
-    def values(corner):
-      h = _hash_nd(key, [i + c for i, c in zip(idx, corner, strict=True)])
-      return _unit(h) * np.float32(2.0) - np.float32(1.0)
-
   one_minus = [np.float32(1.0) - w for w in ws]
   for corner in itertools.product((0, 1), repeat=len(coords)):
-    v = values(corner)
-    wt = np.ones_like(out)
+    wt = np.ones_like(outs[0])
     for w, w1, c in zip(ws, one_minus, corner, strict=True):
       wt = wt * (w if c else w1)
-    out = out + wt * v
-  return out
+    if use_table:
+      at = tuple(r + c for r, c in zip(rel, corner, strict=True))
+    else:  # a sparse cloud over a wide range: hash the corners directly
+      at = [i + c for i, c in zip(idx, corner, strict=True)]
+    for n, k in enumerate(keys):
+      if use_table:
+        v = tables[n][at]
+      else:
+        v = _unit(_hash_nd(k, at)) * np.float32(2.0) - np.float32(1.0)
+      outs[n] = outs[n] + wt * v
+  return outs if isinstance(key, (list, tuple)) else outs[0]
 
 
 def _lerp_into(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -457,8 +460,16 @@ class _Anatomy:
     sp = (180.0, 220.0)
     zy, zx = (z, y), (z, x)
 
+    noise = {}
+    for pair, group in (
+      (zy, ("s", "cc", "zv", "hyp", "left", "right")),
+      (zx, ("hyp_v", "top", "bot")),
+    ):
+      # one set of weights per pair of coordinates, a table per boundary
+      noise.update(zip(group, _point_noise([self.k[m] for m in group], sp, pair), strict=True))
+
     def n(name, pair):
-      return _point_noise(self.k[name], sp, pair)
+      return noise[name]
 
     ramp = _ramp(((y - 780.0) / 40.0).astype(np.float32))
     x_s = 3290.0 + 260.0 * ramp + 15.0 * n("s", zy)
