@@ -788,6 +788,8 @@ def test_noise_fields_match_reference_formulas():
   np.testing.assert_array_equal(
     P._point_noise(6, (180.0, 220.0), pts), _ref_point_noise(6, (180.0, 220.0), pts)
   )
+  for k, got in zip((6, 8), P._point_noise([6, 8], (180.0, 220.0), pts), strict=True):
+    np.testing.assert_array_equal(got, _ref_point_noise(k, (180.0, 220.0), pts))
   cloud = [rng.random(50) * 1e6 - 5e5 for _ in range(3)]
   np.testing.assert_array_equal(
     P._point_noise(7, (40.0, 40.0, 40.0), cloud), _ref_point_noise(7, (40.0, 40.0, 40.0), cloud)
