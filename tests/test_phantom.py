@@ -839,3 +839,10 @@ def test_failed_worker_falls_back_to_local_rendering():
   child.wait()
   got = P.PhantomVolume(seed=0, workers=2).cutout("image", box)
   np.testing.assert_array_equal(got, ref)
+
+
+def test_workers_several_parts_bitwise_identical():
+  """A request of 3 render parts (y 700 > 320), spread as 6 halves over 2 renderers."""
+  box = spec.Box(288, 320, 500, 1200, 3700, 3956)
+  one = P.PhantomVolume(seed=0, workers=1).cutout("pixel_labels", box)
+  np.testing.assert_array_equal(P.PhantomVolume(seed=0, workers=2).cutout("pixel_labels", box), one)

@@ -1070,12 +1070,14 @@ class PhantomVolume:
 
   def _render_many(self, boxes: list[spec.Box]) -> list[dict[str, np.ndarray]]:
     """``render`` of each box, spread over ``workers`` renderers (this process and worker
-    processes) when there is enough work: at least ``workers`` pieces (a box too few
-    to go round is split along y, pieces of at least _PARALLEL_MIN_ROWS rows) and
-    _PARALLEL_MIN_VOXELS voxels in all. Values are pointwise functions of the
-    coordinates, so no split changes a byte.
+    processes) when there is enough work (_PARALLEL_MIN_VOXELS in all): a multiple of
+    ``workers`` pieces where it can (boxes too few to go round evenly are split along y
+    into pieces of at least _PARALLEL_MIN_ROWS rows, boxes of at least _PARALLEL_MIN_VOXELS).
+    Values are pointwise functions of the coordinates, so no split changes a byte.
     """
     per_box = -(-self.workers // max(1, len(boxes)))
+    if (len(boxes) * per_box) % self.workers:  # e.g. 3 parts, 2 renderers: 6 halves balance
+      per_box = self.workers
     tasks, owner = [], []
     for j, box in enumerate(boxes):
       n = min(per_box, box.shape[1] // _PARALLEL_MIN_ROWS)
