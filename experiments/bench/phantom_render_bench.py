@@ -12,7 +12,10 @@ so CPU time of this process would flatter it). Default boxes: exporter-shaped
 32x256x256 boxes, one in each region's set-A cube (z [288, 320)), plus one larger
 64x512x512 box around the set-B VP cube (it overlaps none of the others). Each
 (revision, workers) measurement runs in a fresh subprocess after an untimed warm-up
-render of a tiny box (one-off tables and imports excluded); repeats are interleaved
+render of a tiny box (one-off tables and imports excluded) and, with workers > 1, of a
+2^20-voxel box that starts the worker processes (their start-up, ~0.5 s once per process,
+is excluded like the imports; ``phantom_pool.start(w, wait=True)`` where the revision
+has it); repeats are interleaved
 (repeat 1 of every configuration, then repeat 2, ...), so a load change on the shared
 machine hits all of them alike. Reported: the median over repeats, per box and in total.
 
@@ -50,9 +53,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 THIS_FILE = os.path.abspath(__file__)
 CHANNELS = ("image", "roi_labels", "pixel_labels")
-DEFAULT_BASELINE = "phantom-1.0"
+DEFAULT_BASELINE = "536f558d02a09a433ddc11025515003c98793f79"  # the phantom-1.0 tag (tags may not travel with a clone)
 RESULT_NAME = "phantom_render_bench"
 WARMUP_BOX = (300, 302, 900, 916, 3100, 3116)  # z0, z1, y0, y1, x0, x1: tiny, inside tissue
+# 2^20 voxels (rendered in parallel by a revision with workers); overlaps no timed box.
+WARMUP_POOL_BOX = (100, 132, 300, 364, 500, 1012)
 
 
 def default_boxes() -> list[tuple[int, ...]]:
@@ -129,6 +134,18 @@ def _child(cfg: dict) -> dict:
   warm = volume()
   for ch in CHANNELS:
     warm.cutout(ch, spec.Box(*WARMUP_BOX))
+  if w > 1:
+    # Start the worker processes untimed (they live as long as this process, like in any
+    # long job): a box large enough to be rendered in parallel, then wait until every
+    # worker has answered (where the revision's pool can say so).
+    z0, z1, y0, y1, x0, x1 = WARMUP_POOL_BOX
+    warm.cutout("image", spec.Box(z0, z1, y0, y0 + max(y1 - y0, 32 * w), x0, x1))
+    try:
+      from mtneuro_jax.volumes import phantom_pool
+
+      phantom_pool.start(w, wait=True)
+    except (ImportError, AttributeError, TypeError):
+      pass  # a revision without phantom_pool.start: the warm-up box started its workers
   del warm
   boxes = [spec.Box(*b) for b in cfg["boxes"]]
   vol = volume()  # fresh cache for this repeat

@@ -38,8 +38,9 @@ any requested box (plus a halo for the blur); the volume never exists whole:
   density and size between cube locations (cube sets B-D differ from A: ROI-C2's
   domain shift) and are anchored at each set-A cube, where the calibration holds.
 
-See docs/phantom.md. Parallel rendering: ``workers`` processes (``phantom_pool``)
-render parts of large boxes; values never depend on the split.
+See docs/phantom.md. Parallel rendering: ``workers`` renderers (this process and
+``workers - 1`` processes of ``phantom_pool``) render parts of large requests; values
+never depend on the split.
 
 Bitwise consistency: values are pointwise functions of global coordinates and
 only use exactly-rounded float ops (add, mul, div, sqrt, floor: no exp/sin,
@@ -77,8 +78,10 @@ _N_ROI = max(_ROI.values()) + 1
 _CHUNK_Z = 32
 _MAX_RENDER_XY = 320
 _MIN_RENDER_ZYX = (32, 64, 64)
-# Parallel rendering (PhantomVolume(workers=N)): boxes of at least this many voxels are
-# split along y into one part per worker (each at least _PARALLEL_MIN_ROWS rows).
+# Parallel rendering (PhantomVolume(workers=N)): the render parts of a request go to N
+# renderers (this process and N - 1 worker processes); parts too few to go round are
+# split along y (pieces of at least _PARALLEL_MIN_ROWS rows; boxes of at least
+# _PARALLEL_MIN_VOXELS voxels: below that, the transfer costs more than it saves).
 _PARALLEL_MIN_VOXELS = 1 << 20
 _PARALLEL_MIN_ROWS = 32
 # Imaging: Gaussian blur (point spread), then phase-contrast-like edge enhancement
@@ -107,6 +110,19 @@ def _mix32(h: np.ndarray) -> np.ndarray:
   return h ^ (h >> 16)
 
 
+def _mix32_inplace(h: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+  """``_mix32`` in place on a uint32 array (``tmp``: a scratch array of its shape)."""
+  np.right_shift(h, 16, out=tmp)
+  h ^= tmp
+  h *= np.uint32(0x85EBCA6B)
+  np.right_shift(h, 13, out=tmp)
+  h ^= tmp
+  h *= np.uint32(0xC2B2AE35)
+  np.right_shift(h, 16, out=tmp)
+  h ^= tmp
+  return h
+
+
 def _key(*parts) -> int:
   """A 32-bit key from ints/strings, stable across processes (unlike ``hash``)."""
   return zlib.crc32(repr(parts).encode()) & 0xFFFFFFFF
@@ -130,48 +146,101 @@ def _smoothstep(f: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Noise fields.
-def _grid_noise(key: int, spacing, coords, grad: bool = False):
+# Noise fields. Speed (see docs/phantom.md, "Render speed"): the full-grid fields are
+# computed slice by slice (z) with in-place float32 ops, so the temporaries stay in the
+# CPU cache; every voxel still gets exactly the same sequence of float32 operations
+# as the plain vectorised formula (tests/test_phantom.py keeps that formula as the
+# reference and checks bitwise equality), so no byte depends on how the work is cut.
+def _smooth_weights(c, s):
+  """Lattice cell index (int64) and smoothstep weight (float32) of 1D integer coords ``c``."""
+  t = np.asarray(c, np.float64) / float(s)
+  i = np.floor(t)
+  return i.astype(np.int64), _smoothstep((t - i).astype(np.float32))
+
+
+def _lerp_axis(v: np.ndarray, idx: np.ndarray, w: np.ndarray, ax: int) -> np.ndarray:
+  """``a + (b - a) * w`` along axis ``ax`` of the lattice array ``v``: a, b = v[idx], v[idx + 1].
+
+  The differences are taken once per lattice pair (the same float32 subtraction as per
+  voxel), then gathered; ``w`` is 1D along ``ax``.
+  """
+  lo = [slice(None)] * v.ndim
+  hi = [slice(None)] * v.ndim
+  lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+  d = np.take(v[tuple(hi)] - v[tuple(lo)], idx, axis=ax)
+  shape = [1] * v.ndim
+  shape[ax] = -1
+  d *= w.reshape(shape)
+  d += np.take(v, idx, axis=ax)  # a + d * w (float addition commutes exactly)
+  return d
+
+
+class _GridNoise:
+  """Separable value noise in [-1, 1] on the outer grid of 1D integer ``coords`` (z, y, x),
+  lattice ``spacing`` per axis in voxels, served one z slice at a time.
+
+  Each value depends only on its own coordinates (lattice values are hashes of global
+  lattice indices; the lerps run in a fixed order: x, then y, then z).
+  """
+
+  def __init__(self, key: int, spacing, coords):
+    idx, ws, lat = [], [], []
+    for c, s in zip(coords, spacing, strict=True):
+      i, w = _smooth_weights(c, s)
+      lo = int(i.min())
+      lat.append(np.arange(lo, int(i.max()) + 2))
+      idx.append(i - lo)
+      ws.append(w)
+    grids = np.meshgrid(*lat, indexing="ij", sparse=True)
+    v = _unit(_hash_nd(key, grids)) * np.float32(2.0) - np.float32(1.0)
+    for ax in reversed(range(1, len(coords))):
+      v = _lerp_axis(v, idx[ax], ws[ax], ax)
+    self._a = v  # lerped along every axis but z: (lattice z, Y, X)
+    self._d = v[1:] - v[:-1]
+    self._iz, self._wz = idx[0], ws[0]
+    self.shape = tuple(len(c) for c in coords)
+
+  def slice(self, k: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The field at z index ``k`` (float32 (Y, X)), into ``out`` when given."""
+    j = self._iz[k]
+    out = np.multiply(self._d[j], self._wz[k], out=out)
+    out += self._a[j]
+    return out
+
+  def full(self, scale=None) -> np.ndarray:
+    """The whole field (float32 (Z, Y, X)), times float32 ``scale`` when given."""
+    out = np.empty(self.shape, np.float32)
+    for k in range(self.shape[0]):
+      self.slice(k, out[k])
+      if scale is not None:
+        out[k] *= scale
+    return out
+
+
+def _grid_noise(key: int, spacing, coords) -> np.ndarray:
   """Separable value noise in [-1, 1] on the outer grid of 1D integer ``coords``.
 
   ``coords`` is one 1D array per axis (e.g. z, y, x), ``spacing`` the lattice
-  spacing per axis in voxels. Returns float32 of shape ``(len(c) for c in coords)``
-  and, with ``grad``, also the list of its partial derivatives (per voxel, same
-  axis order). Each output value depends only on its own coordinates (lattice
-  values are hashes of global lattice indices; the lerps run in a fixed order).
+  spacing per axis in voxels. Returns float32 of shape ``(len(c) for c in coords)``.
+  Each output value depends only on its own coordinates (lattice values are hashes of
+  global lattice indices; the lerps run in a fixed order, last axis first).
   """
-  idx, ws, dws, lat = [], [], [], []
-  for c, s in zip(coords, spacing, strict=True):
-    t = np.asarray(c, np.float64) / float(s)
-    i = np.floor(t)
-    f = (t - i).astype(np.float32)
-    ws.append(_smoothstep(f))
-    dws.append(np.float32(6.0 / s) * f * (np.float32(1.0) - f))
-    i = i.astype(np.int64)
-    lo = int(i.min())
-    lat.append(np.arange(lo, int(i.max()) + 2))
-    idx.append(i - lo)
-  grids = np.meshgrid(*lat, indexing="ij", sparse=True)
-  arrays = {(): _unit(_hash_nd(key, grids)) * np.float32(2.0) - np.float32(1.0)}
-  for ax in reversed(range(len(coords))):
-    shape = [1] * len(coords)
-    shape[ax] = -1
-    w, dw = ws[ax].reshape(shape), dws[ax].reshape(shape)
-    new = {}
-    for k, v in arrays.items():
-      a = np.take(v, idx[ax], axis=ax)
-      d = np.take(v, idx[ax] + 1, axis=ax) - a
-      new[k] = a + d * w
-      if grad and k == ():
-        new[(ax,)] = d * dw
-    arrays = new
-  if grad:
-    return arrays[()], [arrays[(ax,)] for ax in range(len(coords))]
-  return arrays[()]
+  if len(coords) > 1:
+    return _GridNoise(key, spacing, coords).full()
+  i, w = _smooth_weights(coords[0], spacing[0])
+  lo = int(i.min())
+  v = _unit(_hash_nd(key, [np.arange(lo, int(i.max()) + 2)])) * np.float32(2.0) - np.float32(1.0)
+  return _lerp_axis(v, i - lo, w, 0)
 
 
-def _point_noise(key: int, spacing, coords) -> np.ndarray:
-  """Value noise in [-1, 1] at arbitrary (broadcastable) points; for small point sets."""
+def _point_noise(key, spacing, coords):
+  """Value noise in [-1, 1] at arbitrary (broadcastable) points; for small point sets.
+
+  ``key``: one key, or a list of keys (then a list of fields: the weights are computed
+  once for all). The lattice values are hashed once per lattice point of the points'
+  range (a small table: the spacings are large) and gathered per corner; per point the
+  same values and float32 operations as hashing every corner of every point."""
+  keys = list(key) if isinstance(key, (list, tuple)) else [key]
   coords = np.broadcast_arrays(*[np.asarray(c, np.float64) for c in coords])
   idx, ws = [], []
   for c, s in zip(coords, spacing, strict=True):
@@ -179,83 +248,141 @@ def _point_noise(key: int, spacing, coords) -> np.ndarray:
     i = np.floor(t)
     ws.append(_smoothstep((t - i).astype(np.float32)))
     idx.append(i.astype(np.int64))
-  out = np.zeros(coords[0].shape, np.float32)
+  outs = [np.zeros(coords[0].shape, np.float32) for _ in keys]
+  if outs[0].size == 0:
+    return outs if isinstance(key, (list, tuple)) else outs[0]
+  lo = [int(i.min()) for i in idx]
+  span = [int(i.max()) - lo_ + 2 for i, lo_ in zip(idx, lo, strict=True)]
+  size = outs[0].size
+  use_table = outs[0].ndim and np.prod(span, dtype=np.float64) <= 4 * size + 4096
+  if use_table:  # hash each lattice point once
+    lat = np.meshgrid(
+      *[np.arange(lo_, lo_ + n) for lo_, n in zip(lo, span, strict=True)],
+      indexing="ij",
+      sparse=True,
+    )
+    tables = [_unit(_hash_nd(k, lat)) * np.float32(2.0) - np.float32(1.0) for k in keys]
+    rel = [i - lo_ for i, lo_ in zip(idx, lo, strict=True)]
+  one_minus = [np.float32(1.0) - w for w in ws]
   for corner in itertools.product((0, 1), repeat=len(coords)):
-    v = _unit(_hash_nd(key, [i + c for i, c in zip(idx, corner, strict=True)])) * np.float32(
-      2.0
-    ) - np.float32(1.0)
-    wt = np.ones_like(out)
-    for w, c in zip(ws, corner, strict=True):
-      wt = wt * (w if c else np.float32(1.0) - w)
-    out = out + wt * v
-  return out
+    wt = np.ones_like(outs[0])
+    for w, w1, c in zip(ws, one_minus, corner, strict=True):
+      wt = wt * (w if c else w1)
+    if use_table:
+      at = tuple(r + c for r, c in zip(rel, corner, strict=True))
+    else:  # a sparse cloud over a wide range: hash the corners directly
+      at = [i + c for i, c in zip(idx, corner, strict=True)]
+    for n, k in enumerate(keys):
+      if use_table:
+        v = tables[n][at]
+      else:
+        v = _unit(_hash_nd(k, at)) * np.float32(2.0) - np.float32(1.0)
+      outs[n] = outs[n] + wt * v
+  return outs if isinstance(key, (list, tuple)) else outs[0]
 
 
-def _voxel_hash(key: int, z, y, x) -> np.ndarray:
-  """Per-voxel uint32 hash on the outer grid of 1D coordinates: shape (Z, Y, X)."""
+def _lerp_into(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """``a + (b - a) * w``, computed in place in ``b`` (the same float32 ops, addition commutes)."""
+  b -= a
+  b *= w
+  b += a
+  return b
+
+
+class _Lattice:
+  """Value noise in [-1, 1] at float32 points (lattice units) of a 2D or 3D lattice.
+
+  Lattice values are hashes of global lattice indices, held in a local table that spans
+  ``bounds`` (per axis (lo, hi) lattice indices covering every point it will be asked
+  for), so each value depends only on its point. Lerps run along the last axis first.
+  """
+
+  def __init__(self, key: int, bounds):
+    self.lo = [int(b[0]) for b in bounds]
+    self.n = [int(b[1]) - int(b[0]) + 3 for b in bounds]
+    lat = np.meshgrid(
+      *[np.arange(lo, lo + m) for lo, m in zip(self.lo, self.n, strict=True)],
+      indexing="ij",
+      sparse=True,
+    )
+    self.flat = (_unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)).ravel()
+    self.strides = [int(np.prod(self.n[k + 1 :])) for k in range(len(self.n))]
+    # Flat indices are formed in float32 (exact for integers below 2**24) and gathered as
+    # int32: fewer and cheaper passes than int64 index arithmetic.
+    self.small = len(self.flat) < 1 << 24
+    # The 4 corners of a cell's face across the last two axes, (j, k), (j, k+1), (j+1, k),
+    # (j+1, k+1), as one 16-byte item: one gather per face instead of four.
+    f, s = self.flat, self.strides[-2]
+    m = len(f) - s - 1
+    quads = np.stack([f[:m], f[1 : m + 1], f[s : m + s], f[s + 1 : m + s + 1]], -1)
+    self.quads = quads.view(np.complex128).reshape(-1)
+
+  def __call__(self, q) -> np.ndarray:
+    """Noise at the points ``q`` (one float32 array per axis, same shape; a cache-sized
+    chunk). The arrays in ``q`` are overwritten (scratch)."""
+    fl = [np.floor(c) for c in q]
+    for c, f in zip(q, fl, strict=True):
+      c -= f  # the position in the cell
+    if self.small:
+      idx = fl[0]
+      idx -= np.float32(self.lo[0])
+      for f, lo, n in zip(fl[1:], self.lo[1:], self.n[1:], strict=True):
+        idx *= np.float32(n)
+        f -= np.float32(lo)
+        idx += f
+      idx = idx.astype(np.int32)
+    else:
+      idx = sum(
+        (f.astype(np.intp) - lo) * s for f, lo, s in zip(fl, self.lo, self.strides, strict=True)
+      )
+    del fl
+    w = []
+    for f in q:  # _smoothstep(f) = f * f * (3 - 2 f)
+      ww = f * f
+      f *= np.float32(2.0)
+      np.subtract(np.float32(3.0), f, out=f)
+      ww *= f
+      w.append(ww)
+    faces = []
+    for off in (0, self.strides[0]) if len(w) == 3 else (0,):
+      g = np.take(self.quads[off:], idx).view(np.float32).reshape(*idx.shape, 4)
+      c = np.moveaxis(g, -1, 0).copy()  # the 4 corners as contiguous arrays
+      a = _lerp_into(c[0], c[1], w[-1])  # along the last axis
+      b = _lerp_into(c[2], c[3], w[-1])
+      faces.append(_lerp_into(a, b, w[-2]))  # along the second-last
+    if len(faces) == 2:
+      return _lerp_into(faces[0], faces[1], w[0])  # along the first (3D)
+    return faces[0]
+
+
+_LATTICE_CHUNK = 1 << 15  # points per chunk: a few arrays of it stay in the CPU cache
+
+
+def _voxel_hash_parts(key: int, z, y, x):
+  """Per-axis parts of the per-voxel uint32 hash on the outer grid of 1D coordinates:
+  (hz [Z], hyx [Y, X]); voxel (k, j, i) hashes to ``_mix32(hyx[j, i] ^ hz[k])``."""
   hz = _mix32(_u32(z) * np.uint32(_PRIMES[0]) ^ _u32(key))
   hy = _mix32(_u32(y) * np.uint32(_PRIMES[1]) ^ _u32(key * 7 + 1))
   hx = _mix32(_u32(x) * np.uint32(_PRIMES[2]) ^ _u32(key * 13 + 2))
-  h = (hy[:, None] ^ (hx[None, :] * np.uint32(3)))[None] ^ hz[:, None, None]
-  return _mix32(h)
+  return hz, hy[:, None] ^ (hx[None, :] * np.uint32(3))
 
 
 def _lattice_noise(key: int, q, bounds=None) -> np.ndarray:
-  """Value noise in [-1, 1] at float32 points ``q`` (3 same-shape arrays, lattice units).
+  """Value noise in [-1, 1] at float32 points ``q`` (2 or 3 same-shape arrays, lattice units).
 
   Lattice values are hashes of global lattice indices, gathered from a local
   table spanning ``bounds`` (per axis (lo, hi) lattice indices covering every
   point; computed from ``q`` if None), so each value depends only on its point.
   """
   shape = q[0].shape
-  q = [c.reshape(-1) for c in q]
-  fl = [np.floor(c) for c in q]
-  w = [_smoothstep(c - f) for c, f in zip(q, fl, strict=True)]
+  q = [np.array(c, np.float32).reshape(-1) for c in q]  # copies: the chunks are scratch
   if bounds is None:
-    bounds = [(int(f.min()), int(f.max())) for f in fl]
-  lo = [b[0] for b in bounds]
-  n = [b[1] - b[0] + 3 for b in bounds]
-  lat = np.meshgrid(
-    *[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True
-  )
-  v = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
-  # Each row holds the 4 corners of a lattice cell's face: (i, j, k), (i, j, k+1),
-  # (i, j+1, k), (i, j+1, k+1); two row gathers per point instead of eight.
-  quad = np.stack([v[:, :-1, :-1], v[:, :-1, 1:], v[:, 1:, :-1], v[:, 1:, 1:]], -1).reshape(-1, 4)
-  s1 = n[2] - 1
-  s0 = (n[1] - 1) * s1
-  idx_t = np.int32 if quad.shape[0] < 2**31 - s0 else np.int64
-  base = (fl[0] - np.float32(lo[0])).astype(idx_t) * idx_t(s0)
-  base += (fl[1] - np.float32(lo[1])).astype(idx_t) * idx_t(s1)
-  base += (fl[2] - np.float32(lo[2])).astype(idx_t)
-  del fl
-  out = []
-  for g in (np.take(quad, base, axis=0), np.take(quad, base + idx_t(s0), axis=0)):
-    a = g[:, 0::2]  # (k) corners at j, j+1
-    a = a + (g[:, 1::2] - a) * w[2][:, None]  # lerp along axis 2 -> [P, 2]
-    out.append(a[:, 0] + (a[:, 1] - a[:, 0]) * w[1])  # lerp along axis 1
-  return (out[0] + (out[1] - out[0]) * w[0]).reshape(shape)
-
-
-def _lattice_noise2(key: int, q, bounds) -> np.ndarray:
-  """2D value noise in [-1, 1] at float32 points ``q`` (2 same-shape arrays); see ``_lattice_noise``."""
-  shape = q[0].shape
-  q = [c.reshape(-1) for c in q]
-  fl = [np.floor(c) for c in q]
-  w = [_smoothstep(c - f) for c, f in zip(q, fl, strict=True)]
-  lo = [b[0] for b in bounds]
-  n = [b[1] - b[0] + 3 for b in bounds]
-  lat = np.meshgrid(
-    *[np.arange(lo_, lo_ + m) for lo_, m in zip(lo, n, strict=True)], indexing="ij", sparse=True
-  )
-  v = _unit(_hash_nd(key, lat)) * np.float32(2.0) - np.float32(1.0)
-  quad = np.stack([v[:-1, :-1], v[:-1, 1:], v[1:, :-1], v[1:, 1:]], -1).reshape(-1, 4)
-  base = (fl[0] - np.float32(lo[0])).astype(np.int32) * np.int32(n[1] - 1)
-  base += (fl[1] - np.float32(lo[1])).astype(np.int32)
-  g = np.take(quad, base, axis=0)
-  a = g[:, 0::2]
-  a = a + (g[:, 1::2] - a) * w[1][:, None]
-  return (a[:, 0] + (a[:, 1] - a[:, 0]) * w[0]).reshape(shape)
+    bounds = [(int(np.floor(c.min())), int(np.floor(c.max()))) for c in q]
+  lat = _Lattice(key, bounds)
+  out = np.empty(q[0].shape, np.float32)
+  for a in range(0, len(out), _LATTICE_CHUNK):
+    out[a : a + _LATTICE_CHUNK] = lat([c[a : a + _LATTICE_CHUNK] for c in q])
+  return out.reshape(shape)
 
 
 _QUANTILE_LEVELS = np.linspace(0.0, 1.0, 201)
@@ -289,6 +416,13 @@ def _mass_quantile(p, var: float) -> np.float32:
     )
     _mass_tables[var] = np.quantile(v, _QUANTILE_LEVELS)
   return np.float32(np.interp(p, _QUANTILE_LEVELS, _mass_tables[var]))
+
+
+def _warm_tables() -> None:
+  """Computes the one-off quantile tables (a worker process does it before its first request)."""
+  _noise_quantile(0.5)
+  for var in sorted({p.axon_var for p in REGION_PARAMS.values() if p.fibre == "fibre"}):
+    _mass_quantile(0.5, var)
 
 
 # ---------------------------------------------------------------------------
@@ -326,8 +460,16 @@ class _Anatomy:
     sp = (180.0, 220.0)
     zy, zx = (z, y), (z, x)
 
+    noise = {}
+    for pair, group in (
+      (zy, ("s", "cc", "zv", "hyp", "left", "right")),
+      (zx, ("hyp_v", "top", "bot")),
+    ):
+      # one set of weights per pair of coordinates, a table per boundary
+      noise.update(zip(group, _point_noise([self.k[m] for m in group], sp, pair), strict=True))
+
     def n(name, pair):
-      return _point_noise(self.k[name], sp, pair)
+      return noise[name]
 
     ramp = _ramp(((y - 780.0) / 40.0).astype(np.float32))
     x_s = 3290.0 + 260.0 * ramp + 15.0 * n("s", zy)
@@ -674,7 +816,6 @@ _LOCAL = {
 # blur as  mid + offset + contrast * (img - mid); (spacing z, y, x; amplitude).
 _SCAN = {
   "offset": ((12.0, 140.0, 140.0), 55.0),  # shading within a tile and from slice to slice
-  "offset_slow": ((70.0, 900.0, 900.0), 0.0),
   "contrast": ((14.0, 250.0, 250.0), 0.75),
   "noise": ((16.0, 300.0, 300.0), 1.0),
   "curve": ((14.0, 300.0, 300.0), 1.0),
@@ -723,10 +864,17 @@ def _ball_offsets(radius: float) -> np.ndarray:
 
 
 def _splat_spheres(
-  mask: np.ndarray, origin, centres: np.ndarray, radii: np.ndarray, batch: int = 2048
+  mask: np.ndarray,
+  origin,
+  centres: np.ndarray,
+  radii: np.ndarray,
+  batch: int = 2048,
+  by_reach: bool = True,
 ) -> None:
   """Sets ``mask`` (a grid whose voxel [0, 0, 0] is at global ``origin``) True at every
-  voxel within ``radii[i]`` of ``centres[i]`` (global float coordinates [P, 3])."""
+  voxel within ``radii[i]`` of ``centres[i]`` (global float coordinates [P, 3]).
+  ``by_reach=False``: every sphere tested on the largest one's offsets (the plain
+  formula, slower; the tests check that both give the same mask)."""
   shape = np.array(mask.shape)
   origin = np.asarray(origin, np.float64)
   rmax = float(radii.max(initial=0.0))
@@ -739,22 +887,45 @@ def _splat_spheres(
   padded = np.zeros(tuple(shape + 2 * pad), bool)
   strides = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1], np.int64)
   off_flat = off @ strides
-  offf = off.astype(np.float32)
   flat_mask = padded.reshape(-1)
-  for b0 in range(0, len(centres), batch):
-    c = centres[b0 : b0 + batch]
-    base = np.floor(c + 0.5)
-    frac = (c - base).astype(np.float32)
-    d2 = (
-      (offf[None, :, 0] - frac[:, None, 0]) ** 2
-      + (offf[None, :, 1] - frac[:, None, 1]) ** 2
-      + (offf[None, :, 2] - frac[:, None, 2]) ** 2
-    )
-    r2 = (radii[b0 : b0 + batch] ** 2).astype(np.float32)[:, None]
-    flat = (base.astype(np.int64) + pad) @ strides
-    idx = (flat[:, None] + off_flat[None, :])[d2 <= r2]
-    flat_mask[idx] = True
+  # A voxel within r of a centre lies within r + sqrt(3)/2 of the rounded centre: spheres
+  # are grouped by that reach (squared, whole: the offsets' |o|^2 are integers) and each
+  # group is tested on the offsets within its reach only (same per-voxel arithmetic).
+  o2 = np.sum(off * off, 1)
+  reach2 = np.floor((radii + 0.876) ** 2) if by_reach else np.full(len(radii), o2.max())
+  for n in np.unique(reach2):
+    group = np.flatnonzero(reach2 == n)
+    near = o2 <= n
+    offf, off_flat_n = off[near].astype(np.float32), off_flat[near]
+    for b0 in range(0, len(group), batch):
+      sel = group[b0 : b0 + batch]
+      c = centres[sel]
+      base = np.floor(c + 0.5)
+      frac = (c - base).astype(np.float32)
+      d2 = (
+        (offf[None, :, 0] - frac[:, None, 0]) ** 2
+        + (offf[None, :, 1] - frac[:, None, 1]) ** 2
+        + (offf[None, :, 2] - frac[:, None, 2]) ** 2
+      )
+      r2 = (radii[sel] ** 2).astype(np.float32)[:, None]
+      flat = (base.astype(np.int64) + pad) @ strides
+      idx = (flat[:, None] + off_flat_n[None, :])[d2 <= r2]
+      flat_mask[idx] = True
   mask |= padded[pad:-pad, pad:-pad, pad:-pad]
+
+
+def _blur_core(img: np.ndarray, sigma: float, truncate: float) -> np.ndarray:
+  """``ndi.gaussian_filter(img, sigma, mode="nearest", truncate=truncate)[core]`` (core: the
+  grid without its _HALO), computing only what the core needs: the same float32 passes
+  (z, then y, then x), each on the rows the later passes read. Every output value comes
+  from the same inputs and arithmetic (the kernel radius is <= _HALO, so no core value
+  reaches the grid's edge), so the bytes are those of the whole-grid filter."""
+  h, r = _HALO, int(truncate * sigma + 0.5)
+  z, y, x = img.shape
+  kw = dict(sigma=sigma, mode="nearest", truncate=truncate)
+  a = ndi.gaussian_filter1d(img[h - r : z - h + r], axis=0, **kw)[r : r + z - 2 * h]
+  a = ndi.gaussian_filter1d(a[:, h - r : y - h + r], axis=1, **kw)[:, r : r + y - 2 * h]
+  return ndi.gaussian_filter1d(a[:, :, h - r : x - h + r], axis=2, **kw)[:, :, r : r + x - 2 * h]
 
 
 def _default_workers() -> int:
@@ -814,13 +985,16 @@ class PhantomVolume:
   def key(self, *parts) -> int:
     return _key(self.seed, GENERATOR_VERSION, *parts)
 
-  def _trend_at(self, y, x, per_region):
-    """The linear trend t of each voxel's region (0 at its set-A cube centre), broadcastable."""
+  def _trend_at(self, y, x, per_region, k=None):
+    """The linear trend t of each voxel's region (0 at its set-A cube centre), broadcastable
+    to the grid, or with ``k`` to its z slice k (Y, X)."""
     t = self._trend
-    yy = y.astype(np.float32)[None, :, None]
-    xx = x.astype(np.float32)[None, None, :]
-    return per_region(t["gy"]) * (yy - per_region(t["y0"])) + per_region(t["gx"]) * (
-      xx - per_region(t["x0"])
+    yy = y.astype(np.float32)[:, None]
+    xx = x.astype(np.float32)[None, :]
+    if k is None:
+      yy, xx = yy[None], xx[None]
+    return per_region(t["gy"], k) * (yy - per_region(t["y0"], k)) + per_region(t["gx"], k) * (
+      xx - per_region(t["x0"], k)
     )
 
   def _drift(self, name, z, y, x, per_region):
@@ -841,27 +1015,30 @@ class PhantomVolume:
       raise ValueError(f"unknown channel {channel!r}; known: {', '.join(spec.CHANNELS)}")
     box.check_inside(self.shape)
     out = np.empty(box.shape, np.dtype(spec.CHANNELS[channel].dtype))
-    for part in self._render_boxes(box):
-      arrays, rbox = self._rendered(part)
-      src = tuple(
-        slice(a - r0, b - r0)
-        for a, b, r0 in zip(
-          (part.z0, part.y0, part.x0),
-          (part.z1, part.y1, part.x1),
-          (rbox.z0, rbox.y0, rbox.x0),
-          strict=True,
+    parts = self._render_boxes(box)
+    batch = 4 * self.workers  # parts rendered together (spread over the workers); bounds memory
+    for b0 in range(0, len(parts), batch):
+      chunk = parts[b0 : b0 + batch]
+      for part, (arrays, rbox) in zip(chunk, self._rendered(chunk), strict=True):
+        src = tuple(
+          slice(a - r0, b - r0)
+          for a, b, r0 in zip(
+            (part.z0, part.y0, part.x0),
+            (part.z1, part.y1, part.x1),
+            (rbox.z0, rbox.y0, rbox.x0),
+            strict=True,
+          )
         )
-      )
-      dst = tuple(
-        slice(a - b0, b - b0)
-        for a, b, b0 in zip(
-          (part.z0, part.y0, part.x0),
-          (part.z1, part.y1, part.x1),
-          (box.z0, box.y0, box.x0),
-          strict=True,
+        dst = tuple(
+          slice(a - b0, b - b0)
+          for a, b, b0 in zip(
+            (part.z0, part.y0, part.x0),
+            (part.z1, part.y1, part.x1),
+            (box.z0, box.y0, box.x0),
+            strict=True,
+          )
         )
-      )
-      out[dst] = arrays[channel][src]
+        out[dst] = arrays[channel][src]
     return out
 
   def anatomy(self, z, y, x) -> np.ndarray:
@@ -881,49 +1058,83 @@ class PhantomVolume:
       spec.Box(a, b, c, d, e, f) for a, b in pairs[0] for c, d in pairs[1] for e, f in pairs[2]
     ]
 
-  def _rendered(self, part: spec.Box):
+  def _cached(self, part: spec.Box):
+    """(arrays, rendered box) of a cached box that holds ``part``, or None (lock held)."""
+    for rbox in reversed(self._cache):
+      if (
+        rbox.z0 <= part.z0
+        and part.z1 <= rbox.z1
+        and rbox.y0 <= part.y0
+        and part.y1 <= rbox.y1
+        and rbox.x0 <= part.x0
+        and part.x1 <= rbox.x1
+      ):
+        self._cache.move_to_end(rbox)
+        return self._cache[rbox], rbox
+    return None
+
+  def _rendered(self, parts: list[spec.Box]) -> list:
+    """(arrays, rendered box) holding each part: from the cache, or rendered (the missing
+    ones together, spread over the workers) and cached."""
+    found: list = [None] * len(parts)
+    todo: dict = {}  # rendered box -> indices of the parts it serves
     with self._lock:
-      for rbox in reversed(self._cache):
-        if (
-          rbox.z0 <= part.z0
-          and part.z1 <= rbox.z1
-          and rbox.y0 <= part.y0
-          and part.y1 <= rbox.y1
-          and rbox.x0 <= part.x0
-          and part.x1 <= rbox.x1
-        ):
-          self._cache.move_to_end(rbox)
-          return self._cache[rbox], rbox
-    rbox = self._widen(part)
-    arrays = self._render_maybe_parallel(rbox)
+      for i, part in enumerate(parts):
+        found[i] = self._cached(part)
+        if found[i] is None:
+          todo.setdefault(self._widen(part), []).append(i)
+    rboxes = list(todo)
+    rendered = self._render_many(rboxes)
     with self._lock:
-      self._cache[rbox] = arrays
+      for rbox, arrays in zip(rboxes, rendered, strict=True):
+        for i in todo[rbox]:
+          found[i] = (arrays, rbox)
+        self._cache[rbox] = arrays
       total = sum(sum(a.nbytes for a in v.values()) for v in self._cache.values())
       while total > self._cache_bytes and len(self._cache) > 1:
         _, old = self._cache.popitem(last=False)
         total -= sum(a.nbytes for a in old.values())
-    return arrays, rbox
+    return found
 
-  def _render_maybe_parallel(self, box: spec.Box) -> dict[str, np.ndarray]:
-    """``render(box)``, split along y over the worker processes when it is large enough.
-
-    Values are pointwise functions of the coordinates, so the split changes no byte;
-    a failed worker (killed, out of memory) falls back to rendering in this process.
+  def _render_many(self, boxes: list[spec.Box]) -> list[dict[str, np.ndarray]]:
+    """``render`` of each box, spread over ``workers`` renderers (this process and worker
+    processes) when there is enough work (_PARALLEL_MIN_VOXELS in all): a multiple of
+    ``workers`` pieces where it can (boxes too few to go round evenly are split along y
+    into pieces of at least _PARALLEL_MIN_ROWS rows, boxes of at least _PARALLEL_MIN_VOXELS).
+    Values are pointwise functions of the coordinates, so no split changes a byte.
     """
-    n = min(self.workers, box.shape[1] // _PARALLEL_MIN_ROWS)
-    if n < 2 or int(np.prod(box.shape)) < _PARALLEL_MIN_VOXELS:
-      return self.render(box)
-    from mtneuro_jax.volumes import phantom_pool
+    per_box = -(-self.workers // max(1, len(boxes)))
+    if (len(boxes) * per_box) % self.workers:  # e.g. 3 parts, 2 renderers: 6 halves balance
+      per_box = self.workers
+    tasks, owner = [], []
+    for j, box in enumerate(boxes):
+      n = min(per_box, box.shape[1] // _PARALLEL_MIN_ROWS)
+      if int(np.prod(box.shape)) < _PARALLEL_MIN_VOXELS:
+        n = 1
+      edges = [int(e) for e in np.linspace(box.y0, box.y1, max(n, 1) + 1).round()]
+      for a, b in zip(edges[:-1], edges[1:], strict=True):
+        tasks.append((box.z0, box.z1, a, b, box.x0, box.x1))
+        owner.append(j)
+    total = sum(int(np.prod(b.shape)) for b in boxes)
+    if self.workers < 2 or len(tasks) < 2 or total < _PARALLEL_MIN_VOXELS:
+      return [self.render(b) for b in boxes]
+    from mtneuro_jax.volumes import phantom_pool  # the pool only when parallel rendering
 
-    edges = [int(e) for e in np.linspace(box.y0, box.y1, n + 1).round()]
-    parts = [
-      (box.z0, box.z1, a, b, box.x0, box.x1) for a, b in zip(edges[:-1], edges[1:], strict=True)
-    ]
-    try:
-      results = phantom_pool.render_parts(self.workers, self.seed, self.zi_axon_labels, parts)
-    except phantom_pool.WorkerError:
-      return self.render(box)
-    return {ch: np.concatenate([r[ch] for r in results], axis=1) for ch in results[0]}
+    results = phantom_pool.render_parts(
+      self.workers,
+      self.seed,
+      self.zi_axon_labels,
+      tasks,
+      local=lambda bounds: self.render(spec.Box(*bounds)),
+    )
+    out = []
+    for j in range(len(boxes)):
+      pieces = [r for r, o in zip(results, owner, strict=True) if o == j]
+      if len(pieces) == 1:
+        out.append(pieces[0])
+      else:
+        out.append({ch: np.concatenate([p[ch] for p in pieces], axis=1) for ch in pieces[0]})
+    return out
 
   def _widen(self, part: spec.Box) -> spec.Box:
     """Widens a thin request to the aligned block around it (values never depend on it)."""
@@ -964,8 +1175,10 @@ class PhantomVolume:
 
     single = present[0] if len(present) == 1 and tissue_all else None
 
-    def per_region(t):  # a per-region table on the grid: a scalar when one region fills it
-      return np.float32(t[single]) if single is not None else t[anat]
+    def per_region(t, k=None):  # a per-region table on the grid (z slice k): a scalar
+      if single is not None:  # when one region fills the grid
+        return np.float32(t[single])
+      return t[anat] if k is None else t[anat[k]]
 
     pix = np.zeros(shape, np.uint8)
     if not present:  # outside tissue: the empty scan
@@ -994,51 +1207,98 @@ class PhantomVolume:
         per_region,
         None if tissue_all else tissue,
       )
-    g1 = ndi.gaussian_filter(img, _BLUR[0], mode="nearest", truncate=_BLUR[1])
-    g2 = ndi.gaussian_filter(img, _FRINGE[0], mode="nearest", truncate=_FRINGE[1])
-    img = g1[core] + np.float32(_FRINGE[2]) * (g1[core] - g2[core])
-    del g1, g2
+    g1 = _blur_core(img, *_BLUR)
+    g2 = _blur_core(img, *_FRINGE[:2])
+    del img
     zc, yc, xc = z[h:-h], y[h:-h], x[h:-h]
-    noise_amp = np.float32(_NOISE * 2.0)
-    if not present:
-      noise_amp = noise_amp * np.float32(_EMPTY_NOISE)
-    else:  # the scan's global intensity (see _SCAN), on tissue only
-      mid = np.float32(_SCAN_MID)
-      offset = self._scan("offset", zc, yc, xc) + self._scan("offset_slow", zc, yc, xc)
-      zs, za = _SLICE_DRIFT
-      offset += np.float32(za) * _grid_noise(self.key("slice"), (zs,), (zc,))[:, None, None]
-      gain = np.maximum(
-        np.float32(1.0) + self._scan("contrast", zc, yc, xc), np.float32(_SCAN_MIN_CONTRAST)
-      )
-      dev = img - mid
-      # The scan's response curve: a quadratic term of varying sign skews the grey-level
-      # histogram one way or the other, so a region's skew says little about the region.
-      # (|img - mid| is capped inside the square so bright and dark extremes don't explode.)
-      dev += (self._scan("curve", zc, yc, xc) * np.float32(1.0 / _SCAN_CURVE_SCALE)) * (
-        dev * np.clip(dev, -_SCAN_CURVE_CAP, _SCAN_CURVE_CAP)
-      )
-      scanned = mid + offset + gain * dev
-      del offset, gain, dev
-      img = scanned if tissue_all else np.where(tissue[core], scanned, img)
-      del scanned
-      level = np.maximum(np.float32(1.0) + self._scan("noise", zc, yc, xc), np.float32(0.25))
-      noise_amp = noise_amp * (
-        level if tissue_all else np.where(tissue[core], level, np.float32(_EMPTY_NOISE))
-      )
-    hn = _voxel_hash(self.key("noise"), zc, yc, xc)
-    tri = (
-      (hn & np.uint32(0xFFFF)).astype(np.float32) + (hn >> 16).astype(np.float32)
-    ) * np.float32(1.0 / 65536.0)
-    img += (tri - np.float32(1.0)) * noise_amp
-    img += np.float32(0.5)
-    np.clip(img, 0.0, 255.0, out=img)
+    image = self._finish(zc, yc, xc, g1, g2, bool(present), tissue_all, tissue[core])
+    del g1, g2
     roi = np.array(anat[core], np.uint8)
     roi[(zc < spec.ROI_ANNOTATED_Z[0]) | (zc >= spec.ROI_ANNOTATED_Z[1])] = _ROI["clear"]
     return {
-      "image": img.astype(np.uint8),
+      "image": image,
       "roi_labels": roi,
       "pixel_labels": np.ascontiguousarray(pix[core]),
     }
+
+  def _finish(self, zc, yc, xc, g1, g2, present, tissue_all, tissue):
+    """The image after the blur (uint8, core shape): fringes, the scan's global intensity
+    (``_SCAN``, on tissue only), per-voxel noise, rounding.
+
+    ``g1``, ``g2``: the two blurred images (core); ``tissue``: the core's tissue mask.
+    Slice by slice (cache-sized temporaries); per voxel the float32 operations of
+    ``out = g1 + k (g1 - g2)``, ``mid + offset + gain (out - mid)``, ``+ noise``, in that order.
+    """
+    shape = (len(zc), len(yc), len(xc))
+    image = np.empty(shape, np.uint8)
+    k_fringe = np.float32(_FRINGE[2])
+    noise_amp = np.float32(_NOISE * 2.0)
+    if present:
+      scan = {n: _GridNoise(self.key("scan", n), sp, (zc, yc, xc)) for n, (sp, _) in _SCAN.items()}
+      amp = {n: np.float32(a) for n, (_, a) in _SCAN.items()}
+      zs, za = _SLICE_DRIFT
+      slice_offset = np.float32(za) * _grid_noise(self.key("slice"), (zs,), (zc,))
+      mid = np.float32(_SCAN_MID)
+    else:
+      noise_amp = noise_amp * np.float32(_EMPTY_NOISE)
+    hz, hyx = _voxel_hash_parts(self.key("noise"), zc, yc, xc)  # per-voxel noise, slice by slice
+    hn, hbuf = np.empty(shape[1:], np.uint32), np.empty(shape[1:], np.uint32)
+    tri, t = np.empty(shape[1:], np.float32), np.empty(shape[1:], np.float32)
+    for k in range(shape[0]):
+      a = g1[k]
+      img = g1[k] - g2[k]
+      img *= k_fringe
+      img += a  # g1 + k (g1 - g2)
+      if present:
+        offset = scan["offset"].slice(k)
+        offset *= amp["offset"]
+        offset += slice_offset[k]
+        gain = scan["contrast"].slice(k)
+        gain *= amp["contrast"]
+        gain += np.float32(1.0)
+        np.maximum(gain, np.float32(_SCAN_MIN_CONTRAST), out=gain)
+        plain = None if tissue_all else img.copy()
+        img -= mid  # d = img - mid
+        # The scan's response curve: d + curve * d * clip(d, +-cap) / scale. A quadratic
+        # term of varying sign skews the histogram either way, so a region's skew says
+        # little about the region (the cap keeps bright and dark extremes from exploding).
+        c = scan["curve"].slice(k, t)
+        c *= amp["curve"]
+        c *= np.float32(1.0 / _SCAN_CURVE_SCALE)
+        q = np.clip(img, -_SCAN_CURVE_CAP, _SCAN_CURVE_CAP)
+        q *= img
+        q *= c
+        img += q
+        img *= gain
+        offset += mid
+        img += offset  # (mid + offset) + gain (img - mid)
+        if plain is not None:
+          np.copyto(img, plain, where=~tissue[k])
+        level = scan["noise"].slice(k)
+        level *= amp["noise"]
+        level += np.float32(1.0)
+        np.maximum(level, np.float32(0.25), out=level)
+        if not tissue_all:
+          np.copyto(level, np.float32(_EMPTY_NOISE), where=~tissue[k])
+        level *= noise_amp
+        amp_k = level
+      else:
+        amp_k = noise_amp
+      np.bitwise_xor(hyx, hz[k], out=hn)
+      _mix32_inplace(hn, hbuf)
+      np.bitwise_and(hn, np.uint32(0xFFFF), out=hbuf)
+      np.copyto(tri, hbuf, casting="unsafe")
+      np.right_shift(hn, 16, out=hbuf)
+      np.copyto(t, hbuf, casting="unsafe")
+      tri += t
+      tri *= np.float32(1.0 / 65536.0)
+      tri -= np.float32(1.0)
+      tri *= amp_k
+      img += tri
+      img += np.float32(0.5)
+      np.clip(img, 0.0, 255.0, out=img)
+      np.copyto(image[k], img, casting="unsafe")
+    return image
 
   def _axons(self, z, y, x, anat, present, per_region):
     """Axon label mask and visible fibre strength in [0, 1] (bright fibres) on the grid.
@@ -1049,54 +1309,72 @@ class PhantomVolume:
     masses (``fibre_in``) and sparse outside (``fibre_out``). ZI's masses are labelled
     only with ``zi_axon_labels`` (the shipped real ZI masks carry no axon labels).
     """
-    axon = strength = drift = None
+    regions = [
+      rid
+      for rid in present
+      if REGION_PARAMS[rid].fibre != "none" and REGION_PARAMS[rid].axon_frac > 0
+    ]
+    if not regions:
+      return np.zeros(anat.shape, bool), np.float32(0.0)
     multi = len(present) > 1
-    for rid in present:
+    # Threshold shifts: location drift and trend + local variation (shared by the regions).
+    sp, drift_amp = _DRIFT["fibre_density"]
+    drift_field = _GridNoise(self.key("drift", "fibre_density"), sp, (z, y, x))
+    sp, local_amp = _LOCAL["fibre_density"]
+    local_field = _GridNoise(self.key("local-fibre-density"), sp, (z, y, x))
+    fields = {}  # per region: its full fibre fields and its mass fields (served per slice)
+    for rid in regions:
       p = REGION_PARAMS[rid]
-      if p.fibre == "none" or p.axon_frac <= 0:
-        continue
-      if drift is None:  # threshold shifts: location drift and trend + local variation
-        drift = self._drift("fibre_density", z, y, x, per_region)
-        drift = drift + np.float32(_TREND["fibre_density"]) * self._trend_at(y, x, per_region)
-        sp, amp = _LOCAL["fibre_density"]
-        local = np.float32(amp) * _grid_noise(self.key("local-fibre-density"), sp, (z, y, x))
-      shift = np.float32(p.axon_drift) * (drift + local)
-      inside = (anat == rid) if multi else None
       if p.fibre == "fascicle":
         f, warp = self._fibre_field(rid, p.fibre, p.fibre_dir, z, y, x)
-        m = f > _noise_quantile(1.0 - p.axon_frac) - shift
         fine, _ = self._fibre_field(rid, "striation", p.fibre_dir, z, y, x, warp=warp)
-        s = np.float32(0.55) + np.float32(0.45) * np.clip(
-          fine * np.float32(1.6) + np.float32(0.4), 0.0, 1.0
-        )
-        lab = m
+        fields[rid] = (f, fine)
       else:
-        mass = _grid_noise(self.key("mass", rid), _MASS_FINE, (z, y, x))
-        mass += np.float32(p.axon_var) * _grid_noise(
-          self.key("mass-coarse", rid), _MASS_COARSE, (z, y, x)
-        )
-        lab = mass > _mass_quantile(1.0 - p.axon_frac, p.axon_var) - shift
-        del mass
         f, _ = self._fibre_field(rid, p.fibre, p.fibre_dir, z, y, x)
-        thr = np.where(lab, _noise_quantile(1.0 - p.fibre_in), _noise_quantile(1.0 - p.fibre_out))
-        m = f > thr
-        s = np.clip((f - thr) * np.float32(3.0) + np.float32(0.35), 0.0, 1.0)
-        if rid == _ROI["ZI"] and not self.zi_axon_labels:
-          lab = None
-      if inside is not None:
-        m &= inside
+        mass = _GridNoise(self.key("mass", rid), _MASS_FINE, (z, y, x))
+        coarse = _GridNoise(self.key("mass-coarse", rid), _MASS_COARSE, (z, y, x))
+        fields[rid] = (f, mass, coarse)
+    axon = np.zeros(anat.shape, bool)
+    strength = np.empty(anat.shape, np.float32)
+    # Slice by slice (cache-sized temporaries); per voxel the float32 operations of the
+    # whole-grid formulas, in the same order.
+    for k in range(anat.shape[0]):
+      drift = drift_field.slice(k)
+      drift -= per_region(self._anchors["fibre_density"], k)
+      drift *= np.float32(drift_amp)
+      drift += np.float32(_TREND["fibre_density"]) * self._trend_at(y, x, per_region, k)
+      drift += local_field.slice(k) * np.float32(local_amp)  # drift + local
+      for n, rid in enumerate(regions):
+        p = REGION_PARAMS[rid]
+        shift = np.float32(p.axon_drift) * drift
+        if p.fibre == "fascicle":
+          f, fine = fields[rid]
+          m = f[k] > _noise_quantile(1.0 - p.axon_frac) - shift
+          s = np.float32(0.55) + np.float32(0.45) * np.clip(
+            fine[k] * np.float32(1.6) + np.float32(0.4), 0.0, 1.0
+          )
+          lab = m
+        else:
+          f, mass_field, coarse = fields[rid]
+          mass = mass_field.slice(k)
+          mass += np.float32(p.axon_var) * coarse.slice(k)
+          lab = mass > _mass_quantile(1.0 - p.axon_frac, p.axon_var) - shift
+          thr = np.where(lab, _noise_quantile(1.0 - p.fibre_in), _noise_quantile(1.0 - p.fibre_out))
+          m = f[k] > thr
+          s = np.clip((f[k] - thr) * np.float32(3.0) + np.float32(0.35), 0.0, 1.0)
+          if rid == _ROI["ZI"] and not self.zi_axon_labels:
+            lab = None
+        if multi:
+          inside = anat[k] == rid
+          m &= inside
+          if lab is not None:
+            lab &= inside
+        if n == 0:
+          np.copyto(strength[k], np.where(m, s, np.float32(0.0)))
+        else:
+          np.copyto(strength[k], s, where=m)
         if lab is not None:
-          lab &= inside
-      s = np.where(m, s, np.float32(0.0))
-      if axon is None:
-        axon = np.zeros(anat.shape, bool)
-        strength = s
-      else:
-        strength = np.where(m, s, strength)
-      if lab is not None:
-        axon |= lab
-    if axon is None:
-      return np.zeros(anat.shape, bool), np.float32(0.0)
+          axon[k] |= lab
     return axon, strength
 
   def _fibre_field(self, rid, kind, direction, z, y, x, warp=None):
@@ -1105,7 +1383,8 @@ class PhantomVolume:
     The two across-fibre coordinates are shifted by a smooth warp (voxels; made
     here from the region's warp noise unless ``warp`` is given), which bends the
     fibres. "striation" is 2D noise across the direction only (fine, long fibres).
-    Returns (field float32 (Z, Y, X), warp) so a second field can bend along.
+    Returns (field float32 (Z, Y, X), warp) so a second field can bend along; ``warp``
+    is (its two noise fields, amplitude in voxels), evaluated slice by slice.
     """
     across, along, warp_amp, warp_sp = _FIBRE_GEOM[kind]
     frame = _fibre_frame(direction)
@@ -1113,32 +1392,43 @@ class PhantomVolume:
       list(itertools.product((z[0], z[-1]), (y[0], y[-1]), (x[0], x[-1]))), np.float64
     )
     if warp is None:
-      amp_vox = np.float32(warp_amp * across)
-      warp = [
-        amp_vox * _grid_noise(self.key("warp", rid, kind, k), (warp_sp,) * 3, (z, y, x))
-        for k in range(2)
+      fields = [
+        _GridNoise(self.key("warp", rid, kind, k), (warp_sp,) * 3, (z, y, x)) for k in range(2)
       ]
-      warp_max = float(amp_vox)
-    else:
-      warp_max = float(max(np.abs(w).max() for w in warp))
+      warp = (fields, np.float32(warp_amp * across))
+    fields, amp_vox = warp
+    warp_max = float(amp_vox)  # |noise| <= 1: a bound for the lattice table's range
     dims = 2 if kind == "striation" else 3
-    q, bounds = [], []
+    proj, bounds = [], []
     for k in range(dims):
       e = frame[k] / (across if k < 2 else along)
-      proj = (
-        (e[0] * z).astype(np.float32)[:, None, None]
-        + (e[1] * y).astype(np.float32)[None, :, None]
-        + (e[2] * x).astype(np.float32)[None, None, :]
-      )
+      # The projection (e . (z, y, x)) as float32 per axis, summed per voxel (z + y) + x.
+      proj.append([(e[0] * z).astype(np.float32), (e[1] * y).astype(np.float32)])
+      proj[-1].append((e[2] * x).astype(np.float32)[None, :])
       amp = warp_max / across if k < 2 else 0.0
-      if k < 2:
-        proj = proj + warp[k] * np.float32(1.0 / across)
       pc = corners @ e  # the projection is linear: its extremes are at the corners
       bounds.append((int(np.floor(pc.min() - amp)) - 1, int(np.floor(pc.max() + amp)) + 1))
-      q.append(proj)
-    if dims == 2:
-      return _lattice_noise2(self.key("fibre", rid, kind), q, bounds), warp
-    return _lattice_noise(self.key("fibre", rid, kind), q, bounds), warp
+    lattice = _Lattice(self.key("fibre", rid, kind), bounds)
+    inv = np.float32(1.0 / across)
+    out = np.empty((len(z), len(y), len(x)), np.float32)
+    rows = max(1, _LATTICE_CHUNK // len(x))  # points = lattice coordinates of a few rows
+    bend = [np.empty((len(y), len(x)), np.float32) for _ in range(2)]
+    qbuf = [np.empty((rows, len(x)), np.float32) for _ in range(dims)]
+    tbuf = np.empty((rows, len(x)), np.float32)
+    for i in range(len(z)):
+      for k in range(2):  # the warp of this slice, voxels (noise * amplitude)
+        fields[k].slice(i, bend[k])
+        bend[k] *= amp_vox
+      for r0 in range(0, len(y), rows):
+        r1 = min(len(y), r0 + rows)
+        q = []
+        for k, (pz, py, px) in enumerate(proj):
+          c = np.add((pz[i] + py[r0:r1])[:, None], px, out=qbuf[k][: r1 - r0])
+          if k < 2:  # bent by the warp (voxels -> lattice units across)
+            c += np.multiply(bend[k][r0:r1], inv, out=tbuf[: r1 - r0])
+          q.append(c)
+        out[i, r0:r1] = lattice(q)  # (q is scratch, refilled per chunk)
+    return out, warp
 
   def _vessels(self, z, y, x, shape):
     """Vessels: capillary walkers + sparse large vessels.
@@ -1258,30 +1548,40 @@ class PhantomVolume:
       d = b - a
       zz = z[sel[0]].astype(np.float64)
       t = np.clip((zz - a[0]) / d[0], 0.0, 1.0)
-      pz = (a[0] + t * d[0] - zz)[:, None, None]
-      py = (a[1] + t * d[1])[:, None, None]
-      px = (a[2] + t * d[2])[:, None, None]
-      gy = y[sel[1]].astype(np.float64)[None, :, None] - py
-      gx = x[sel[2]].astype(np.float64)[None, None, :] - px
-      d2 = gy * gy + gx * gx + pz * pz
-      inside = d2 < r * r
-      ring = d2 < ro * ro
-      if not ring.any():
-        continue
-      if mask is None:
-        mask = np.zeros((len(z), len(y), len(x)), bool)
-        rim = np.zeros((len(z), len(y), len(x)), bool)
-      ix = np.ix_(*sel)
-      mask[ix] |= inside
-      rim[ix] |= ring
+      pz = a[0] + t * d[0] - zz
+      py = a[1] + t * d[1]
+      px = a[2] + t * d[2]
+      # Per slice only the window within ro (+1) of the axis point can be inside the ring;
+      # the rest of the bounding box has d2 >= ro^2 (same d2 arithmetic per voxel).
+      (y0, y1), (x0, x1) = (sel[1][0], sel[1][-1] + 1), (sel[2][0], sel[2][-1] + 1)
+      for k, iz in enumerate(sel[0]):
+        j0 = max(y0, int(np.floor(py[k] - ro)) - 1 - int(y[0]))
+        j1 = min(y1, int(np.floor(py[k] + ro)) + 2 - int(y[0]))
+        i0 = max(x0, int(np.floor(px[k] - ro)) - 1 - int(x[0]))
+        i1 = min(x1, int(np.floor(px[k] + ro)) + 2 - int(x[0]))
+        if j0 >= j1 or i0 >= i1:
+          continue
+        gy = y[j0:j1].astype(np.float64)[:, None] - py[k]
+        gx = x[i0:i1].astype(np.float64)[None, :] - px[k]
+        d2 = gy * gy + gx * gx + pz[k] * pz[k]
+        ring = d2 < ro * ro
+        if not ring.any():
+          continue
+        if mask is None:
+          mask = np.zeros((len(z), len(y), len(x)), bool)
+          rim = np.zeros((len(z), len(y), len(x)), bool)
+        mask[iz, j0:j1, i0:i1] |= d2 < r * r
+        rim[iz, j0:j1, i0:i1] |= ring
     if mask is None:
       return None, None
     return mask, rim
 
-  def _cells(self, z, y, x, shape):
+  def _cells(self, z, y, x, shape, by_reach: bool = True):
     """Cell bodies: rotated ellipsoids, seeded per object block. Returns (mask, profile).
 
     ``profile`` is 1 at a cell centre and 0 at its rim (used for shading).
+    ``by_reach=False``: every cell evaluated on the whole rmax ball (the plain formula,
+    slower; the tests check that both give the same bytes).
     """
     o, rmax = _OBJ, _CELL_RMAX
     origin, u = self._candidates("cells", _CELL_SLOTS, rmax, z, y, x, 16)
@@ -1346,79 +1646,137 @@ class PhantomVolume:
     # Quadratic form A = R^T diag(1/r^2) R per cell.
     inv = 1.0 / (radii * radii)
     A = np.einsum("nki,nk,nkj->nij", rot, inv, rot)
-    # Offsets inside the bounding sphere.
+    # Offsets inside the bounding sphere (radius rmax + 0.5). A voxel with rho2 <= 1 lies
+    # within the cell's largest semi-axis of its centre, so within that + sqrt(3) of the
+    # rounded-down centre: each cell is evaluated on the offsets of that reach only
+    # (cells grouped by whole reach), with the same per-(cell, offset) arithmetic.
     g = np.arange(-rmax, rmax + 1)
     oz, oy, ox = [a.ravel() for a in np.meshgrid(g, g, g, indexing="ij")]
-    ball = oz * oz + oy * oy + ox * ox <= (rmax + 0.5) ** 2
-    oz, oy, ox = oz[ball], oy[ball], ox[ball]
+    o2 = oz * oz + oy * oy + ox * ox
+    ball = o2 <= (rmax + 0.5) ** 2
+    oz, oy, ox, o2 = oz[ball], oy[ball], ox[ball], o2[ball]
+    reach = np.ceil(radii.max(1) + np.sqrt(3.0) + 0.01) if by_reach else np.full(len(cz), 99.0)
     iz, iy, ix = np.floor(cz), np.floor(cy), np.floor(cx)
-    dz = oz[None, :] - (cz - iz)[:, None]
-    dy = oy[None, :] - (cy - iy)[:, None]
-    dx = ox[None, :] - (cx - ix)[:, None]
-    rho2 = (
-      A[:, 0, 0, None] * dz * dz
-      + A[:, 1, 1, None] * dy * dy
-      + A[:, 2, 2, None] * dx * dx
-      + 2.0 * (A[:, 0, 1, None] * dz * dy + A[:, 0, 2, None] * dz * dx + A[:, 1, 2, None] * dy * dx)
-    )
-    vz = iz.astype(np.int64)[:, None] + oz[None, :] - z[0]
-    vy = iy.astype(np.int64)[:, None] + oy[None, :] - y[0]
-    vx = ix.astype(np.int64)[:, None] + ox[None, :] - x[0]
-    ok = (
-      (rho2 <= 1.0)
-      & (vz >= 0)
-      & (vz < shape[0])
-      & (vy >= 0)
-      & (vy < shape[1])
-      & (vx >= 0)
-      & (vx < shape[2])
-    )
-    flat = (vz * shape[1] + vy) * shape[2] + vx
-    dark = (np.float32(0.75) + np.float32(0.5) * u[15])[:, None]
-    val = dark * (np.float32(1.0) - rho2.astype(np.float32) * np.float32(0.35))
+    dark_all = np.float32(0.75) + np.float32(0.5) * u[15]
+    found = []
+    for r in np.unique(reach):
+      cells = np.flatnonzero(reach == r)
+      near = o2 <= r * r
+      ozr, oyr, oxr = oz[near], oy[near], ox[near]
+      Ar = A[cells]
+      dz = ozr[None, :] - (cz[cells] - iz[cells])[:, None]
+      dy = oyr[None, :] - (cy[cells] - iy[cells])[:, None]
+      dx = oxr[None, :] - (cx[cells] - ix[cells])[:, None]
+      rho2 = (
+        Ar[:, 0, 0, None] * dz * dz
+        + Ar[:, 1, 1, None] * dy * dy
+        + Ar[:, 2, 2, None] * dx * dx
+        + 2.0
+        * (Ar[:, 0, 1, None] * dz * dy + Ar[:, 0, 2, None] * dz * dx + Ar[:, 1, 2, None] * dy * dx)
+      )
+      del dz, dy, dx
+      vz = iz[cells].astype(np.int64)[:, None] + ozr[None, :] - z[0]
+      vy = iy[cells].astype(np.int64)[:, None] + oyr[None, :] - y[0]
+      vx = ix[cells].astype(np.int64)[:, None] + oxr[None, :] - x[0]
+      ok = (
+        (rho2 <= 1.0)
+        & (vz >= 0)
+        & (vz < shape[0])
+        & (vy >= 0)
+        & (vy < shape[1])
+        & (vx >= 0)
+        & (vx < shape[2])
+      )
+      flat = ((vz * shape[1] + vy) * shape[2] + vx)[ok]
+      dark = dark_all[cells][:, None]
+      val = (dark * (np.float32(1.0) - rho2.astype(np.float32) * np.float32(0.35)))[ok]
+      found.append((flat, val, np.broadcast_to(cells[:, None], ok.shape)[ok]))
+    flat, val, cell = (np.concatenate(parts) for parts in zip(*found, strict=True))
     # Cells are in a fixed global order (object block, slot): where two overlap the
     # later one wins, whichever box is rendered (made explicit: numpy does not
     # promise an order for repeated indices).
-    flat, val = flat[ok][::-1], val[ok][::-1]
+    order = np.argsort(cell, kind="stable")[::-1]
+    flat, val = flat[order], val[order]
     flat, first = np.unique(flat, return_index=True)
     mask.ravel()[flat] = True
     profile.ravel()[flat] = val[first]
     return mask, profile
 
   def _image(self, z, y, x, pix, ax_strength, cell_profile, lumen, rim, per_region, tissue):
-    """Pre-blur grey levels (float32, grid shape). ``tissue`` None means all tissue."""
+    """Pre-blur grey levels (float32, grid shape). ``tissue`` None means all tissue.
 
-    def table(name):
-      return per_region(self._tables[name])
+    Slice by slice (cache-sized temporaries), per voxel the float32 operations of
+    ``grey + contrast (gain axon_strength + texture)`` and the overrides, in that order.
+    """
+    shape = pix.shape
+    out = np.empty(shape, np.float32)
+    drift = {}
+    for name in ("contrast", "axon_gain"):
+      sp, amp = _DRIFT[name]
+      drift[name] = (_GridNoise(self.key("drift", name), sp, (z, y, x)), np.float32(amp))
+    sp, mottle_amp = _MOTTLE
+    mottle = _GridNoise(self.key("mottle"), sp, (z, y, x))
+    hz, hyx = _voxel_hash_parts(self.key("grain"), z, y, x)  # per-voxel noise, slice by slice
+    hg, hbuf = np.empty(shape[1:], np.uint32), np.empty(shape[1:], np.uint32)
+    full_strength = np.ndim(ax_strength) > 0
+    patch_field = None
 
-    grey = table("grey")
-    contrast = np.float32(1.0) + self._drift("contrast", z, y, x, per_region)
-    gain = table("axon_gain") * (
-      np.float32(1.0)
-      + self._drift("axon_gain", z, y, x, per_region)
-      + np.float32(_TREND["axon_gain"]) * self._trend_at(y, x, per_region)
-    )
-    sp, amp = _MOTTLE
-    tex = np.float32(amp) * _grid_noise(self.key("mottle"), sp, (z, y, x))
-    tex += (_unit(_voxel_hash(self.key("grain"), z, y, x)) - np.float32(0.5)) * np.float32(
-      2.0 * _GRAIN
-    )
-    tex = tex * table("texture")
-    patch = table("patch")
-    if np.any(patch):  # only regions without fibres have it: skip the field elsewhere
-      tex += patch * _grid_noise(self.key("patch"), _PATCH, (z, y, x))
-    img = grey + contrast * (gain * ax_strength + tex)
-    if rim is not None:  # the bright wall of large vessels
-      img = np.where(rim, img + np.float32(_LUMEN_RIM[1]), img)
-    img = np.where(
-      pix == _PIX["cell"], grey - contrast * (table("cell_dark") * cell_profile - tex), img
-    )
-    # Capillaries (2-5 px across) look dark grey after the point spread; large lumens black.
-    img = np.where(pix == _PIX["vessel"], grey - contrast * (np.float32(_CAP_DARK) - tex), img)
-    if lumen is not None:
-      img = np.where(
-        lumen, np.float32(_VESSEL_GREY) + np.float32(0.1) * (grey - 120.0) + tex * 0.3, img
-      )
-    if tissue is not None:
-      img = np.where(tissue, img, np.float32(_OUTSIDE_GREY))
-    return img.astype(np.float32)
+    for k in range(shape[0]):
+
+      def table(name, k=k):
+        return per_region(self._tables[name], k)
+
+      def drift_at(name, k=k):  # amplitude * (drift noise - its set-A anchor)
+        field, amp = drift[name]
+        d = field.slice(k)
+        d -= per_region(self._anchors[name], k)
+        d *= amp
+        return d
+
+      grey = table("grey")
+      contrast = drift_at("contrast")
+      contrast += np.float32(1.0)
+      gain = drift_at("axon_gain")
+      gain += np.float32(1.0)
+      gain += np.float32(_TREND["axon_gain"]) * self._trend_at(y, x, per_region, k)
+      gain *= table("axon_gain")
+      tex = mottle.slice(k)
+      tex *= np.float32(mottle_amp)
+      np.bitwise_xor(hyx, hz[k], out=hg)
+      _mix32_inplace(hg, hbuf)
+      hg >>= np.uint32(8)
+      grain = hg.astype(np.float32)
+      grain *= np.float32(1.0 / (1 << 24))  # _unit
+      grain -= np.float32(0.5)
+      grain *= np.float32(2.0 * _GRAIN)
+      tex += grain
+      tex *= table("texture")
+      patch = table("patch")
+      if np.any(patch):  # only regions without fibres have it: the field is made on demand
+        if patch_field is None:
+          patch_field = _GridNoise(self.key("patch"), _PATCH, (z, y, x))
+        tex += patch * patch_field.slice(k)
+      img = out[k]
+      np.multiply(gain, ax_strength[k] if full_strength else ax_strength, out=img)
+      img += tex
+      img *= contrast
+      img += grey
+      if rim is not None:  # the bright wall of large vessels
+        np.add(img, np.float32(_LUMEN_RIM[1]), out=img, where=rim[k])
+      t = table("cell_dark") * cell_profile[k]
+      t -= tex
+      t *= contrast
+      np.subtract(grey, t, out=t)
+      np.copyto(img, t, where=pix[k] == _PIX["cell"])
+      # Capillaries (2-5 px across) look dark grey after the point spread; large lumens black.
+      t = np.float32(_CAP_DARK) - tex
+      t *= contrast
+      np.subtract(grey, t, out=t)
+      np.copyto(img, t, where=pix[k] == _PIX["vessel"])
+      if lumen is not None:
+        t = tex * np.float32(0.3)
+        t += np.float32(_VESSEL_GREY) + np.float32(0.1) * (grey - np.float32(120.0))
+        np.copyto(img, t, where=lumen[k])
+      if tissue is not None:
+        np.copyto(img, np.float32(_OUTSIDE_GREY), where=~tissue[k])
+    return out

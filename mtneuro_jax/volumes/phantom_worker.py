@@ -1,7 +1,8 @@
 """The worker process of ``phantom_pool``: ``python -m mtneuro_jax.volumes.phantom_worker``.
 
-Reads render requests ``(seed, zi_axon_labels, (z0, z1, y0, y1, x0, x1))`` from stdin and
-writes ``("ok", arrays)`` or ``("error", text)`` to stdout, framed by ``phantom_pool.send`` /
+Reads render requests ``(seed, zi_axon_labels, (z0, z1, y0, y1, x0, x1))`` (or ``None``, a
+ping answered ``("ok", None)``) from stdin and writes ``("ok", arrays)`` or ``("error", text)``
+to stdout, framed by ``phantom_pool.send`` /
 ``recv``. A module of its own so that imports point one way: phantom -> phantom_pool, and
 this worker -> phantom, phantom_pool.
 """
@@ -17,12 +18,17 @@ def serve() -> None:
   """The worker loop: requests on stdin, ("ok", arrays) or ("error", text) on stdout."""
   stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
   sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+  phantom._warm_tables()  # one-off tables while the parent still renders its own first part
   volumes: dict = {}
   while True:
     try:
-      seed, zi, bounds = phantom_pool.recv(stdin)
+      request = phantom_pool.recv(stdin)
     except EOFError:
       return
+    if request is None:  # a ping: ready
+      phantom_pool.send(stdout, ("ok", None))
+      continue
+    seed, zi, bounds = request
     try:
       vol = volumes.get((seed, zi))
       if vol is None:
@@ -30,7 +36,7 @@ def serve() -> None:
           seed, workers=1, zi_axon_labels=zi, cache_bytes=0
         )
       reply = ("ok", vol.render(spec.Box(*bounds)))
-    except Exception as e:  # noqa: BLE001 -- reported to the parent, which re-raises
+    except Exception as e:  # noqa: BLE001 -- reported; the parent renders the part itself
       reply = ("error", f"{e.__class__.__name__}: {e}")
     phantom_pool.send(stdout, reply)
 
