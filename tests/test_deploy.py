@@ -82,14 +82,30 @@ def reference(unet_run, tmp_path_factory):
 
 
 def chunk_bytes(root):
-  """{relative path: bytes} of every array file (chunks, .zarray, .zattrs) of a zarr group."""
+  """{relative path: bytes} of every array file of a zarr group: .zarray/.zattrs as stored,
+  chunks decompressed (every byte of the full chunk, padding included).
+
+  Chunks are compared decoded because the same chunk content can be stored as different
+  gzip streams: TensorStore encodes a chunk written whole and one completed by a later
+  read-modify-write (another block, a rerun after kill -9) along different paths (seen:
+  same 1345 bytes, same decoded chunk, different deflate blocks). The decoded bytes are
+  what a reader gets.
+  """
+  import gzip
+  import zlib
+
   out = {}
   for name in zarr_io.array_names(root):
+    with open(os.path.join(root, name, ".zarray")) as f:
+      codec = (json.load(f).get("compressor") or {}).get("id")
     for path in glob.glob(os.path.join(root, name, "*")) + glob.glob(
       os.path.join(root, name, ".z*")
     ):
       with open(path, "rb") as f:
-        out[os.path.relpath(path, root)] = f.read()
+        data = f.read()
+      if not os.path.basename(path).startswith(".z"):
+        data = {"gzip": gzip.decompress, "zlib": zlib.decompress}.get(codec, bytes)(data)
+      out[os.path.relpath(path, root)] = data
   return out
 
 
