@@ -6,53 +6,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tiny_steps  # tests/tiny_steps.py
 
-from mtneuro_jax import configlib, sharding
+from mtneuro_jax import configlib
 from mtneuro_jax.errors import ConfigError
-from mtneuro_jax.models import resnet
 from mtneuro_jax.models.unet import UNet
-from mtneuro_jax.objectives import OBJECTIVES
-from mtneuro_jax.train import optim
 from mtneuro_jax.train import step as step_lib
-from mtneuro_jax.train.state import create_train_state
 
 
 def _setup(**step_kw):
-  model = resnet.ResNetXray(num_classes=4, width_multiplier=1 / 16, dropout=0.0, stage_sizes=(1, 1))
-  objective = OBJECTIVES["supervised"]
-  obj_cfg = ml_collections.ConfigDict({"label_smoothing": 0.0})
-  opt_cfg = ml_collections.ConfigDict(
-    dict(
-      name="sgd",
-      learning_rate=0.05,
-      momentum=0.9,
-      weight_decay=5e-4,
-      schedule="constant",
-      warmup_epochs=0.0,
-      freeze=(),
-    )
-  )
-  tx, _ = optim.make_optimizer(opt_cfg, steps_per_epoch=10, total_steps=100, batch_size=8)
-  mesh = sharding.make_mesh(1)
-  example = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
-  state = jax.jit(
-    lambda: create_train_state(model, objective, tx, example, seed=0, objective_config=obj_cfg)
-  )()
-  step = step_lib.jit_train_step(
-    mesh,
-    model=model,
-    objective=objective,
-    optimizer=tx,
-    config=obj_cfg,
-    total_steps=100,
-    donate=False,
-    **step_kw,
-  )
-  rng = np.random.default_rng(0)
-  label = np.arange(8, dtype=np.int32) % 4
-  image = rng.normal(size=(8, 16, 16, 1)).astype(np.float32) + label[:, None, None, None]
-  batch = sharding.shard_batch({"image": image, "label": label, "valid": np.ones(8, bool)}, mesh)
-  return state, step, batch
+  return tiny_steps.resnet_step(**step_kw)
 
 
 def _leaves_equal(a, b) -> bool:

@@ -44,38 +44,18 @@ def _alternate(fns: dict, reps: int) -> dict:
 
 
 def per_pass(size: int, batch: int, reps: int) -> list[dict]:
-  import jax
   from jax import lax
 
-  from experiments.bench.resnet_step_bench import conv_shapes
+  from experiments.bench.resnet_step_bench import conv_case, conv_passes, conv_shapes
   from mtneuro_jax.kernels import onednn
 
   convs = {"xla": lax.conv_general_dilated, "onednn": onednn.make_conv_general_dilated()}
   rows = []
   for name, s, ci, co, st in conv_shapes(size):
-    x = jax.random.normal(jax.random.key(0), (batch, s, s, ci))
-    w = jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05
-    flops = 2 * batch * (s // st) ** 2 * ci * co * 9
-    row = {
-      "conv": name,
-      "input": [batch, s, s, ci],
-      "c_out": co,
-      "stride": st,
-      "gflop": flops / 1e9,
-    }
+    x, w, row = conv_case(name, s, ci, co, st, batch)
+    passes = {b: conv_passes(cf, st) for b, cf in convs.items()}
     for p in ("fwd", "dx", "dw"):
-      fns = {}
-      for b, cf in convs.items():
-
-        def conv(x, w, cf=cf, st=st):
-          return cf(x, w, (st, st), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-        f = {
-          "fwd": jax.jit(conv),
-          "dx": jax.jit(jax.grad(lambda x, w, conv=conv: conv(x, w).sum(), argnums=0)),
-          "dw": jax.jit(jax.grad(lambda x, w, conv=conv: conv(x, w).sum(), argnums=1)),
-        }[p]
-        fns[b] = lambda f=f, x=x, w=w: f(x, w).block_until_ready()
+      fns = {b: (lambda f=f[p], x=x, w=w: f(x, w).block_until_ready()) for b, f in passes.items()}
       med = _alternate(fns, reps)
       for b, t in med.items():
         row[f"{p}_{b}_ms"] = 1e3 * t

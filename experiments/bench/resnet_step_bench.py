@@ -264,13 +264,39 @@ def conv_shapes(size: int) -> list[tuple[str, int, int, int, int]]:
   ]
 
 
+def conv_case(name: str, s: int, ci: int, co: int, st: int, batch: int):
+  """(x [batch, s, s, ci], w [3, 3, ci, co], row header) of one ``conv_shapes`` entry."""
+  import jax
+
+  x = jax.random.normal(jax.random.key(0), (batch, s, s, ci))
+  w = jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05
+  flops = 2 * batch * (s // st) ** 2 * ci * co * 9
+  row = {"conv": name, "input": [batch, s, s, ci], "c_out": co, "stride": st, "gflop": flops / 1e9}
+  return x, w, row
+
+
+def conv_passes(conv_fn, st: int) -> dict:
+  """{'fwd', 'dx', 'dw'}: jitted forward, input gradient and weight gradient of a 3x3 NHWC/HWIO
+  conv with stride ``st`` and padding 1, run by ``conv_fn`` (lax.conv_general_dilated or a
+  drop-in with its arguments)."""
+  import jax
+
+  def conv(x, w):
+    return conv_fn(x, w, (st, st), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  return {
+    "fwd": jax.jit(conv),
+    "dx": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=0)),
+    "dw": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=1)),
+  }
+
+
 def worker_conv(size: int, batch: int, reps: int = 2, backend: str = "xla") -> dict:
   """Times one 3x3 conv of each ResNet18-xray shape: forward, input gradient, weight gradient.
 
   ``backend`` 'onednn': the optional oneDNN kernel (``mtneuro_jax.kernels.onednn``) instead of
   XLA's conv, with the same arguments.
   """
-  import jax
   from jax import lax
 
   conv_fn = lax.conv_general_dilated
@@ -280,25 +306,9 @@ def worker_conv(size: int, batch: int, reps: int = 2, backend: str = "xla") -> d
     conv_fn = onednn.make_conv_general_dilated()
   rows = []
   for name, s, ci, co, st in conv_shapes(size):
-    x = jax.random.normal(jax.random.key(0), (batch, s, s, ci))
-    w = jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05
-
-    def conv(x, w, st=st):
-      return conv_fn(x, w, (st, st), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    fns = {
-      "fwd": jax.jit(conv),
-      "dx": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=0)),
-      "dw": jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=1)),
-    }
-    flops = 2 * batch * (s // st) ** 2 * ci * co * 9
-    row = {
-      "conv": name,
-      "input": [batch, s, s, ci],
-      "c_out": co,
-      "stride": st,
-      "gflop": flops / 1e9,
-    }
+    x, w, row = conv_case(name, s, ci, co, st, batch)
+    fns = conv_passes(conv_fn, st)
+    flops = row["gflop"] * 1e9
     for k, fn in fns.items():
       fn(x, w).block_until_ready()
       t = _timed(lambda fn=fn, x=x, w=w: fn(x, w).block_until_ready(), reps)
