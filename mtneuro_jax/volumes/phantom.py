@@ -997,17 +997,6 @@ class PhantomVolume:
       xx - per_region(t["x0"], k)
     )
 
-  def _drift(self, name, z, y, x, per_region):
-    """amplitude * (drift noise - its value at the region's set-A cube centre), on the grid."""
-    sp, amp = _DRIFT[name]
-    off = per_region(self._anchors[name])
-    return np.float32(amp) * (_grid_noise(self.key("drift", name), sp, (z, y, x)) - off)
-
-  def _scan(self, name, z, y, x):
-    """amplitude * value noise of the scan's global intensity field ``name`` on the grid."""
-    sp, amp = _SCAN[name]
-    return np.float32(amp) * _grid_noise(self.key("scan", name), sp, (z, y, x))
-
   # -- public ---------------------------------------------------------------
   def cutout(self, channel: str, box: spec.Box) -> np.ndarray:
     """ZYX array of ``box.shape``: uint8 "image", uint64 "roi_labels"/"pixel_labels"."""
@@ -1244,6 +1233,7 @@ class PhantomVolume:
     hz, hyx = _voxel_hash_parts(self.key("noise"), zc, yc, xc)  # per-voxel noise, slice by slice
     hn, hbuf = np.empty(shape[1:], np.uint32), np.empty(shape[1:], np.uint32)
     tri, t = np.empty(shape[1:], np.float32), np.empty(shape[1:], np.float32)
+    qbuf = np.empty(shape[1:], np.float32)  # the response curve's term
     for k in range(shape[0]):
       a = g1[k]
       img = g1[k] - g2[k]
@@ -1265,7 +1255,7 @@ class PhantomVolume:
         c = scan["curve"].slice(k, t)
         c *= amp["curve"]
         c *= np.float32(1.0 / _SCAN_CURVE_SCALE)
-        q = np.clip(img, -_SCAN_CURVE_CAP, _SCAN_CURVE_CAP)
+        q = np.clip(img, -_SCAN_CURVE_CAP, _SCAN_CURVE_CAP, out=qbuf)
         q *= img
         q *= c
         img += q
