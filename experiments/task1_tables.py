@@ -28,8 +28,8 @@ Presets:
 * ``quick`` (CPU; 16 runs; measured 5.7 min on 2 cores in the main job of a fresh clone,
   load ~2, JAX compile cache warm; add ~1 min for a cold cache): the configs at ``:quick``
   with no size overrides (``configlib.QUICK`` in mtneuro_jax/configlib.py is what quick
-  means), Table 1 and Table A3's 4x column only (2x/full not run), two seeds (1, 100),
-  mixup p = 0.5 only. Fine for checking the machinery, not for numbers.
+  means), Table 1 and Table A3's 4x column only (2x/full not run), two seeds (1, 100)
+  for the supervised, mixup and PCA/NMF rows and seed 1 for the SSL rows, mixup p = 0.5 only. Fine for checking the machinery, not for numbers.
 * ``tiny`` (tests, seconds): configs at ``:tiny`` (2 steps, width 1/16), one seed,
   p grid {0.1, 0.5}, 8 PCA/NMF components.
 
@@ -98,6 +98,8 @@ class Preset:
   table1_downsample: int
   a3_downsamplings: tuple[int, ...]
   # Dotted config key -> value, on top of config_arg (sizes belong to configlib, not here).
+  # Seeds of the SSL rows when --seeds is not given (None = ``seeds``).
+  ssl_seeds: tuple[int, ...] | None = None
   overrides: tuple[tuple[str, Any], ...] = ()  # network runs
   baseline_overrides: tuple[tuple[str, Any], ...] = ()  # PCA/NMF runs
   description: str = ""
@@ -118,10 +120,14 @@ PRESETS = {
     (0.5,),
     4,
     (4,),
+    # One seed for the SSL rows: they pretrain and then probe (twice the work of a
+    # supervised run) and score near chance at this size, so a second seed bought little
+    # and cost ~5 of the main job's 20 minutes on 2 cores.
+    ssl_seeds=(1,),
     description=(
       f"CPU smoke run: {_Q.downsample}x, "
       f"width 1/{round(1 / _Q.width_multiplier)}, "
-      f"{_Q.total_steps} steps x {_Q.batch_size}, 2 seeds, p = 0.5 only"
+      f"{_Q.total_steps} steps x {_Q.batch_size}, 2 seeds (SSL rows: seed 1), p = 0.5 only"
     ),
   ),
   "tiny": Preset(
@@ -158,13 +164,21 @@ class Run:
     return f"{self.variant} {self.setting} {self.downsample}x seed {self.seed}"
 
 
-def plan_runs(preset: Preset, methods: Sequence[str], seeds: Sequence[int]) -> list[Run]:
-  """Every run the tables need, de-duplicated (Table 1's ROI-C1 run serves Table A3 too)."""
+def plan_runs(
+  preset: Preset,
+  methods: Sequence[str],
+  seeds: Sequence[int],
+  ssl_seeds: Sequence[int] | None = None,
+) -> list[Run]:
+  """Every run the tables need, de-duplicated (Table 1's ROI-C1 run serves Table A3 too).
+
+  ``ssl_seeds``: the SSL methods' seeds (None = ``seeds``)."""
   runs: dict[tuple, Run] = {}
   for method in methods:
     variants = list(preset.p_grid) if method == "mixup" else [None]
+    method_seeds = seeds if ssl_seeds is None or method not in SSL_METHODS else ssl_seeds
     for p in variants:
-      for seed in seeds:
+      for seed in method_seeds:
         d1 = preset.table1_downsample
         cands = [
           Run(method, p, "c12", d1, seed, ("test_c1", "test_c2")),
@@ -625,7 +639,9 @@ def main(argv=None) -> int:
     parser.error(f"--seeds={args.seeds!r} must be comma-separated integers, e.g. 1,100")
   if not seeds:
     parser.error("--seeds is empty; give at least one seed, e.g. 1")
-  runs = plan_runs(preset, methods, seeds)
+  # --seeds applies to every method; the preset's own seeds may give SSL rows fewer.
+  ssl_seeds = None if args.seeds else preset.ssl_seeds
+  runs = plan_runs(preset, methods, seeds, ssl_seeds)
   if args.dry_run:
     for r in runs:
       print(r.label(), "->", r.workdir(out))

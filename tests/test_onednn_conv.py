@@ -21,6 +21,13 @@ needs_onednn = pytest.mark.skipif(
   "apt-get install libdnnl-dev g++ to run these",
 )
 
+
+@pytest.fixture(autouse=True)
+def _allow_unverified_onednn(monkeypatch):
+  """These tests exercise the withheld backend on purpose (step_lib.ONEDNN_UNVERIFIED_ENV)."""
+  monkeypatch.setenv(step_lib.ONEDNN_UNVERIFIED_ENV, "1")
+
+
 DN2 = ("NHWC", "HWIO", "NHWC")
 DN3 = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -30,6 +37,11 @@ CASES = [
   ((2, 10, 11, 4), (3, 3, 4, 6), (2, 2), ((1, 0), (2, 1)), DN2),  # stride 2, odd padding
   ((3, 16, 16, 1), (7, 7, 1, 8), (2, 2), ((3, 3), (3, 3)), DN2),  # the ResNet stem
   ((2, 8, 8, 4), (1, 1, 4, 8), (2, 2), "VALID", DN2),  # 1x1 stride-2 shortcut
+  # The width-1/8 ResNet's 8->16 shortcut: oneDNN 2.6's own strided 1x1 weight gradient
+  # corrupted the heap on it (oneDNN#6035); odd sides and 3D take the same subsampling path.
+  ((8, 64, 64, 8), (1, 1, 8, 16), (2, 2), "VALID", DN2),
+  ((2, 9, 7, 5), (1, 1, 5, 16), (2, 3), "VALID", DN2),
+  ((2, 6, 9, 9, 4), (1, 1, 1, 4, 8), (1, 2, 2), "VALID", DN3),
   ((2, 4, 7, 7, 3), (3, 3, 3, 3, 4), (1, 2, 2), "SAME", DN3),
 ]
 
@@ -63,6 +75,21 @@ def test_parity_with_xla(case):
   text = jax.jit(lambda x, w: _vjp_all(conv, x, w, strides, padding, dn)).lower(x, w).as_text()
   for name, _ in onednn.TARGETS.values():
     assert name in text
+
+
+@needs_onednn
+def test_strided_1x1_conv_reaches_onednn_with_unit_stride(monkeypatch):
+  """Strided 1x1 convs are subsampled in JAX first: oneDNN's own strided 1x1 path (rtus)
+  writes past its workspace for input channels below its channel block (oneDNN#6035)."""
+  seen = []
+  call = onednn._call
+  monkeypatch.setattr(
+    onednn, "_call", lambda *a: seen.append((a[0], a[-1]["strides"].tolist())) or call(*a)
+  )
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (1, 1, 4, 8))
+  _vjp_all(onednn.make_conv_general_dilated(), x, w, (2, 2), "VALID", DN2)
+  assert sorted(seen) == [("bwd_data", [1, 1]), ("bwd_weights", [1, 1]), ("fwd", [1, 1])]
 
 
 @needs_onednn
@@ -131,5 +158,10 @@ def test_onednn_backend_unavailable_is_one_config_error(monkeypatch):
   with pytest.raises(ConfigError, match="conv_backend"):
     step_lib.check_conv_backend("cudnn")
   assert step_lib.check_conv_backend("xla") == "xla"
+  monkeypatch.setattr(onednn, "available", lambda: True)
+  monkeypatch.delenv(step_lib.ONEDNN_UNVERIFIED_ENV)
+  with pytest.raises(ConfigError, match="withheld") as err:  # built, but not trusted yet
+    step_lib.check_conv_backend("onednn")
+  assert step_lib.ONEDNN_UNVERIFIED_ENV in str(err.value) and "\n" not in str(err.value)
   c = configlib.loop_defaults(ml_collections.ConfigDict(), num_epochs=1)
   assert c.conv_backend == "xla"

@@ -46,6 +46,22 @@ def test_plan_shares_the_c1_run_with_c2_and_table_a3():
   assert len(runs) == 5 * 5 * 4  # p grid x seeds x (c12@2, c3@2, c12@4, c12@1)
 
 
+def test_quick_runs_the_ssl_rows_on_one_seed_unless_seeds_are_given(capsys):
+  quick = t1.PRESETS["quick"]
+  runs = t1.plan_runs(quick, t1.METHODS, quick.seeds, quick.ssl_seeds)
+  seeds = {m: sorted({r.seed for r in runs if r.method == m}) for m in t1.METHODS}
+  assert all(seeds[m] == [1] for m in t1.SSL_METHODS)
+  assert all(seeds[m] == [1, 100] for m in t1.METHODS if m not in t1.SSL_METHODS)
+  assert len(runs) == 2 * (4 * 2 + len(t1.SSL_METHODS))  # 2 settings x (4 methods x 2 seeds + SSL)
+  # --seeds is for every method: the dry run lists the SSL rows at both seeds.
+  assert t1.main(["--preset", "quick", "--seeds", "1,100", "--dry_run"]) == 0
+  assert "byol c12 4x seed 100" in capsys.readouterr().out
+  assert t1.main(["--preset", "quick", "--dry_run"]) == 0
+  listed = capsys.readouterr().out
+  assert "byol c12 4x seed 1 " in listed and "byol c12 4x seed 100" not in listed
+  assert "supervised c12 4x seed 100" in listed
+
+
 def test_mixup_p_is_selected_on_validation_not_test():
   runs = t1.plan_runs(t1.PRESETS["tiny"], ["mixup"], [1, 2])
   results = {}

@@ -231,6 +231,16 @@ def onednn_conv(x, w, strides, pads):
   """
   strides = tuple(int(s) for s in strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  if all(k == 1 for k in w.shape[:-2]) and not any(lo or hi for lo, hi in pads):
+    # A strided 1x1 conv is a unit-stride 1x1 conv of the subsampled input. Done here, so
+    # oneDNN never runs its strided 1x1 path ("rtus"): in oneDNN 2.x its weight gradient
+    # writes past its workspace when the input channels are not a multiple of the ISA's
+    # channel block (16 on AVX-512) in NHWC -- heap corruption / SIGSEGV / wrong values
+    # (uxlfoundation/oneDNN#6035; found here: ResNet width 1/8, the 8->16 shortcut conv).
+    # The subsampling's own gradient (a strided scatter) is XLA's.
+    if any(s > 1 for s in strides):
+      x = x[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
+      strides = (1,) * len(strides)
   attrs = _attrs(strides, pads)
   spatial = x.shape[1:-1]
   out_shape = (
