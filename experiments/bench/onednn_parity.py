@@ -11,8 +11,9 @@ largest reference value is printed, with the leaf. float32 XLA sits near 1e-6.
 
 Why this exists: every single oneDNN conv matches XLA's to ~1e-6 (tests/test_onednn_conv.py),
 yet in some whole models the oneDNN gradients were off by 1e-2..1e-1 when XLA ran on more
-than one thread (``taskset -c 0`` gives 1e-5); see docs/speed.md. The speed numbers of the
-backend are measurements of that (unverified) computation.
+than one thread (``taskset -c 0`` gives 1e-5). ``--numpy_callbacks`` runs the same three passes
+through ``jax.pure_callback`` and numpy instead (no oneDNN, no C++): the U-Net case gives the
+same error, so the fault is not in the kernel (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -28,6 +29,60 @@ DEFAULT_CASES = (
   "task2_segmentation:unet2d,3class,quick:4x64x64x1",
   "task2_segmentation:unet3d,4class,quick:2x8x64x64x1",
 )
+
+
+def _numpy_pass(pass_name, out_shape, a, b, strides, pads):
+  """One conv pass in numpy (2D, NHWC / HWIO), by kernel offsets: no XLA, no oneDNN."""
+  import numpy as np
+
+  (lo_h, hi_h), (lo_w, hi_w) = pads
+  sh, sw = strides
+
+  def windows(n_out_h, n_out_w, i, j):
+    return (slice(None), slice(i, i + sh * n_out_h, sh), slice(j, j + sw * n_out_w, sw))
+
+  if pass_name == "fwd":  # a = x, b = w
+    x = np.pad(a, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+    y = np.zeros(out_shape, np.float32)
+    for i in range(b.shape[0]):
+      for j in range(b.shape[1]):
+        y += x[windows(out_shape[1], out_shape[2], i, j)] @ b[i, j]
+    return y
+  if pass_name == "bwd_data":  # a = dy, b = w; out = x's shape
+    n, h, w_, c = out_shape
+    dx = np.zeros((n, h + lo_h + hi_h, w_ + lo_w + hi_w, c), np.float32)
+    for i in range(b.shape[0]):
+      for j in range(b.shape[1]):
+        dx[windows(a.shape[1], a.shape[2], i, j)] += a @ b[i, j].T
+    return dx[:, lo_h : lo_h + h, lo_w : lo_w + w_]
+  x = np.pad(a, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))  # a = x, b = dy
+  dw = np.zeros(out_shape, np.float32)
+  for i in range(out_shape[0]):
+    for j in range(out_shape[1]):
+      xs = x[windows(b.shape[1], b.shape[2], i, j)]
+      dw[i, j] = xs.reshape(-1, xs.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+  return dw
+
+
+def use_numpy_callbacks() -> None:
+  """Route the backend's three passes to ``jax.pure_callback`` + numpy (2D only) instead of
+  the oneDNN FFI calls: the same JAX wiring with no C++ at all."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mtneuro_jax.kernels import onednn
+
+  def call(pass_name, out_shape, a, b, attrs):
+    strides = tuple(int(v) for v in attrs["strides"])
+    pads = tuple(zip(attrs["pad_lo"].tolist(), attrs["pad_hi"].tolist(), strict=True))
+    out = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
+    host = lambda a, b: _numpy_pass(  # noqa: E731
+      pass_name, tuple(out_shape), np.asarray(a), np.asarray(b), strides, pads
+    )
+    return jax.pure_callback(host, out, a, b)
+
+  onednn._call = call
 
 
 def parity(case: str) -> dict:
@@ -80,20 +135,28 @@ def parity(case: str) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m experiments.bench.onednn_parity", description=__doc__)
   p.add_argument("cases", nargs="*", default=list(DEFAULT_CASES))
+  p.add_argument(
+    "--numpy_callbacks",
+    action="store_true",
+    help="run the convs as jax.pure_callback + numpy instead of oneDNN (2D cases only)",
+  )
   args = p.parse_args(argv)
   from mtneuro_jax.kernels import onednn
 
+  if args.numpy_callbacks:
+    use_numpy_callbacks()
   if not onednn.available():
     print(f"oneDNN conv kernel unavailable: {onednn.why_unavailable()}", file=sys.stderr)
     return 1
   print(
     f"cores visible: {len(os.sched_getaffinity(0))}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}"
   )
+  kernel = "numpy callbacks" if args.numpy_callbacks else "onednn"
   for case in args.cases:
     r = parity(case)
     print(
       f"{case}: max rel grad error vs float64 -- xla {r['xla'][0]:.1e} ({r['xla'][1]}), "
-      f"onednn {r['onednn'][0]:.1e} ({r['onednn'][1]})",
+      f"{kernel} {r['onednn'][0]:.1e} ({r['onednn'][1]})",
       flush=True,
     )
   return 0
