@@ -25,8 +25,8 @@ Presets:
 * ``paper`` (for accelerators): the paper's protocol -- 2x for Table 1 and 4x/2x/full
   for Table A3, full-width ResNet-18, batch 256, SGD lr 0.03, 100 epochs, the full p
   grid {0.01, 0.1, 0.3, 0.5, 0.7}, five seeds, PCA/NMF with 256 components.
-* ``quick`` (CPU; 16 runs; measured 5.7 min on 2 cores in the main job of a fresh clone,
-  load ~2, JAX compile cache warm; add ~1 min for a cold cache): the configs at ``:quick``
+* ``quick`` (CPU; 24 runs; measured 10.8 min on 2 cores in the main job of a fresh clone of
+  f25b0c7, cold caches, on a host about half as fast as earlier ones): the configs at ``:quick``
   with no size overrides (``configlib.QUICK`` in mtneuro_jax/configlib.py is what quick
   means), Table 1 and Table A3's 4x column only (2x/full not run), two seeds (1, 100)
   for the supervised, mixup and PCA/NMF rows and seed 1 for the SSL rows, mixup p = 0.5 only. Fine for checking the machinery, not for numbers.
