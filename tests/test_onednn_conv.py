@@ -22,12 +22,6 @@ needs_onednn = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _allow_unverified_onednn(monkeypatch):
-  """These tests exercise the withheld backend on purpose (step_lib.ONEDNN_UNVERIFIED_ENV)."""
-  monkeypatch.setenv(step_lib.ONEDNN_UNVERIFIED_ENV, "1")
-
-
 DN2 = ("NHWC", "HWIO", "NHWC")
 DN3 = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -158,10 +152,5 @@ def test_onednn_backend_unavailable_is_one_config_error(monkeypatch):
   with pytest.raises(ConfigError, match="conv_backend"):
     step_lib.check_conv_backend("cudnn")
   assert step_lib.check_conv_backend("xla") == "xla"
-  monkeypatch.setattr(onednn, "available", lambda: True)
-  monkeypatch.delenv(step_lib.ONEDNN_UNVERIFIED_ENV)
-  with pytest.raises(ConfigError, match="withheld") as err:  # built, but not trusted yet
-    step_lib.check_conv_backend("onednn")
-  assert step_lib.ONEDNN_UNVERIFIED_ENV in str(err.value) and "\n" not in str(err.value)
   c = configlib.loop_defaults(ml_collections.ConfigDict(), num_epochs=1)
   assert c.conv_backend == "xla"

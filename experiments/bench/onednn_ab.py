@@ -164,8 +164,6 @@ def main(argv=None) -> int:
   p.add_argument("--name", default="", help="output file stem (default onednn_ab_<size>)")
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "bench", "results", "onednn"))
   args = p.parse_args(argv)
-  # A speed A/B of the withheld backend (train/step.py ONEDNN_UNVERIFIED_ENV).
-  os.environ["MTNEURO_ONEDNN_UNVERIFIED"] = "1"
 
   import jax
 

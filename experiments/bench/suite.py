@@ -703,12 +703,6 @@ def main(argv=None) -> int:
       args.torch = False
   args.dw_groups = [int(g) for g in args.dw_groups.split(",") if g]
   args.conv_backend = [b for b in args.conv_backend.split(",") if b and b != "xla"]
-  if "onednn" in args.conv_backend:
-    # A speed measurement of the withheld backend (train/step.py ONEDNN_UNVERIFIED_ENV);
-    # the workers inherit it.
-    from mtneuro_jax.train.step import ONEDNN_UNVERIFIED_ENV
-
-    os.environ[ONEDNN_UNVERIFIED_ENV] = "1"
   mode = "quick" if args.quick else "full"
   args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
   args.steps = args.steps if args.steps is not None else (3 if args.quick else 5)

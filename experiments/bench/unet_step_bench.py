@@ -439,8 +439,6 @@ def main(argv=None) -> int:
   parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  # Speed only: the withheld oneDNN backend may be measured (train/step.py).
-  os.environ.setdefault("MTNEURO_ONEDNN_UNVERIFIED", "1")
   if args._worker:
     args.dims = int(args.dims)
     return _serve(args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import functools
 import types
 from typing import Any, Callable
@@ -46,10 +45,6 @@ def check_conv_dw_groups(groups) -> int:
 # ``config.conv_backend``: who runs the convolutions of every flax Conv. 'onednn' needs the
 # optional oneDNN kernel (mtneuro_jax/kernels/onednn.py: libdnnl-dev + a C++ compiler).
 CONV_BACKENDS = ("xla", "onednn")
-# 'onednn' is withheld unless this is set: whole-model gradients through it differ from
-# XLA's when XLA runs on more than one thread, though every single conv matches
-# (experiments/bench/onednn_parity.py reproduces it; docs/speed.md). Speed benches set it.
-ONEDNN_UNVERIFIED_ENV = "MTNEURO_ONEDNN_UNVERIFIED"
 
 
 def check_conv_backend(backend: str) -> str:
@@ -68,13 +63,6 @@ def check_conv_backend(backend: str) -> str:
         f"({onednn.why_unavailable() or 'not built'}); install it with `apt-get install "
         "libdnnl-dev g++` and build it with `python -m mtneuro_jax.kernels.onednn build` "
         "(or `bash scripts/build_onednn.sh`), or use --config.conv_backend=xla"
-      )
-    if os.environ.get(ONEDNN_UNVERIFIED_ENV, "") != "1":
-      raise ConfigError(
-        "config.conv_backend='onednn' is withheld: whole-model gradients through it differ "
-        "from XLA's when XLA runs multi-threaded (quick U-Net2D ~5e-2, full-width ResNet18 "
-        "~0.1 relative; `python -m experiments.bench.onednn_parity`, docs/speed.md); use "
-        f"--config.conv_backend=xla, or set {ONEDNN_UNVERIFIED_ENV}=1 for speed measurements"
       )
   return backend
 
