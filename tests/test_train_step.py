@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import tiny_steps  # tests/tiny_steps.py
 
 from mtneuro_jax.models import resnet
 from mtneuro_jax.objectives import OBJECTIVES
@@ -14,22 +15,6 @@ from mtneuro_jax import sharding
 from mtneuro_jax.train import optim
 from mtneuro_jax.train import step as step_lib
 from mtneuro_jax.train.state import TrainState, create_train_state
-
-
-def _optim_cfg(**kw):
-  c = ml_collections.ConfigDict(
-    dict(
-      name="sgd",
-      learning_rate=0.05,
-      momentum=0.9,
-      weight_decay=5e-4,
-      schedule="constant",
-      warmup_epochs=0.0,
-      freeze=(),
-    )
-  )
-  c.update(kw)
-  return c
 
 
 def _batch(b=16, size=16, seed=0):
@@ -55,7 +40,7 @@ def _setup(mesh, optim_cfg=None, dropout=0.1):
   objective = OBJECTIVES["supervised"]
   obj_cfg = ml_collections.ConfigDict({"label_smoothing": 0.0})
   tx, _ = optim.make_optimizer(
-    optim_cfg or _optim_cfg(), steps_per_epoch=10, total_steps=100, batch_size=16
+    optim_cfg or tiny_steps.optim_cfg(), steps_per_epoch=10, total_steps=100, batch_size=16
   )
   example = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
   state = jax.jit(
@@ -101,7 +86,7 @@ def test_sharded_step_equals_single_device():
 def test_loss_decreases_and_frozen_params_bitwise_equal():
   mesh = sharding.make_mesh(8)
   state0, step = _setup(
-    mesh, _optim_cfg(freeze=("^encoder/",), weight_decay=0.1, learning_rate=1.0)
+    mesh, tiny_steps.optim_cfg(freeze=("^encoder/",), weight_decay=0.1, learning_rate=1.0)
   )
   init = jax.device_get(state0)
   batch = sharding.shard_batch(_batch(), mesh)
@@ -152,7 +137,7 @@ def test_sgd_coupled_weight_decay_matches_pytorch_formula():
   """torch.optim.SGD(lr, momentum, weight_decay): g += wd*p; buf = m*buf + g; p -= lr*buf."""
   lr, m, wd = 0.1, 0.9, 0.01
   tx, _ = optim.make_optimizer(
-    _optim_cfg(learning_rate=lr, momentum=m, weight_decay=wd),
+    tiny_steps.optim_cfg(learning_rate=lr, momentum=m, weight_decay=wd),
     steps_per_epoch=1,
     total_steps=10,
     batch_size=1,
@@ -173,7 +158,9 @@ def test_sgd_coupled_weight_decay_matches_pytorch_formula():
     np.testing.assert_allclose(p[k], ref_p[k], rtol=1e-6)
   # Decoupled mode differs: the decay does not go through the momentum buffer.
   tx2, _ = optim.make_optimizer(
-    _optim_cfg(learning_rate=lr, momentum=m, weight_decay=wd, weight_decay_mode="decoupled"),
+    tiny_steps.optim_cfg(
+      learning_rate=lr, momentum=m, weight_decay=wd, weight_decay_mode="decoupled"
+    ),
     steps_per_epoch=1,
     total_steps=10,
     batch_size=1,
@@ -184,7 +171,9 @@ def test_sgd_coupled_weight_decay_matches_pytorch_formula():
 
 
 def test_schedule_warmup_then_cosine():
-  cfg = _optim_cfg(learning_rate=0.4, schedule="cosine", warmup_epochs=1.0, lr_base_batch_size=256)
+  cfg = tiny_steps.optim_cfg(
+    learning_rate=0.4, schedule="cosine", warmup_epochs=1.0, lr_base_batch_size=256
+  )
   sched = optim.make_schedule(cfg, steps_per_epoch=10, total_steps=110, batch_size=128)
   peak = 0.2  # 0.4 * 128 / 256
   assert float(sched(0)) == 0.0
@@ -193,7 +182,7 @@ def test_schedule_warmup_then_cosine():
   np.testing.assert_allclose(float(sched(60)), peak / 2, rtol=1e-5)  # half-way through the cosine
   assert float(sched(110)) == pytest.approx(0.0, abs=1e-9)
   const = optim.make_schedule(
-    _optim_cfg(learning_rate=0.1), steps_per_epoch=10, total_steps=50, batch_size=8
+    tiny_steps.optim_cfg(learning_rate=0.1), steps_per_epoch=10, total_steps=50, batch_size=8
   )
   assert float(const(0)) == float(const(49)) == pytest.approx(0.1)
 
@@ -219,7 +208,7 @@ def test_adam_variants_and_config_errors():
   g = {"w": jnp.array([0.5, 0.5])}
   for name, mode in (("adam", "coupled"), ("adamw", "decoupled")):
     tx, _ = optim.make_optimizer(
-      _optim_cfg(name=name, learning_rate=0.1, weight_decay=0.01),
+      tiny_steps.optim_cfg(name=name, learning_rate=0.1, weight_decay=0.01),
       steps_per_epoch=1,
       total_steps=10,
       batch_size=1,
@@ -232,10 +221,12 @@ def test_adam_variants_and_config_errors():
     else:  # coupled L2 enters the moments: the first step is still -lr * sign(g + wd * p)
       np.testing.assert_allclose(u["w"], [-0.1, -0.1], rtol=1e-4)
   with pytest.raises(ValueError, match="unknown optimizer"):
-    optim.make_optimizer(_optim_cfg(name="lamb"), steps_per_epoch=1, total_steps=1, batch_size=1)
+    optim.make_optimizer(
+      tiny_steps.optim_cfg(name="lamb"), steps_per_epoch=1, total_steps=1, batch_size=1
+    )
   with pytest.raises(ValueError, match="decoupled"):
     optim.make_optimizer(
-      _optim_cfg(name="adamw", weight_decay_mode="coupled"),
+      tiny_steps.optim_cfg(name="adamw", weight_decay_mode="coupled"),
       steps_per_epoch=1,
       total_steps=1,
       batch_size=1,

@@ -1,5 +1,6 @@
 """A tiny ResNet18-xray train step shared by the speed-option tests (test_bf16,
-test_onednn_conv): same model, optimizer, state and batch, step options passed through."""
+test_onednn_conv): same model, optimizer, state and batch, step options passed through; and
+the plain SGD optimizer config it uses (``optim_cfg``, also test_train_step's)."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,24 @@ from mtneuro_jax.train import step as step_lib
 from mtneuro_jax.train.state import create_train_state
 
 
+def optim_cfg(**kw):
+  """SGD lr 0.05, momentum 0.9, weight decay 5e-4, constant schedule, nothing frozen;
+  ``kw`` overrides fields."""
+  c = ml_collections.ConfigDict(
+    dict(
+      name="sgd",
+      learning_rate=0.05,
+      momentum=0.9,
+      weight_decay=5e-4,
+      schedule="constant",
+      warmup_epochs=0.0,
+      freeze=(),
+    )
+  )
+  c.update(kw)
+  return c
+
+
 def resnet_step(mesh=None, batch_size=8, **step_kw):
   """(state, jitted train step, sharded batch) of a width-1/16 ResNet on 16x16 images.
 
@@ -25,18 +44,7 @@ def resnet_step(mesh=None, batch_size=8, **step_kw):
   model = resnet.ResNetXray(num_classes=4, width_multiplier=1 / 16, dropout=0.0, stage_sizes=(1, 1))
   objective = OBJECTIVES["supervised"]
   obj_cfg = ml_collections.ConfigDict({"label_smoothing": 0.0})
-  opt_cfg = ml_collections.ConfigDict(
-    dict(
-      name="sgd",
-      learning_rate=0.05,
-      momentum=0.9,
-      weight_decay=5e-4,
-      schedule="constant",
-      warmup_epochs=0.0,
-      freeze=(),
-    )
-  )
-  tx, _ = optim.make_optimizer(opt_cfg, steps_per_epoch=10, total_steps=100, batch_size=8)
+  tx, _ = optim.make_optimizer(optim_cfg(), steps_per_epoch=10, total_steps=100, batch_size=8)
   example = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
   state = jax.jit(
     lambda: create_train_state(model, objective, tx, example, seed=0, objective_config=obj_cfg)
