@@ -23,11 +23,13 @@ Imports are lazy so that ``mtneuro --help`` is instant.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 from typing import Callable
 
+from mtneuro_jax import host_malloc
 from mtneuro_jax.errors import ArgumentParser, UsageError, run_cli
 
 DEFAULT_PHANTOM_DATA_DIR = "out/data/phantom-seed0"
@@ -237,7 +239,11 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
 }
 
 
-def _dispatch(argv: list[str]) -> int:
+def _dispatch(argv: list[str], as_program: bool = False) -> int:
+  host_malloc.mode()  # a bad $MTNEURO_MALLOC is one error line, here as everywhere
+  if as_program:
+    # Huge pages for XLA's per-step temporaries: glibc reads the setting only at process start.
+    host_malloc.reexec_with_hugepages()
   cmd, rest = argv[0], argv[1:]
   if cmd not in COMMANDS:
     raise UsageError(
@@ -252,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
   Every command runs through ``mtneuro_jax.errors.run_cli``: a UserError (or an
   argparse/absl usage error) becomes one ``error: ...`` line and status 2.
   """
+  as_program = argv is None  # the `mtneuro` executable itself, not a call from Python
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = None
   if argv and argv[0] == "--debug":
@@ -259,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(__doc__)
     return 0
-  return run_cli(_dispatch, argv, debug=debug)
+  return run_cli(functools.partial(_dispatch, as_program=as_program), argv, debug=debug)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,20 @@ def test_summarize_and_ratios():
   rows = [
     {"case": "a", "framework": "jax", "rate": 3.0},
     {"case": "a", "framework": "jax", "rate": 6.0, "compute_dtype": "bfloat16"},
-    {"case": "a", "framework": "torch", "rate": 4.0},
+    {"case": "a", "framework": "torch", "rate": 4.0, "malloc": "system"},
+    {"case": "a", "framework": "torch", "rate": 2.0, "malloc": "hugepages"},
     {"case": "b", "framework": "jax", "rate": 1.0},  # no torch row: no ratio
     {"case": "b", "framework": "jax", "error": "boom"},
   ]
   suite.add_ratios(rows)
-  assert [r["ratio_vs_torch"] for r in rows] == [0.75, 1.5, None, None, None]
+  assert [r["ratio_vs_torch"] for r in rows] == [0.75, 1.5, None, None, None, None]
+  assert [r["ratio_vs_torch_hugepages"] for r in rows] == [1.5, 3.0, None, None, None, None]
+
+
+def test_bad_malloc_mode_is_one_usage_error(tmp_path):
+  with pytest.raises(UsageError, match="--torch_malloc='system,jemalloc'"):
+    suite.main(["--torch_malloc", "system,jemalloc", "--only", "resnet", "--out", str(tmp_path)])
+  assert not list(tmp_path.iterdir())
 
 
 def test_case_names_and_only():
@@ -42,6 +50,7 @@ def test_machine_info_keys():
 
 def test_tiny_run_writes_json_and_markdown(tmp_path):
   argv = ["--cases", json.dumps([["resnet", 2, [16, 16]]]), "--only", "resnet"]
+  argv += ["--torch_malloc", "system"]
   argv += ["--warmup", "0", "--steps", "1", "--out", str(tmp_path), "--note", "test run"]
   assert suite.main(argv) == 0
   report = json.loads((tmp_path / "suite.json").read_text())
@@ -49,6 +58,7 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
   assert report["meta"]["note"] == "test run" and report["meta"]["steps"] == 1
   rows = report["steps"]
   assert [r["framework"] for r in rows] == ["jax"] + (["torch"] if HAVE_TORCH else [])
+  assert [r["malloc"] for r in rows] == ["hugepages"] + (["system"] if HAVE_TORCH else [])
   for r in rows:
     assert r["case"] == "resnet B=2 1x16x16" and r["unit"] == "img/s"
     assert len(r["step_s"]) == 1 and r["rate"] == pytest.approx(2 / r["step_s"][0])

@@ -70,6 +70,9 @@ QUICK_CASES = (
   ("infer", 8, (256, 256)),
 )
 MODELS = ("resnet", "byol", "unet2d", "unet3d", "infer")
+# glibc malloc mode per framework when not asked otherwise: ours as the `mtneuro` command runs
+# (huge pages, mtneuro_jax/host_malloc.py), PyTorch as it ships (system).
+DEFAULT_MALLOC = {"jax": "hugepages", "torch": "system"}
 EXTRAS = ("pipeline", "export")
 UNITS = {"infer": "voxels/s"}
 
@@ -168,8 +171,11 @@ def serve(spec: dict) -> int:
   return serve_steps(info, one)
 
 
-def _env(framework: str) -> dict:
+def _env(framework: str, malloc: str | None = None) -> dict:
+  from mtneuro_jax import host_malloc
+
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  env = host_malloc.environ(env, malloc or DEFAULT_MALLOC[framework])
   if framework == "jax":
     env.pop("XLA_FLAGS", None)  # one real CPU device and XLA's default thread pool
   return env
@@ -180,7 +186,7 @@ def start_worker(spec: dict) -> subprocess.Popen:
   return subprocess.Popen(
     cmd,
     cwd=REPO,
-    env=_env(spec["framework"]),
+    env=_env(spec["framework"], spec.get("malloc")),
     stdin=subprocess.PIPE,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
@@ -205,18 +211,34 @@ def summarize(times: list[float], per_step: float) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-  """Sets ``ratio_vs_torch`` (rate / the same case's PyTorch rate) on every non-torch row."""
-  torch_rate = {r["case"]: r["rate"] for r in rows if r["framework"] == "torch" and "rate" in r}
-  for r in rows:
-    t = torch_rate.get(r["case"])
-    r["ratio_vs_torch"] = r["rate"] / t if t and "rate" in r and r["framework"] != "torch" else None
+  """Sets the ratios (rate / the same case's PyTorch rate) on every non-torch row.
+
+  ``ratio_vs_torch``: against PyTorch with glibc's default malloc (as it ships);
+  ``ratio_vs_torch_hugepages``: against PyTorch with the huge-page malloc our JAX rows use by
+  default (like for like). None where that PyTorch row is missing.
+  """
+
+  def rates(malloc):
+    return {
+      r["case"]: r["rate"]
+      for r in rows
+      if r["framework"] == "torch" and r.get("malloc", "system") == malloc and "rate" in r
+    }
+
+  for key, torch_rate in (
+    ("ratio_vs_torch", rates("system")),
+    ("ratio_vs_torch_hugepages", rates("hugepages")),
+  ):
+    for r in rows:
+      t = torch_rate.get(r["case"])
+      r[key] = r["rate"] / t if t and "rate" in r and r["framework"] != "torch" else None
   return rows
 
 
 def run_case(model: str, batch: int, shape, args, log=print) -> list[dict]:
   """All frameworks of one case, steps interleaved; one row per framework."""
   name = case_name(model, batch, shape)
-  specs = [{"framework": "jax", "compute_dtype": "float32"}]
+  specs = [{"framework": "jax", "compute_dtype": "float32", "malloc": m} for m in args.jax_malloc]
   if args.bf16:
     specs.append({"framework": "jax", "compute_dtype": "bfloat16"})
   for g in args.dw_groups if model != "infer" else ():
@@ -224,7 +246,7 @@ def run_case(model: str, batch: int, shape, args, log=print) -> list[dict]:
   for backend in args.conv_backend if model != "infer" else ():
     specs.append({"framework": "jax", "compute_dtype": "float32", "conv_backend": backend})
   if args.torch:
-    specs.append({"framework": "torch"})
+    specs += [{"framework": "torch", "malloc": m} for m in args.torch_malloc]
   per_step = batch * (shape[-1] * shape[-2] if model == "infer" else 1)
   rows, procs = [], []
   for s in specs:
@@ -232,7 +254,10 @@ def run_case(model: str, batch: int, shape, args, log=print) -> list[dict]:
     label = s["framework"] + ("" if s.get("compute_dtype", "float32") == "float32" else "-bf16")
     label += f"-dw{s['conv_dw_groups']}" if s.get("conv_dw_groups", 1) > 1 else ""
     label += f"-{s['conv_backend']}" if s.get("conv_backend", "xla") != "xla" else ""
+    s.setdefault("malloc", DEFAULT_MALLOC[s["framework"]])
+    label += f"-{s['malloc']}_malloc" if s["malloc"] != DEFAULT_MALLOC[s["framework"]] else ""
     row = {"case": name, "model": model, "batch": batch, "shape": list(shape), "label": label}
+    row["malloc"] = s["malloc"]
     row.update(framework=s["framework"], compute_dtype=s.get("compute_dtype"))
     log(f"[bench] {name} {label}: building (load {os.getloadavg()[0]:.2f}) ...")
     p = start_worker(s)
@@ -250,6 +275,9 @@ def run_case(model: str, batch: int, shape, args, log=print) -> list[dict]:
     order = live[k % len(live) :] + live[: k % len(live)] if live else []
     msg = []
     for i in order:
+      # Let the previous worker's after-step work (XLA freeing its temporaries, OpenMP threads
+      # spinning down) end before this one's step starts.
+      time.sleep(args.settle_s)
       load0 = os.getloadavg()[0]
       procs[i].stdin.write("step\n")
       procs[i].stdin.flush()
@@ -464,6 +492,8 @@ def _variant(row: dict) -> str:
     parts.append(f"conv_dw_groups={row['conv_dw_groups']}")
   if row.get("conv_backend", "xla") != "xla":
     parts.append(f"conv_backend={row['conv_backend']}")
+  if "malloc" in row:
+    parts.append(f"{row['malloc']} malloc")
   return f" [{', '.join(parts)}]" if parts else ""
 
 
@@ -482,23 +512,28 @@ def markdown(report: dict) -> str:
     + f". Each row: {meta['warmup']} untimed steps, then the median "
     f"of {meta['steps']} timed steps; frameworks interleaved step by step in separate worker "
     f"processes; PyTorch {meta['torch_threads']} threads; ratio = JAX rate / PyTorch rate of "
-    "the same case in this run. Peak RSS includes the interpreter and libraries (base RSS).",
+    "the same case in this run, against PyTorch as it ships (glibc's default malloc) and "
+    "against PyTorch with the huge-page malloc our rows use by default "
+    "(mtneuro_jax/host_malloc.py). Peak RSS includes the interpreter and libraries (base RSS).",
     "",
     "## Train steps (and inference)",
     "",
-    "| case | framework | rate (median) | ratio vs torch | step s | compile s | peak RSS MiB "
-    "| peak RSS after build MiB | base RSS MiB | XLA buffers MiB | load 1-min (min-max) |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "| case | framework | rate (median) | ratio vs torch | ratio vs torch with huge pages "
+    "| step s | compile s | peak RSS MiB | peak RSS after build MiB | base RSS MiB "
+    "| XLA buffers MiB | load 1-min (min-max) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in report["steps"]:
     if "error" in r:
-      lines.append(f"| {r['case']} | {r['label']} | failed: {r['error'][-80:]!r} ||||||||")
+      lines.append(f"| {r['case']} | {r['label']} | failed: {r['error'][-80:]!r} |||||||||")
       continue
     loads = r["load1"] or [None]
+    ratios = [r.get(k) for k in ("ratio_vs_torch", "ratio_vs_torch_hugepages")]
     lines.append(
       f"| {r['case']} | {r.get('version', r['label'])}{_variant(r)} "
-      f"| {_f(r['rate'], 2)} {r['unit']} | {_f(r['ratio_vs_torch'], 2)}"
-      f"{'x' if r['ratio_vs_torch'] else ''} | {_f(r['median_step_s'], 3)} "
+      f"| {_f(r['rate'], 2)} {r['unit']} | "
+      + " | ".join(f"{_f(x, 2)}{'x' if x else ''}" for x in ratios)
+      + f" | {_f(r['median_step_s'], 3)} "
       f"| {_f(r.get('compile_s'))} | {_f(r['peak_rss_mb'], 0)} "
       f"| {_f(r.get('build_peak_rss_mb'), 0)} | {_f(r['base_rss_mb'], 0)} "
       f"| {_f(r.get('xla_buffers_mb'), 0)} | {min(loads)}-{max(loads)} |"
@@ -640,7 +675,8 @@ def parse_only(only: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-  from mtneuro_jax.errors import ArgumentParser
+  from mtneuro_jax import host_malloc
+  from mtneuro_jax.errors import ArgumentParser, UsageError
 
   p = ArgumentParser(
     prog="python -m experiments.bench",
@@ -661,6 +697,17 @@ def main(argv=None) -> int:
     help="also run JAX with conv_backend=B for each comma-separated B (onednn: the optional "
     "oneDNN kernel, mtneuro_jax/kernels/onednn.py)",
   )
+  p.add_argument(
+    "--jax_malloc",
+    default="hugepages",
+    help="glibc malloc mode of the JAX workers, comma-separated (hugepages: as the mtneuro "
+    "command runs, mtneuro_jax/host_malloc.py; system: glibc's defaults)",
+  )
+  p.add_argument(
+    "--torch_malloc",
+    default="system,hugepages",
+    help="the same for PyTorch (default both: as it ships, and like for like with ours)",
+  )
   p.add_argument("--per_op", action="store_true", help="per-conv tables (ResNet, 64² and 128²)")
   p.add_argument(
     "--per_op_sizes", default="64,128", help="input sides of the per-op tables (comma-separated)"
@@ -670,6 +717,12 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=None, help="untimed steps (quick 1, full 2)")
   p.add_argument("--steps", type=int, default=None, help="timed steps (quick 3, full 5)")
   p.add_argument("--torch_threads", type=int, default=len(os.sched_getaffinity(0)))
+  p.add_argument(
+    "--settle_s",
+    type=float,
+    default=0.3,
+    help="pause before each worker's step, so the previous worker's after-step work is done",
+  )
   p.add_argument(
     "--data_dir", default="", help="existing export for the pipeline (else a temp one)"
   )
@@ -703,6 +756,14 @@ def main(argv=None) -> int:
       args.torch = False
   args.dw_groups = [int(g) for g in args.dw_groups.split(",") if g]
   args.conv_backend = [b for b in args.conv_backend.split(",") if b and b != "xla"]
+  for key in ("jax_malloc", "torch_malloc"):
+    modes = [m for m in getattr(args, key).split(",") if m]
+    if not modes or any(m not in host_malloc.MODES for m in modes):
+      raise UsageError(
+        f"--{key}={getattr(args, key)!r}: expected a comma-separated list of "
+        f"{' / '.join(host_malloc.MODES)}"
+      )
+    setattr(args, key, modes)
   mode = "quick" if args.quick else "full"
   args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
   args.steps = args.steps if args.steps is not None else (3 if args.quick else 5)
@@ -723,6 +784,7 @@ def main(argv=None) -> int:
     "warmup": args.warmup,
     "steps": args.steps,
     "torch_threads": args.torch_threads,
+    "settle_s": args.settle_s,
     "export_limit": args.export_limit,
     "note": args.note,
   }

@@ -593,5 +593,13 @@ def main(argv=None) -> int:
   return 0
 
 
+def _main_as_program(argv: list[str]) -> int:
+  from mtneuro_jax import host_malloc
+
+  host_malloc.mode()
+  host_malloc.reexec_with_hugepages()  # huge pages for XLA's temporaries (host_malloc says why)
+  return main(argv)
+
+
 if __name__ == "__main__":
-  sys.exit(run_cli(main, ["python -m mtneuro_jax.train.loop", *sys.argv[1:]]))
+  sys.exit(run_cli(_main_as_program, ["python -m mtneuro_jax.train.loop", *sys.argv[1:]]))
