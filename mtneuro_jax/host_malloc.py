@@ -10,7 +10,8 @@ machine (docs/speed.md, "Host memory"): 231,662 minor faults and 0.44-0.51 s of 
 
 glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) makes malloc ``madvise`` its
 mmap'd blocks for transparent huge pages: 2 MiB pages, ~700 faults per step, 0.09 s of system
-CPU, the step ~10 % faster, peak RSS unchanged. Tunables are read when the process starts, so
+CPU, steps run back to back ~10 % faster (not after an idle pause: docs/speed.md), peak RSS
+unchanged. Tunables are read when the process starts, so
 the ``mtneuro`` command and ``python -m mtneuro_jax.train.loop`` re-execute themselves once with
 it set (``reexec_with_hugepages``); the benchmark puts it into its workers' environment
 (``environ``). In scripts of your own, start Python with
