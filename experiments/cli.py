@@ -20,7 +20,8 @@ line ``error: <problem>; <fix>`` on stderr and exit status 2 (no traceback);
 ``mtneuro --debug <command> ...`` (or ``MTNEURO_DEBUG=1``) also shows the traceback.
 Imports are lazy so that ``mtneuro --help`` is instant. Before a command runs, the
 executable re-executes itself once with glibc's ``glibc.malloc.hugetlb=1`` (huge pages for
-XLA's per-step temporaries, 9-17 % faster steps; ``mtneuro_jax/host_malloc.py``);
+XLA's per-step temporaries: steps run back to back 9-17 % faster;
+``mtneuro_jax/host_malloc.py``);
 ``MTNEURO_MALLOC=system`` skips that.
 """
 
@@ -243,10 +244,11 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
 
 
 def _dispatch(argv: list[str], as_program: bool = False) -> int:
-  host_malloc.mode()  # a bad $MTNEURO_MALLOC is one error line, here as everywhere
   if as_program:
     # Huge pages for XLA's per-step temporaries: glibc reads the setting only at process start.
     host_malloc.reexec_with_hugepages()
+  else:
+    host_malloc.mode()  # a bad $MTNEURO_MALLOC is one error line, called from Python too
   cmd, rest = argv[0], argv[1:]
   if cmd not in COMMANDS:
     raise UsageError(

@@ -41,12 +41,16 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
+def _checked(value: str, what: str) -> str:
+  if value not in MODES:
+    raise ConfigError(f"{what}{value!r}: expected one of {', '.join(MODES)}")
+  return value
+
+
 def mode(env: Mapping[str, str] | None = None) -> str:
   """``$MTNEURO_MALLOC`` of ``env`` (default: this process): 'hugepages' (default) or 'system'."""
   value = (os.environ if env is None else env).get(ENV, "hugepages").strip().lower()
-  if value not in MODES:
-    raise ConfigError(f"{ENV}={value!r}: expected one of {', '.join(MODES)}")
-  return value
+  return _checked(value, f"{ENV}=")
 
 
 def supported() -> bool:
@@ -74,8 +78,7 @@ def active(env: Mapping[str, str] | None = None) -> bool:
 def environ(env: Mapping[str, str], malloc_mode: str) -> dict[str, str]:
   """A copy of ``env`` for a child process in ``malloc_mode`` ('hugepages' adds the tunable to
   ``GLIBC_TUNABLES``, keeping any others; 'system' removes it)."""
-  if malloc_mode not in MODES:
-    raise ConfigError(f"malloc mode {malloc_mode!r}: expected one of {', '.join(MODES)}")
+  _checked(malloc_mode, "malloc mode ")
   out = dict(env)
   rest = [t for t in _tunables(env) if not t.startswith("glibc.malloc.hugetlb=")]
   tunables = rest + ([TUNABLE] if malloc_mode == "hugepages" else [])

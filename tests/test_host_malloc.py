@@ -33,11 +33,12 @@ print(json.dumps({"faults": faults, "temp_bytes": temp}))
 """
 
 
-def _run(code: str, env: dict) -> str:
+def _run(code: str, env: dict, *args: str) -> str:
+  """Stdout of ``python -c code args...`` in ``env`` (on one real CPU device); asserts status 0."""
   env = {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   env.pop("XLA_FLAGS", None)
   out = subprocess.run(
-    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
   )
   assert out.returncode == 0, out.stderr[-2000:]
   return out.stdout
@@ -81,30 +82,17 @@ def test_bad_mode_is_a_config_error(monkeypatch):
 def test_reexec_sets_the_tunable_once_and_keeps_the_arguments():
   code = (
     "import os, sys\nfrom mtneuro_jax import host_malloc\nprint('start', flush=True)\n"
-    "host_malloc.reexec_with_hugepages()\nprint(os.environ['GLIBC_TUNABLES'], sys.argv[1:])"
+    "host_malloc.reexec_with_hugepages()\nprint(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])"
   )
   env = host_malloc.environ(os.environ, "system")
   env.pop(host_malloc.ENV)
-  out = subprocess.run(
-    [sys.executable, "-c", code, "a", "b"],
-    env={**env, "PYTHONPATH": REPO},
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  lines = out.stdout.splitlines()
+  lines = _run(code, env, "a", "b").splitlines()
   # 'start' twice (before and after the re-exec), then the new environment, arguments intact.
-  assert lines[:2] == ["start", "start"], out
-  assert lines[2].endswith("glibc.malloc.hugetlb=1 ['a', 'b']"), out
+  assert lines[:2] == ["start", "start"], lines
+  assert lines[2].endswith("glibc.malloc.hugetlb=1 ['a', 'b']"), lines
   # Opted out: no re-exec.
-  out = subprocess.run(
-    [sys.executable, "-c", code],
-    env={**env, "PYTHONPATH": REPO, host_malloc.ENV: "system"},
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert out.stdout.splitlines()[0] == "start" and "start" not in out.stdout.splitlines()[1:]
+  lines = _run(code, {**env, host_malloc.ENV: "system"}).splitlines()
+  assert lines[0] == "start" and "start" not in lines[1:], lines
 
 
 def test_mtneuro_command_checks_the_mode_first(monkeypatch, capsys):

@@ -596,8 +596,7 @@ def main(argv=None) -> int:
 def _main_as_program(argv: list[str]) -> int:
   from mtneuro_jax import host_malloc
 
-  host_malloc.mode()
-  host_malloc.reexec_with_hugepages()  # huge pages for XLA's temporaries (host_malloc says why)
+  host_malloc.reexec_with_hugepages()  # checks $MTNEURO_MALLOC first; huge pages for XLA's temporaries (host_malloc says why)
   return main(argv)
 
 
