@@ -20,13 +20,17 @@ def _peak_rss_mb() -> float:
 
 
 def serve_steps(info: dict, one_step) -> int:
-  """A bench worker's protocol: print ``info`` as a JSON line, then time one step (``one_step()``
-  returns seconds) per ``step`` line on stdin until another line or EOF, and end with the peak RSS."""
+  """A bench worker's protocol: print ``info`` as a JSON line, then answer each ``step [N]`` line
+  on stdin (N defaults to 1) with ``{"steps_s": [...]}``, the seconds of N steps run back to back
+  (``one_step()`` runs one and returns its seconds), until another line or EOF; end with the peak
+  RSS."""
   print(json.dumps(info), flush=True)
   for line in sys.stdin:
-    if line.strip() != "step":
+    words = line.split()
+    if not words or words[0] != "step":
       break
-    print(json.dumps({"step_s": one_step()}), flush=True)
+    n = int(words[1]) if len(words) > 1 else 1
+    print(json.dumps({"steps_s": [one_step() for _ in range(n)]}), flush=True)
   print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
   return 0
 

@@ -7,15 +7,19 @@ Usage:
   python -m experiments.bench --only resnet,unet2d --bf16 --per_op
   mtneuro bench --quick                               # the same through the project CLI
 
-What is measured (every row: median of ``--steps`` timed steps after ``--warmup`` untimed ones):
+What is measured (every row: ``--warmup`` untimed turns, then ``--steps`` timed turns of
+``--steps_per_turn`` steps run back to back; rate = the median of each turn's steps after its first):
   * train steps, one ``case`` = (model, batch, shape): ``resnet`` (ResNet18-xray supervised,
     our ``train/step.py`` at ``configs/task1_supervised.py:paper``), ``byol`` (BYOL at
     ``:paper``; views 1xS^2 cropped from 2S tiles), ``unet2d`` / ``unet3d`` (the reference U-Net,
     Adam, per-pixel CE; ``unet_step_bench``). Each framework (JAX float32, optionally JAX
     bfloat16 compute, PyTorch with ``--torch_threads`` threads) runs in its own fresh worker
     process (so peak RSS is that configuration's alone); after every worker has built (JAX:
-    compiled) its step, the parent asks them for one step at a time, rotating the order, so
-    all see the same background load. Ratio = JAX rate / PyTorch rate from the same run.
+    compiled) its step, the parent gives them one turn at a time, rotating the order, so all
+    see the same background load. Ratio = JAX rate / PyTorch rate from the same run. A turn's
+    first step follows seconds of idling (the other workers' turns), which costs every
+    framework ~0.3 s on a VM that reports freed memory to its host (docs/speed.md); training
+    runs its steps back to back, so those first steps are reported apart (``first_step_s``).
   * ``infer``: eval-mode forward of the 2D U-Net on a batch of 256^2 windows (a plain
     jitted batched apply, not a sliding-window driver), voxels/s, JAX beside PyTorch.
   * ``pipeline``: records/s of the training input pipeline (grain, host transforms at
@@ -269,31 +273,36 @@ def run_case(model: str, batch: int, shape, args, log=print) -> list[dict]:
       p = None
     rows.append(row)
     procs.append(p)
-    row["step_s"], row["load1"] = [], []
+    row["step_s"], row["first_step_s"], row["load1"] = [], [], []
   live = [i for i, p in enumerate(procs) if p is not None]
+  k_turn = args.steps_per_turn
   for k in range(args.warmup + args.steps):
     order = live[k % len(live) :] + live[: k % len(live)] if live else []
     msg = []
     for i in order:
       # Let the previous worker's after-step work (XLA freeing its temporaries, OpenMP threads
-      # spinning down) end before this one's step starts.
+      # spinning down) end before this one's turn starts.
       time.sleep(args.settle_s)
       load0 = os.getloadavg()[0]
-      procs[i].stdin.write("step\n")
+      procs[i].stdin.write(f"step {k_turn}\n")
       procs[i].stdin.flush()
-      t = read_line(procs[i])["step_s"]
+      times = read_line(procs[i])["steps_s"]
       if k >= args.warmup:
-        rows[i]["step_s"].append(t)
+        # The turn's first step follows the other workers' turns (seconds of idling, which
+        # this VM punishes, docs/speed.md); the rest run back to back, as training does.
+        rows[i]["first_step_s"].append(times[0])
+        rows[i]["step_s"] += times[1:] if k_turn > 1 else times
         rows[i]["load1"] += [round(load0, 2), round(os.getloadavg()[0], 2)]
-      msg.append(f"{rows[i]['label']} {t:.2f}s")
+      msg.append(f"{rows[i]['label']} " + "/".join(f"{t:.2f}" for t in times) + "s")
     warm = " (warm-up)" if k < args.warmup else ""
-    log(f"[bench] {name} step {k + 1}/{args.warmup + args.steps}{warm}: " + ", ".join(msg))
+    log(f"[bench] {name} turn {k + 1}/{args.warmup + args.steps}{warm}: " + ", ".join(msg))
   for i in live:
     procs[i].stdin.write("done\n")
     procs[i].stdin.flush()
     rows[i].update(read_line(procs[i]))
     procs[i].wait()
     rows[i].update(summarize(rows[i]["step_s"], per_step))
+    rows[i]["median_first_step_s"] = statistics.median(rows[i]["first_step_s"])
     rows[i]["unit"] = UNITS.get(model, "vol/s" if model == "unet3d" else "img/s")
   return add_ratios(rows)
 
@@ -497,6 +506,19 @@ def _variant(row: dict) -> str:
   return f" [{', '.join(parts)}]" if parts else ""
 
 
+def _turns_text(meta: dict) -> str:
+  """How a row's steps were taken and which of them its rate is the median of."""
+  k = meta.get("steps_per_turn", 1)
+  text = f"{meta['warmup']} untimed turn(s), then {meta['steps']} timed turns of {k} step(s)"
+  if k == 1:
+    return text + " each; rate = median of those steps (each follows the other workers' turns)"
+  return (
+    text + " run back to back; rate = median of every turn's steps after its first "
+    f"({meta['steps'] * (k - 1)} steps); the turns' first steps (after the other workers' "
+    "turns, i.e. seconds of idling) are shown apart"
+  )
+
+
 def markdown(report: dict) -> str:
   m, meta = report["machine"], report["meta"]
   lines = [
@@ -509,9 +531,9 @@ def markdown(report: dict) -> str:
     + f". 1-minute load average before / after the run: {meta['load1_before']} / "
     f"{meta['load1_after']} (the bench's own step adds ~2 on a 2-core machine)"
     + (f"; {meta['note']}" if meta.get("note") else "")
-    + f". Each row: {meta['warmup']} untimed steps, then the median "
-    f"of {meta['steps']} timed steps; frameworks interleaved step by step in separate worker "
-    f"processes; PyTorch {meta['torch_threads']} threads; ratio = JAX rate / PyTorch rate of "
+    + ". Frameworks run in separate worker processes, interleaved by turns: "
+    + _turns_text(meta)
+    + f"; PyTorch {meta['torch_threads']} threads; ratio = JAX rate / PyTorch rate of "
     "the same case in this run, against PyTorch as it ships (glibc's default malloc) and "
     "against PyTorch with the huge-page malloc our rows use by default "
     "(mtneuro_jax/host_malloc.py). Peak RSS includes the interpreter and libraries (base RSS).",
@@ -519,13 +541,13 @@ def markdown(report: dict) -> str:
     "## Train steps (and inference)",
     "",
     "| case | framework | rate (median) | ratio vs torch | ratio vs torch with huge pages "
-    "| step s | compile s | peak RSS MiB | peak RSS after build MiB | base RSS MiB "
+    "| step s | first step of a turn s | compile s | peak RSS MiB | peak RSS after build MiB | base RSS MiB "
     "| XLA buffers MiB | load 1-min (min-max) |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in report["steps"]:
     if "error" in r:
-      lines.append(f"| {r['case']} | {r['label']} | failed: {r['error'][-80:]!r} |||||||||")
+      lines.append(f"| {r['case']} | {r['label']} | failed: {r['error'][-80:]!r} ||||||||||")
       continue
     loads = r["load1"] or [None]
     ratios = [r.get(k) for k in ("ratio_vs_torch", "ratio_vs_torch_hugepages")]
@@ -533,7 +555,7 @@ def markdown(report: dict) -> str:
       f"| {r['case']} | {r.get('version', r['label'])}{_variant(r)} "
       f"| {_f(r['rate'], 2)} {r['unit']} | "
       + " | ".join(f"{_f(x, 2)}{'x' if x else ''}" for x in ratios)
-      + f" | {_f(r['median_step_s'], 3)} "
+      + f" | {_f(r['median_step_s'], 3)} | {_f(r.get('median_first_step_s'), 3)} "
       f"| {_f(r.get('compile_s'))} | {_f(r['peak_rss_mb'], 0)} "
       f"| {_f(r.get('build_peak_rss_mb'), 0)} | {_f(r['base_rss_mb'], 0)} "
       f"| {_f(r.get('xla_buffers_mb'), 0)} | {min(loads)}-{max(loads)} |"
@@ -714,8 +736,15 @@ def main(argv=None) -> int:
   )
   p.add_argument("--memory", action="store_true", help="XLA buffer assignment, donation on/off")
   p.add_argument("--no_torch", dest="torch", action="store_false", help="skip PyTorch")
-  p.add_argument("--warmup", type=int, default=None, help="untimed steps (quick 1, full 2)")
-  p.add_argument("--steps", type=int, default=None, help="timed steps (quick 3, full 5)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed turns per worker")
+  p.add_argument("--steps", type=int, default=None, help="timed turns per worker (quick 3, full 4)")
+  p.add_argument(
+    "--steps_per_turn",
+    type=int,
+    default=2,
+    help="steps a worker runs back to back per turn; with 2 or more, the rate is the median of "
+    "every turn's steps after its first (training's regime), the first ones are reported apart",
+  )
   p.add_argument("--torch_threads", type=int, default=len(os.sched_getaffinity(0)))
   p.add_argument(
     "--settle_s",
@@ -765,8 +794,12 @@ def main(argv=None) -> int:
       )
     setattr(args, key, modes)
   mode = "quick" if args.quick else "full"
-  args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-  args.steps = args.steps if args.steps is not None else (3 if args.quick else 5)
+  args.steps = args.steps if args.steps is not None else (3 if args.quick else 4)
+  if args.warmup < 0 or args.steps < 1 or args.steps_per_turn < 1:
+    raise UsageError(
+      f"--warmup={args.warmup} --steps={args.steps} --steps_per_turn={args.steps_per_turn}: "
+      "expected --warmup >= 0, --steps >= 1 and --steps_per_turn >= 1"
+    )
   only = parse_only(args.only)
   cases = [tuple(c[:2]) + (tuple(c[2]),) for c in json.loads(args.cases)] if args.cases else None
   cases = cases or list(QUICK_CASES if args.quick else FULL_CASES)
@@ -783,6 +816,7 @@ def main(argv=None) -> int:
     "load1_before": round(os.getloadavg()[0], 2),
     "warmup": args.warmup,
     "steps": args.steps,
+    "steps_per_turn": args.steps_per_turn,
     "torch_threads": args.torch_threads,
     "settle_s": args.settle_s,
     "export_limit": args.export_limit,

@@ -311,7 +311,7 @@ def run_setting(dims: int, batch: int, args) -> list[dict]:
     for fw in order:
       procs[fw].stdin.write("step\n")
       procs[fw].stdin.flush()
-      times[fw] = _read(procs[fw])["step_s"]
+      times[fw] = _read(procs[fw])["steps_s"][0]
       if i >= args.warmup:
         rows[fw]["step_s"].append(times[fw])
     if i >= args.warmup:
