@@ -272,3 +272,32 @@ def test_cli_with_config_overrides(tmp_path, tiny_data_dir, loop_cache):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
   _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
+
+
+def test_step_compiles_once_and_the_heap_is_trimmed_before_it_runs(
+  tmp_path, monkeypatch, caplog, tiny_data_dir
+):
+  """The loop compiles the step ahead of its first call (to trim the compiler's freed memory
+  before the step's temporaries exist); the call must reuse that executable, not compile again."""
+  import logging
+
+  import jax
+
+  from mtneuro_jax import host_malloc
+  from mtneuro_jax.models import MODELS, resnet
+  from mtneuro_jax.train import loop
+
+  trims = []
+  monkeypatch.setattr(host_malloc, "release_free_memory", lambda: trims.append(1) or True)
+  monkeypatch.setitem(
+    MODELS, "small_xray", functools.partial(resnet.ResNetXray, stage_sizes=(1, 1))
+  )
+  c = tiny_config(tiny_data_dir, 2, "", ckpt_every=0)  # no cache: a real compile
+  c.model_name = "small_xray"
+  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+    loop.train_and_evaluate(c, str(tmp_path / "w"))
+  compiles = [
+    r.getMessage() for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()
+  ]
+  assert len(compiles) == 1, compiles
+  assert trims == [1]

@@ -9,9 +9,9 @@ import optax
 import pytest
 import tiny_steps  # tests/tiny_steps.py
 
+from mtneuro_jax import sharding
 from mtneuro_jax.models import resnet
 from mtneuro_jax.objectives import OBJECTIVES
-from mtneuro_jax import sharding
 from mtneuro_jax.train import optim
 from mtneuro_jax.train import step as step_lib
 from mtneuro_jax.train.state import TrainState, create_train_state

@@ -4,7 +4,9 @@ Why: the suite (suite.py) interleaves its workers, so a worker's turn starts aft
 idling; training runs steps back to back. On this machine (a Firecracker VM whose kernel reports
 freed memory to the host: ``page_reporting`` on the kernel command line, ``cat /proc/cmdline``)
 memory freed and mapped again after ~1.5 s or more of idling costs far more system CPU to fault
-in than memory reused at once. A train step maps its temporaries afresh every step (XLA:CPU and
+in than memory reused at once (the host has taken the reported pages back; the counter
+``/sys/module/page_reporting/parameters/reported_kib`` shows the reports, printed per pause
+where it exists). A train step maps its temporaries afresh every step (XLA:CPU and
 PyTorch alike), so it pays that after a pause.
 
 ``--framework jax|torch`` times one ResNet18-xray supervised step (B=32 1x``--size``²);
@@ -39,6 +41,19 @@ def touch_step(mib: int):
     return time.perf_counter() - t
 
   return one
+
+
+# This VM's kernel counts the memory it has reported to the host as free (absent elsewhere).
+REPORTED_KIB = "/sys/module/page_reporting/parameters/reported_kib"
+
+
+def reported_kib() -> int | None:
+  """KiB of freed guest memory reported to the host so far (None where not exposed)."""
+  try:
+    with open(REPORTED_KIB) as f:
+      return int(f.read())
+  except (OSError, ValueError):
+    return None
 
 
 def main(argv=None) -> int:
@@ -79,16 +94,24 @@ def main(argv=None) -> int:
   rows = []
   for _ in range(args.rounds):
     for pause in pauses:
-      wall, sys_cpu = [], []
+      wall, sys_cpu, reported = [], [], []
       for _ in range(args.steps):
+        r0 = reported_kib()
         time.sleep(pause)
         s0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
         wall.append(one())
         sys_cpu.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0)
-      rows.append({"pause_s": pause, "step_s": wall, "sys_s": sys_cpu})
+        # Reported during the pause and the step (machine-wide, but this process is what frees).
+        reported.append(None if r0 is None else (reported_kib() - r0) / 1024)
+      rows.append({"pause_s": pause, "step_s": wall, "sys_s": sys_cpu, "reported_mib": reported})
+      rep = (
+        ""
+        if reported[0] is None
+        else f", reported to the host {statistics.median(reported):.0f} MiB"
+      )
       print(
         f"pause {pause:.1f} s: median {statistics.median(wall):.3f} s, system CPU "
-        f"{statistics.median(sys_cpu):.3f} s {[round(t, 2) for t in wall]}",
+        f"{statistics.median(sys_cpu):.3f} s{rep} {[round(t, 2) for t in wall]}",
         flush=True,
       )
   print(json.dumps({"args": vars(args), "rounds": rows}))

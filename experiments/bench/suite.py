@@ -172,6 +172,12 @@ def serve(spec: dict) -> int:
   info = {**info, "build_s": time.perf_counter() - t0, "base_rss_mb": base}
   # Peak so far = the build's (JAX: compilation); the final peak_rss_mb adds the steps.
   info.update(build_peak_rss_mb=_peak_rss_mb(), rss_after_build_mb=_rss_mb())
+  # As the train loop does between compiling its step and running it (every framework alike;
+  # PyTorch's heap has nothing to give back at that point).
+  from mtneuro_jax import host_malloc
+
+  host_malloc.release_free_memory()
+  info["rss_after_trim_mb"] = _rss_mb()
   return serve_steps(info, one)
 
 
@@ -606,6 +612,18 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+PASSES = ("fwd", "dx", "dw")  # forward, input gradient, weight gradient
+
+
+def _pass_cells(ours: dict, other: dict | None) -> str:
+  """'ms (GFLOP/s)' of each pass, ours beside the other's ('—' where it has no such conv)."""
+  cells = []
+  for k in PASSES:
+    cells.append(f"{ours[k + '_ms']:.0f} ({ours[k + '_gflops']:.0f})")
+    cells.append(f"{other[k + '_ms']:.0f} ({other[k + '_gflops']:.0f})" if other else "—")
+  return " | ".join(cells)
+
+
 def _per_op_markdown(po: dict, meta: dict) -> list[str]:
   lines = []
   for size in meta["per_op_sizes"]:
@@ -622,23 +640,20 @@ def _per_op_markdown(po: dict, meta: dict) -> list[str]:
       "| input grad torch | weight grad JAX | weight grad torch |",
       "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    tot = {k: [0.0, 0.0] for k in ("fwd", "dx", "dw")}
+    tot = {k: [0.0, 0.0] for k in PASSES}
     for c in jx["convs"]:
       t = tconv.get(c["conv"])
-      cells = []
-      for k in ("fwd", "dx", "dw"):
-        cells.append(f"{c[k + '_ms']:.0f} ({c[k + '_gflops']:.0f})")
-        cells.append(f"{t[k + '_ms']:.0f} ({t[k + '_gflops']:.0f})" if t else "—")
+      for k in PASSES:
         tot[k][0] += c[k + "_ms"]
         tot[k][1] += t[k + "_ms"] if t else 0.0
       lines.append(
         f"| {c['conv']} | {c['input']} | {c['c_out']} | {c['stride']} | {c['gflop']:.1f} | "
-        + " | ".join(cells)
+        + _pass_cells(c, t)
         + " |"
       )
     lines.append(
       "| sum (one conv per shape) | | | | | "
-      + " | ".join(f"{tot[k][0]:.0f} | {tot[k][1]:.0f}" for k in ("fwd", "dx", "dw"))
+      + " | ".join(f"{tot[k][0]:.0f} | {tot[k][1]:.0f}" for k in PASSES)
       + " |"
     )
     for key in sorted(po):
@@ -659,12 +674,7 @@ def _per_op_markdown(po: dict, meta: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
       ]
       for c in jx["convs"]:
-        o = other.get(c["conv"])
-        cells = []
-        for k in ("fwd", "dx", "dw"):
-          cells.append(f"{c[k + '_ms']:.0f} ({c[k + '_gflops']:.0f})")
-          cells.append(f"{o[k + '_ms']:.0f} ({o[k + '_gflops']:.0f})" if o else "—")
-        lines.append(f"| {c['conv']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {c['conv']} | " + _pass_cells(c, other.get(c["conv"])) + " |")
     dv = po.get(f"dw_variants_{size}", {}).get("dw_variants")
     if dv:
       names = [k[:-3] for k in dv[0] if k.endswith("_ms")]
@@ -839,6 +849,8 @@ def main(argv=None) -> int:
       meta["pipeline_on_export"] = not args.data_dir
       print(f"[bench] input pipeline on {data_dir} ...", flush=True)
       report["pipeline"] = run_pipeline(data_dir, 32, args.pipeline_batches)
+      if not args.data_dir:  # a temp dir, gone after the run: say what it was instead
+        report["pipeline"]["data_dir"] = "(the export above, a temp dir)"
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   if memory:
