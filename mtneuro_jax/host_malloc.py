@@ -10,12 +10,12 @@ machine (docs/speed.md, "Host memory"): 231,662 minor faults and 0.44-0.51 s of 
 
 glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) makes malloc ``madvise`` its
 mmap'd blocks for transparent huge pages: 2 MiB pages, ~700 faults per step, 0.09 s of system
-CPU, steps run back to back ~10 % faster (not after an idle pause: docs/speed.md), peak RSS
-unchanged. Tunables are read when the process starts, so
-the ``mtneuro`` command and ``python -m mtneuro_jax.train.loop`` re-execute themselves once with
-it set (``reexec_with_hugepages``); the benchmark puts it into its workers' environment
-(``environ``). In scripts of your own, start Python with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
+CPU, steps run back to back ~10 % faster, peak RSS unchanged (a step after seconds of idling
+pays the VM's memory reclaim either way on the 2-core machine: docs/speed.md). Tunables are
+read when the process starts, so the ``mtneuro`` command and ``python -m
+mtneuro_jax.train.loop`` re-execute themselves once with it set (``reexec_with_hugepages``);
+the benchmark puts it into its workers' environment (``environ``). In scripts of your own,
+start Python with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
 
 What was tried and not kept: keeping the block in the heap instead (``mallopt``: one arena, no
 mmap, no trimming) removed every fault and made the step 12-15 % faster, but the heap
