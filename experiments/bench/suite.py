@@ -51,6 +51,7 @@ import tempfile
 import time
 
 from experiments.bench.common import _peak_rss_mb, _rss_mb, serve_steps
+from mtneuro_jax import host_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -174,16 +175,12 @@ def serve(spec: dict) -> int:
   info.update(build_peak_rss_mb=_peak_rss_mb(), rss_after_build_mb=_rss_mb())
   # As the train loop does between compiling its step and running it (every framework alike;
   # PyTorch's heap has nothing to give back at that point).
-  from mtneuro_jax import host_malloc
-
   host_malloc.release_free_memory()
   info["rss_after_trim_mb"] = _rss_mb()
   return serve_steps(info, one)
 
 
 def _env(framework: str, malloc: str | None = None) -> dict:
-  from mtneuro_jax import host_malloc
-
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   env = host_malloc.environ(env, malloc or DEFAULT_MALLOC[framework])
   if framework == "jax":
@@ -707,7 +704,6 @@ def parse_only(only: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-  from mtneuro_jax import host_malloc
   from mtneuro_jax.errors import ArgumentParser, UsageError
 
   p = ArgumentParser(

@@ -600,9 +600,8 @@ def main(argv=None) -> int:
 
 
 def _main_as_program(argv: list[str]) -> int:
-  from mtneuro_jax import host_malloc
-
-  host_malloc.reexec_with_hugepages()  # checks $MTNEURO_MALLOC first; huge pages for XLA's temporaries (host_malloc says why)
+  # Huge pages for XLA's temporaries (host_malloc says why); checks $MTNEURO_MALLOC first.
+  host_malloc.reexec_with_hugepages()
   return main(argv)
 
 
